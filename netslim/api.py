@@ -1,0 +1,90 @@
+"""The Python entry points: load a trained model and data by name, then compress in one call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from netslim.budget import Target, parse_target
+from netslim.checkpoint import build_from_plan, load_state, plan_of, read_tensors
+from netslim.data import ImageSet, load_dataset
+from netslim.errors import NetslimError
+from netslim.pipeline import Result, Schedule
+from netslim.pipeline import compress as _compress
+from netslim.plan import Plan
+
+
+def resolve_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise NetslimError(f"device {device!r} requested but CUDA is not available")
+    return device
+
+
+def load_trained(weights: Path | None, arch: str | None, num_classes: int,
+                 in_channels: int | None = None) -> tuple[nn.Module, str, Plan | None]:
+    """A model from a weights file: a netslim file carries its own architecture and Plan;
+    a plain state dict needs `arch`. Without weights, a freshly initialised `arch`."""
+    from netslim.zoo import build
+
+    if weights is None:
+        if arch is None:
+            raise NetslimError("give --model ARCH (and --weights FILE for a trained network)")
+        return build(arch, num_classes=num_classes, in_channels=in_channels), arch, None
+    tensors, meta = read_tensors(Path(weights))
+    plan = plan_of(meta)
+    if plan is not None:
+        if arch is not None and arch != plan.arch:
+            raise NetslimError(f"{weights} holds a {plan.arch!r} network, not {arch!r}")
+        model = build_from_plan(plan)
+        load_state(model, tensors, str(weights), plan.arch)
+        return model.eval(), plan.arch, plan
+    arch = arch or meta.get("arch")
+    if arch is None:
+        raise NetslimError(f"{weights} does not say its architecture; give --model ARCH")
+    model = build(arch, num_classes=num_classes, in_channels=in_channels)
+    load_state(model, tensors, str(weights), arch)
+    return model.eval(), arch, None
+
+
+def load_data(spec: str, classes: list[str] | None = None, cache_dir: Path | None = None,
+              download: bool = False) -> tuple[ImageSet, ImageSet, list[int] | None, int]:
+    """Train and test splits; with `classes`, only those (in the base label order) and their base indices."""
+    full = load_dataset(spec, "train", cache_dir=cache_dir, download=download)
+    if not classes:
+        return full, load_dataset(spec, "test", cache_dir=cache_dir, download=download), None, len(full.classes)
+    unknown = [c for c in classes if c not in full.classes]
+    if unknown:
+        raise NetslimError(f"unknown class {unknown[0]!r}; the data has {', '.join(full.classes)}")
+    ordered = sorted(dict.fromkeys(classes), key=full.classes.index)
+    idx = [full.classes.index(c) for c in ordered]
+    train = load_dataset(spec, "train", classes=ordered, cache_dir=cache_dir, download=download)
+    test = load_dataset(spec, "test", classes=ordered, cache_dir=cache_dir, download=download)
+    return train, test, idx, len(full.classes)
+
+
+def compress(model: nn.Module | str, data: str | tuple[ImageSet, ImageSet], method: str = "pfa-kl",
+             target: str | Target | None = None, *, weights: Path | None = None, arch: str | None = None,
+             finetune_epochs: int = 0, lr: float = 0.01, out: Path | None = None, device: str = "auto",
+             options: dict[str, Any] | None = None, **kwargs: Any) -> Result:
+    """Compress a trained model on data in one call (see `netslim compress --help` for the options).
+
+    `model` is an nn.Module (give `arch` so that the result can be rebuilt from its files) or an arch
+    name with `weights`; `data` a dataset spec ("digits", an archive path, ...) or (train, test) sets.
+    """
+    if isinstance(data, str):
+        train, test, _, n = load_data(data)
+    else:
+        train, test = data
+        n = len(train.classes)
+    if isinstance(model, str):
+        model, arch, _ = load_trained(weights, model, n, train.images.shape[1])
+    if arch is None:
+        raise NetslimError("give arch=... (a zoo name, 'tv:<name>' or 'module:function') so the result can reload")
+    tgt = parse_target(target) if isinstance(target, str) else target
+    return _compress(model, arch, train, test, method, tgt, options, Schedule(epochs=finetune_epochs, lr=lr),
+                     resolve_device(device), out=out, **kwargs)

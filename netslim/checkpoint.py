@@ -1,0 +1,92 @@
+"""Weights in and out: safetensors only (no pickle), the Plan travels in the file's metadata.
+
+A compressed model is stored as base architecture id + Plan + tensors; loading builds the base on the
+meta device, replays the Plan's structure, then materialises it with the stored tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+from torch import nn
+
+from netslim.errors import NetslimError
+from netslim.io import atomic_write_bytes
+from netslim.plan import Plan
+
+PLAN_KEY = "netslim_plan"
+
+
+def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file, with one clear error for a missing or broken file."""
+    path = Path(path)
+    if not path.is_file():
+        raise NetslimError(f"weights file {path} does not exist")
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise NetslimError(f"weights file {path} is corrupt or truncated ({e})") from None
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise NetslimError(f"weights file {path}: tensor {key!r} contains NaN or Inf")
+    return tensors, meta
+
+
+def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: str, arch: str) -> None:
+    """Strictly load `tensors` into `model`, naming what does not fit (wrong architecture or class count)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in tensors]
+    unexpected = [k for k in tensors if k not in own]
+    if missing or unexpected:
+        raise NetslimError(f"{source} does not fit architecture {arch!r}: "
+                           f"{len(missing)} missing keys (e.g. {missing[:3]}), "
+                           f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+    for k, t in tensors.items():
+        if tuple(own[k].shape) != tuple(t.shape):
+            raise NetslimError(f"{source} does not fit architecture {arch!r}: {k!r} has shape {tuple(t.shape)}, "
+                               f"the model expects {tuple(own[k].shape)} (wrong architecture or class count?)")
+    model.load_state_dict({k: t.to(own[k].dtype) for k, t in tensors.items()}, strict=True, assign=False)
+
+
+def save_model(path: Path, model: nn.Module, plan: Plan, extra: dict[str, str] | None = None) -> None:
+    """Write the model's tensors with the Plan in the metadata, atomically."""
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    meta = {PLAN_KEY: plan.to_json(), "arch": plan.arch, "num_classes": str(plan.out_classes), **(extra or {})}
+    atomic_write_bytes(Path(path), save(state, metadata=meta))
+
+
+def plan_of(meta: dict[str, str]) -> Plan | None:
+    return Plan.from_dict(json.loads(meta[PLAN_KEY])) if PLAN_KEY in meta else None
+
+
+def build_from_plan(plan: Plan, device: str | torch.device = "cpu") -> nn.Module:
+    """Base architecture + the Plan's structure, with uninitialised weights on `device`."""
+    from netslim.surgery import apply_plan
+    from netslim.zoo import build
+
+    with torch.device("meta"):
+        model = build(plan.arch, num_classes=plan.num_classes, in_channels=plan.input_size[0])
+        apply_plan(model, plan)
+    return model.to_empty(device=device)
+
+
+def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Plan]:
+    """Rebuild a netslim model (any file written by save_model, or a run directory) from its files alone."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    tensors, meta = read_tensors(path)
+    plan = plan_of(meta)
+    if plan is None:
+        raise NetslimError(f"{path} has no netslim plan in its metadata; load it with --model ARCH instead")
+    model = build_from_plan(plan, device)
+    load_state(model, tensors, str(path), plan.arch)
+    return model.eval(), plan

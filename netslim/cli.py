@@ -1,0 +1,266 @@
+"""`netslim` command line: train, analyze, compress, evaluate, demo (and more as methods arrive).
+
+Human-readable output goes to stderr; `--json` prints one JSON document on stdout for scripts.
+Every bad input ends with one line `error: ...` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from netslim.errors import NetslimError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Turn a trained PyTorch network into a physically smaller one that keeps its accuracy.")
+console = Console(stderr=True)
+
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="architecture: vgg16_bn, resnet56, tv:resnet18, "
+                                                                    "pkg.module:function (read from netslim files)")]
+WeightsOpt = Annotated[Path | None, typer.Option("--weights", "-w", help="trained weights (.safetensors)")]
+DataOpt = Annotated[str, typer.Option("--data", "-d", help="digits | cifar10:ROOT | archive.tar.gz | ImageFolder dir")]
+ClassesOpt = Annotated[str | None, typer.Option("--classes", help="comma-separated subset of classes (task)")]
+OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="run directory to write")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print a JSON document on stdout")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:N]")]
+CacheOpt = Annotated[Path | None, typer.Option("--cache-dir", help="where decoded datasets are cached")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace an existing run directory")]
+
+
+def guarded(fn: Any) -> Any:
+    """Turn NetslimError (and a Ctrl-C) into one clear line and exit code 2."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except NetslimError as e:
+            console.print(f"[red]error:[/red] {e}", highlight=False)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            console.print("[red]interrupted[/red]; nothing half-written was left in place")
+            raise typer.Exit(130) from None
+
+    return run
+
+
+def _emit(payload: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(payload, indent=1, default=str) + "\n")
+
+
+def _classes(text: str | None) -> list[str] | None:
+    return [c.strip() for c in text.split(",") if c.strip()] if text else None
+
+
+def _options(pairs: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise NetslimError(f"option {pair!r} must look like key=value")
+        try:
+            out[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = value
+    return out
+
+
+def _setup(data: str, classes: str | None, cache_dir: Path | None, weights: Path | None, model: str | None,
+           device: str) -> tuple[Any, ...]:
+    from netslim.api import load_data, load_trained, resolve_device
+
+    train, test, idx, n = load_data(data, _classes(classes), cache_dir)
+    net, arch, plan = load_trained(weights, model, n, int(train.images.shape[1]))
+    return train, test, idx, net, arch, plan, resolve_device(device)
+
+
+def before_after_table(metrics: dict[str, Any]) -> Table:
+    from netslim.report import comparison_rows
+
+    b, a = metrics["before"], metrics["after"]
+    t = Table(title=f"{metrics['method']} · {metrics['target'] or 'method default'}")
+    for col in ("", "before", "after", "after/before"):
+        t.add_column(col, justify="right" if col else "left")
+    rows = [["test accuracy", b.get("accuracy"), a.get("accuracy"), "–"],
+            ["accuracy right after surgery", None, a.get("accuracy_after_surgery"), "–"], *comparison_rows(b, a)]
+    for r in rows:
+        t.add_row(*[_cell(v) for v in r])
+    return t
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4f}" if v < 10 else f"{v:,.2f}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+@app.command()
+@guarded
+def evaluate(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt = "digits",
+             classes: ClassesOpt = None, split: Annotated[str, typer.Option(help="train | test")] = "test",
+             batch_size: int = 256, device: DeviceOpt = "auto", cache_dir: CacheOpt = None,
+             as_json: JsonOpt = False) -> None:
+    """Accuracy, parameters, MACs and latency of a trained (or compressed) network on a dataset."""
+    from netslim.pipeline import accuracy, measure_model
+    from netslim.plan import Plan
+    from netslim.surgery import apply_plan
+
+    train, test, idx, net, arch, plan, dev = _setup(data, classes, cache_dir, weights, model, device)
+    if idx is not None and (plan is None or plan.classes is None):
+        from netslim.surgery import find_classifier
+
+        outputs = net.get_submodule(find_classifier(net)).out_features
+        net = apply_plan(net, Plan(arch=arch, num_classes=outputs, input_size=tuple(train.images.shape[1:]),
+                                   classes=idx))
+    net = net.to(dev)
+    acc = accuracy(net, train if split == "train" else test, dev, batch_size)
+    m = measure_model(net, tuple(train.images.shape[1:]), dev)
+    payload = {"arch": arch, "weights": str(weights) if weights else None, "split": split, "accuracy": acc,
+               "images": len((train if split == "train" else test).labels), **m}
+    console.print(f"{arch}: {split} accuracy [bold]{acc:.4f}[/bold] on {payload['images']} images · "
+                  f"{m['params']:,} params · {m['macs']:,} MACs")
+    _emit(payload, as_json)
+
+
+@app.command()
+@guarded
+def train(model: ModelOpt = "small_cnn", data: DataOpt = "digits", out: OutOpt = Path("runs/train"),
+          weights: WeightsOpt = None, epochs: int = 20, lr: float = 0.05, batch_size: int = 128,
+          weight_decay: float = 5e-4, label_smoothing: float = 0.0,
+          schedule: Annotated[str, typer.Option(help="onecycle | cosine | constant")] = "onecycle",
+          resume: Annotated[bool, typer.Option(help="continue an interrupted run into --out")] = False,
+          classes: ClassesOpt = None, device: DeviceOpt = "auto", cache_dir: CacheOpt = None,
+          overwrite: OverwriteOpt = False, as_json: JsonOpt = False) -> None:
+    """Train a network (from scratch, or continue from --weights); checkpoints every epoch, --resume."""
+    from netslim.checkpoint import save_model
+    from netslim.io import atomic_dir, atomic_write_text
+    from netslim.pipeline import Schedule, accuracy, finetune, measure_model
+    from netslim.plan import Plan
+
+    train_set, test, _, net, arch, plan, dev = _setup(data, classes, cache_dir, weights, model, device)
+    assert out is not None
+    state = out.with_name(out.name + ".train-state")
+    if out.exists() and not overwrite:
+        raise NetslimError(f"output directory {out} already exists; pass --overwrite to replace it")
+    if state.exists() and not resume:
+        raise NetslimError(f"{state} holds an interrupted run; pass --resume to continue it or delete it")
+    sched = Schedule(epochs, lr, batch_size, weight_decay, label_smoothing, schedule)
+    history = finetune(net.to(dev), train_set, sched, dev, checkpoint_dir=state, resume=resume)
+    acc = accuracy(net, test, dev)
+    plan = plan or Plan(arch=arch, num_classes=len(train_set.classes), input_size=tuple(train_set.images.shape[1:]))
+    metrics = {"arch": arch, "accuracy": acc, "history": history, **measure_model(net, plan.input_size, dev, False)}
+    with atomic_dir(out, overwrite) as tmp:
+        save_model(tmp / "model.safetensors", net, plan, {"test_accuracy": f"{acc:.4f}"})
+        atomic_write_text(tmp / "metrics.json", json.dumps(metrics, indent=1, default=str))
+    import shutil
+
+    shutil.rmtree(state, ignore_errors=True)
+    console.print(f"trained {arch} for {epochs} epochs: test accuracy [bold]{acc:.4f}[/bold] → {out}")
+    _emit(metrics, as_json)
+
+
+TargetOpt = Annotated[str | None, typer.Option("--target", "-t", help="params=F | flops=F | latency=F (kept)")]
+MethodOpt = Annotated[str, typer.Option("--method", help="compression method (netslim methods list)")]
+OptOpt = Annotated[list[str] | None, typer.Option("--opt", help="method option key=value (repeatable)")]
+
+
+@app.command()
+@guarded
+def compress(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt = "digits",
+             method: MethodOpt = "pfa-kl", target: TargetOpt = None, out: OutOpt = Path("runs/compress"),
+             energy: Annotated[float | None, typer.Option(help="PFA-En / PCA energy (variance) kept")] = None,
+             finetune_epochs: Annotated[int, typer.Option(help="epochs of fine-tuning after surgery")] = 0,
+             lr: float = 0.01, batch_size: int = 128, label_smoothing: float = 0.0,
+             init: Annotated[str, typer.Option(help="fine (keep weights) | scratch (random init)")] = "fine",
+             calib_size: Annotated[int, typer.Option(help="calibration images from the training split")] = 5000,
+             classes: ClassesOpt = None, opt: OptOpt = None, device: DeviceOpt = "auto",
+             cache_dir: CacheOpt = None, no_latency: bool = False, overwrite: OverwriteOpt = False,
+             as_json: JsonOpt = False) -> None:
+    """Analyse, cut, fine-tune, measure: writes plan.json, model.safetensors, metrics.json, report.md."""
+    from netslim.budget import parse_target
+    from netslim.methods import get_method
+    from netslim.pipeline import Schedule
+    from netslim.pipeline import compress as run
+
+    get_method(method)
+    tgt = parse_target(target) if target else None
+    if out is not None and out.exists() and not overwrite:
+        raise NetslimError(f"output directory {out} already exists; pass --overwrite to replace it")
+    train_set, test, idx, net, arch, plan, dev = _setup(data, classes, cache_dir, weights, model, device)
+    if plan is not None and (plan.keep or plan.drop or plan.factorize):
+        raise NetslimError(f"{weights} is already compressed; compress its base network instead")
+    options = _options(opt) | ({"energy": energy} if energy is not None else {})
+    res = run(net, arch, train_set, test, method, tgt, options,
+              Schedule(finetune_epochs, lr, batch_size, label_smoothing=label_smoothing), dev, calib_size, init,
+              idx, out, overwrite, command=shlex.join(["netslim", *sys.argv[1:]]), measure_latency=not no_latency)
+    console.print(before_after_table(res.metrics))
+    console.print(f"run directory: {out}")
+    _emit(res.metrics, as_json)
+
+
+@app.command()
+@guarded
+def analyze(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt = "digits",
+            method: MethodOpt = "pfa-kl", target: TargetOpt = None, out: OutOpt = Path("runs/analyze"),
+            energy: Annotated[float | None, typer.Option(help="PFA-En / PCA energy (variance) kept")] = None,
+            calib_size: int = 5000, classes: ClassesOpt = None, opt: OptOpt = None, device: DeviceOpt = "auto",
+            cache_dir: CacheOpt = None, overwrite: OverwriteOpt = False, as_json: JsonOpt = False) -> None:
+    """Statistics + Plan only (no surgery): writes plan.json, report.md and the method's plots."""
+    from netslim.analysis import analyse_to_dir
+    from netslim.budget import parse_target
+
+    tgt = parse_target(target) if target else None
+    train_set, _, idx, net, arch, _, dev = _setup(data, classes, cache_dir, weights, model, device)
+    options = _options(opt) | ({"energy": energy} if energy is not None else {})
+    metrics = analyse_to_dir(net, arch, train_set, method, tgt, options, dev, calib_size, idx, out, overwrite,
+                             command=shlex.join(["netslim", *sys.argv[1:]]))
+    console.print(f"{method}: planned {metrics['planned']['params']:,} params "
+                  f"({metrics['planned']['params'] / metrics['base']['params']:.3f} of the base), "
+                  f"{metrics['planned']['macs']:,} MACs, in {metrics['analysis_seconds']:.1f} s → {out}")
+    _emit(metrics, as_json)
+
+
+@app.command()
+@guarded
+def methods(as_json: JsonOpt = False) -> None:
+    """List the compression methods."""
+    from netslim.methods import REGISTRY, get_method
+
+    get_method("l1")
+    t = Table("method", "labels", "after surgery", "what it does")
+    for spec in sorted(REGISTRY.values(), key=lambda s: s.name):
+        t.add_row(spec.name, "yes" if spec.needs_labels else "no", spec.retrain, spec.summary)
+    console.print(t)
+    _emit({s.name: s.summary for s in REGISTRY.values()}, as_json)
+
+
+@app.command()
+@guarded
+def demo(out: OutOpt = Path("runs/demo"), method: MethodOpt = "pfa-kl", epochs: int = 15,
+         finetune_epochs: int = 8, as_json: JsonOpt = False) -> None:
+    """The whole job offline on the embedded digits data: train a small CNN, compress, fine-tune, compare."""
+    from netslim.demo import run_demo
+
+    metrics = run_demo(out, method, epochs, finetune_epochs, console)
+    console.print(before_after_table(metrics))
+    console.print(f"report: {out / 'report.md' if out else '-'}")
+    _emit(metrics, as_json)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

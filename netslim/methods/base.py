@@ -1,0 +1,95 @@
+"""What every method receives and the registry the CLI and benchmarks pick methods from."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from netslim.budget import Target
+from netslim.data import ImageSet
+from netslim.errors import NetslimError
+from netslim.graph import ChannelGroup, channel_groups
+from netslim.plan import Plan
+from netslim.surgery import find_classifier
+
+
+@dataclass
+class Context:
+    """A trained model, the data a method may look at, and the user's target and options.
+
+    `calib` is unlabelled calibration data drawn from the training split; `train`/`val` are labelled
+    (val is held out of train, for methods that decide by accuracy). The test split is never here.
+    """
+
+    model: nn.Module
+    arch: str
+    num_classes: int
+    input_size: tuple[int, int, int]
+    calib: ImageSet | None = None
+    train: ImageSet | None = None
+    val: ImageSet | None = None
+    target: Target | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+    batch_size: int = 256
+    cache: dict[str, Any] = field(default_factory=dict)  # shared analysis results (bench)
+
+    @property
+    def classifier(self) -> str:
+        return find_classifier(self.model)
+
+    def example(self) -> torch.Tensor:
+        p = next(self.model.parameters())
+        return torch.zeros(1, *self.input_size, device=p.device, dtype=p.dtype)
+
+    def groups(self) -> list[ChannelGroup]:
+        if "groups" not in self.cache:
+            self.cache["groups"] = channel_groups(self.model, self.example(), self.classifier)
+        return self.cache["groups"]
+
+    def template(self) -> nn.Module:
+        """A weightless (meta) copy of the model, to size candidate Plans."""
+        if "template" not in self.cache:
+            from netslim.budget import meta_template
+
+            self.cache["template"] = meta_template(self.model)
+        return self.cache["template"]
+
+    def base_plan(self, method: str) -> Plan:
+        return Plan(arch=self.arch, num_classes=self.num_classes, input_size=self.input_size, method=method)
+
+    def option(self, name: str, default: Any) -> Any:
+        value = self.options.get(name)
+        return default if value is None else value
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    fn: Callable[[Context], Plan]
+    summary: str
+    needs_labels: bool = False
+    retrain: str = "finetune"  # or "scratch": what the method's paper does after surgery
+
+
+REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(name: str, summary: str, needs_labels: bool = False, retrain: str = "finetune") -> Callable:
+    def wrap(fn: Callable[[Context], Plan]) -> Callable[[Context], Plan]:
+        REGISTRY[name] = MethodSpec(name, fn, summary, needs_labels, retrain)
+        return fn
+
+    return wrap
+
+
+def get_method(name: str) -> MethodSpec:
+    import netslim.methods  # noqa: F401  (fills the registry)
+
+    if name not in REGISTRY:
+        raise NetslimError(f"unknown method {name!r}; choose from {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]

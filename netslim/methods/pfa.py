@@ -1,0 +1,151 @@
+"""Principal Filter Analysis (PFA-KL, PFA-En, budget-targeted PFA-En).
+
+The spectrum of each layer's response covariance says how many filters it needs; the correlation
+matrix says which ones to drop. Coupled layers (residual adds, depthwise pairs) share one width, the
+largest any member asks for, and one selection, made on the members' mean |correlation|.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from netslim.budget import bisect
+from netslim.errors import NetslimError
+from netslim.methods.base import Context, register
+from netslim.methods.pfa_select import elimination_order
+from netslim.methods.ranking import plan_from_widths
+from netslim.methods.spectral import eigenvalues, energy_kept, energy_width, inactive, kl_divergence, kl_width
+from netslim.methods.stats import response_stats
+from netslim.plan import Plan
+
+
+@dataclass
+class GroupSpectrum:
+    root: str
+    width: int
+    samples: int
+    eigs: list[torch.Tensor]  # one spectrum per member layer
+    order: list[int]  # elimination order (first removed first)
+    analysable: bool
+
+    def kl_width(self, min_keep: int) -> int:
+        return max(kl_width(e, min_keep) for e in self.eigs) if self.analysable else self.width
+
+    def energy_width(self, tau: float, min_keep: int) -> int:
+        return max(energy_width(e, tau, min_keep) for e in self.eigs) if self.analysable else self.width
+
+    def scores(self) -> torch.Tensor:
+        s = torch.empty(self.width)
+        s[self.order] = torch.arange(self.width, dtype=s.dtype)
+        return s
+
+
+def spectra(ctx: Context) -> list[GroupSpectrum]:
+    """Per coupled group: the members' eigenvalue spectra and PFA's elimination order (cached)."""
+    if "pfa_spectra" in ctx.cache:
+        return ctx.cache["pfa_spectra"]
+    stats = response_stats(ctx, ctx.option("reduce", "max"))
+    strategy = ctx.option("selection", "l1-max")
+    if strategy not in ("l1-max", "abs-max"):
+        raise NetslimError(f"PFA selection must be l1-max or abs-max, not {strategy!r}")
+    out = []
+    for g in ctx.groups():
+        members = [stats[n] for n in g.layers if n in stats]
+        if not members:
+            continue
+        n = min(s.n for s in members)
+        ok = n > g.width
+        eigs = [eigenvalues(s.cov) for s in members]
+        corr = torch.stack([s.corr.abs() for s in members]).mean(0)
+        dead = torch.stack([inactive(s.variance) for s in members]).all(0)
+        out.append(GroupSpectrum(g.root, g.width, n, eigs, elimination_order(corr, dead, strategy), ok))
+    ctx.cache["pfa_spectra"] = out
+    return out
+
+
+def _plan(ctx: Context, method: str, widths: dict[str, int], specs: list[GroupSpectrum], meta: dict) -> Plan:
+    plan = plan_from_widths(ctx, method, {s.root: s.scores() for s in specs}, widths, meta)
+    _add_report(ctx, specs, widths, meta)
+    return plan
+
+
+@register("pfa-kl", "PFA-KL: parameter-free width from the KL divergence of each layer's spectrum")
+def pfa_kl(ctx: Context) -> Plan:
+    min_keep = int(ctx.option("min_keep", 1))
+    specs = spectra(ctx)
+    if ctx.target is not None:
+        raise NetslimError("pfa-kl is parameter-free; use --method pfa-en to meet a --target")
+    widths = {s.root: s.kl_width(min_keep) for s in specs}
+    return _plan(ctx, "pfa-kl", widths, specs, {"rule": "ceil(C (1 - KL/log C))"})
+
+
+@register("pfa-en", "PFA-En: keep a fraction of each layer's spectral energy (--energy), or bisect it to --target")
+def pfa_en(ctx: Context) -> Plan:
+    min_keep = int(ctx.option("min_keep", 1))
+    specs = spectra(ctx)
+
+    def widths(tau: float) -> dict[str, int]:
+        return {s.root: s.energy_width(tau, min_keep) for s in specs}
+
+    if ctx.target is None:
+        tau = float(ctx.option("energy", 0.95))
+        if not 0 < tau <= 1:
+            raise NetslimError(f"--energy must be in (0, 1], not {tau}")
+        return _plan(ctx, "pfa-en", widths(tau), specs, {"energy": tau})
+    scores = {s.root: s.scores() for s in specs}
+
+    def make(tau: float) -> Plan:
+        return plan_from_widths(ctx, "pfa-en", scores, widths(tau), {"energy": round(tau, 8)})
+
+    plan = bisect(make, ctx.target, ctx.template(), 0.0, 1.0)
+    tau = plan.meta["energy"]
+    _add_report(ctx, specs, widths(tau), {"energy": tau, "target": str(ctx.target)})
+    return plan
+
+
+def _add_report(ctx: Context, specs: list[GroupSpectrum], widths: dict[str, int], meta: dict) -> None:
+    from netslim.report import table
+
+    rows = []
+    for s in specs:
+        e = s.eigs[0]
+        kl = kl_divergence(e)
+        k = min(widths.get(s.root, s.width), s.width)
+        rows.append([s.root, s.width, k, f"{k / s.width:.3f}", f"{kl:.3f}", f"{kl / math.log(s.width):.3f}"
+                     if s.width > 1 else "–", f"{energy_kept(e, k):.4f}", s.samples if s.analysable else
+                     f"{s.samples} (< C: kept whole)"])
+    settings = ", ".join(f"{k}={v}" for k, v in meta.items())
+    ctx.cache["report"] = [
+        f"## PFA analysis ({settings})\n\nSpectra: ![spectra](spectra.png)\n\n" + table(
+            ["layer (group root)", "C", "kept", "kept/C", "KL", "KL/log C", "energy kept", "samples"], rows)]
+    ctx.cache.setdefault("artifacts", {})["spectra.png"] = lambda path: spectra_plot(path, specs, widths)
+
+
+def spectra_plot(path, specs: list[GroupSpectrum], widths: dict[str, int]) -> None:
+    """Normalised eigenvalue spectra of every analysed layer, with the kept width marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from netslim.report import save_figure
+
+    n = len(specs)
+    cols = min(4, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    for ax, s in zip(axes.flat, specs, strict=False):
+        e = s.eigs[0]
+        p = (e / e.sum()).clamp_min(1e-12) if float(e.sum()) > 0 else e
+        ax.semilogy(range(1, len(p) + 1), p.numpy(), lw=1)
+        ax.axvline(widths.get(s.root, s.width), color="r", lw=0.8)
+        ax.set_title(f"{s.root} ({widths.get(s.root, s.width)}/{s.width})", fontsize=8)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle("eigenvalue spectra (normalised); red: kept width", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)

@@ -1,0 +1,61 @@
+"""Turn per-channel scores into a Plan: keep the best channels of every coupled group."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from netslim.budget import bisect
+from netslim.graph import ChannelGroup
+from netslim.methods.base import Context
+from netslim.plan import Plan
+
+
+def top_k(scores: torch.Tensor, k: int) -> list[int]:
+    """Indices of the k highest scores (ties broken by lower index), sorted."""
+    k = max(1, min(int(k), scores.numel()))
+    order = sorted(range(scores.numel()), key=lambda i: (-float(scores[i]), i))
+    return sorted(order[:k])
+
+
+def plan_from_widths(ctx: Context, method: str, scores: dict[str, torch.Tensor],
+                     widths: dict[str, int], meta: dict | None = None) -> Plan:
+    """Keep, in each group (keyed by root layer), its `widths[root]` best-scored channels."""
+    plan = ctx.base_plan(method)
+    step = int(ctx.option("round_to", 1))
+    for g in ctx.groups():
+        k = round_width(widths.get(g.root, g.width), g.width, step)
+        if k >= g.width:
+            continue
+        keep = top_k(scores[g.root], k)
+        for name in g.layers:
+            plan.keep[name] = keep
+    plan.meta.update(meta or {})
+    return plan
+
+
+def round_width(k: int, width: int, step: int) -> int:
+    """Round a kept width up to a multiple of `step` (hardware-friendly), never past the original."""
+    if step <= 1:
+        return min(k, width)
+    return min(width, max(step, math.ceil(k / step) * step))
+
+
+def uniform_widths(groups: list[ChannelGroup], ratio: float) -> dict[str, int]:
+    """The same kept fraction in every group, at least one channel."""
+    return {g.root: max(1, round(g.width * ratio)) for g in groups}
+
+
+def uniform_plan(ctx: Context, method: str, score: Callable[[Context], dict[str, torch.Tensor]]) -> Plan:
+    """Uniform channel ratio, bisected to the target (or `--ratio`), channels chosen by `score`."""
+    scores = score(ctx)
+    groups = ctx.groups()
+
+    def make(ratio: float) -> Plan:
+        return plan_from_widths(ctx, method, scores, uniform_widths(groups, ratio), {"ratio": round(ratio, 6)})
+
+    if ctx.target is None:
+        return make(float(ctx.option("ratio", 0.5)))
+    return bisect(make, ctx.target, ctx.template(), 0.0, 1.0)

@@ -1,0 +1,224 @@
+"""The whole job: trained model + data -> Plan -> smaller model -> fine-tune -> measure -> run directory."""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from netslim import __version__
+from netslim.budget import Target, model_size
+from netslim.checkpoint import save_model
+from netslim.data import ImageSet, batches, calibration_subset, split_holdout
+from netslim.io import atomic_dir, atomic_write_text
+from netslim.methods import Context, get_method
+from netslim.plan import Plan
+from netslim.report import comparison_rows, table, widths_plot, write_markdown
+from netslim.surgery import apply_plan
+
+
+@dataclass
+class Schedule:
+    """Fine-tuning (or retraining) recipe; 0 epochs means no training after surgery."""
+
+    epochs: int = 0
+    lr: float = 0.01
+    batch_size: int = 128
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    schedule: str = "onecycle"
+    augment: bool = True
+
+
+@dataclass
+class Result:
+    plan: Plan
+    model: nn.Module
+    metrics: dict[str, Any]
+    run_dir: Path | None = None
+    artifacts: dict[str, Any] = field(default_factory=dict)  # file name -> writer(path), from the method
+    sections: list[str] = field(default_factory=list)  # markdown the method adds to the report
+
+
+def machine() -> dict[str, Any]:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": torch.get_num_threads(), "torch": torch.__version__, "netslim": __version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def measure_model(model: nn.Module, input_size: tuple[int, int, int], device: str,
+                  latency: bool = True) -> dict[str, Any]:
+    from netslim.measure import measure_latency as time_model
+
+    size = model_size(model, input_size)
+    size["bytes"] = 4 * size["params"]
+    if latency:
+        rows = time_model(model, input_size, batch_sizes=(1, 64), device="cpu", max_seconds=3.0)
+        if torch.cuda.is_available() and str(device).startswith("cuda"):
+            rows += time_model(model, input_size, batch_sizes=(1, 1024), device=device, max_seconds=3.0)
+        size["latency"] = rows
+    return size
+
+
+def accuracy(model: nn.Module, data: ImageSet | None, device: str, batch_size: int = 256) -> float | None:
+    from netslim.train import evaluate
+
+    if data is None:
+        return None
+    return float(evaluate(model, batches(data, batch_size, device=device), device=device)["accuracy"])
+
+
+def finetune(model: nn.Module, train: ImageSet, sched: Schedule, device: str, val: ImageSet | None = None,
+             checkpoint_dir: Path | None = None, resume: bool = False, mask_hook: Any = None) -> list[dict]:
+    from netslim.train import fit
+
+    if sched.epochs <= 0:
+        return []
+    loader = batches(train, sched.batch_size, shuffle=True, augment=sched.augment, device=device, drop_last=True)
+    val_loader = batches(val, 256, device=device) if val is not None else None
+    return fit(model, loader, epochs=sched.epochs, lr=sched.lr, weight_decay=sched.weight_decay,
+               schedule=sched.schedule, label_smoothing=sched.label_smoothing, val_batches=val_loader,
+               checkpoint_dir=checkpoint_dir, resume=resume, device=device, mask_hook=mask_hook)
+
+
+def reinitialise(model: nn.Module) -> None:
+    """Fresh random weights with the same shapes (PFA/PCA 'scratch')."""
+    for m in model.modules():
+        if m is not model and hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+
+
+def analyse(model: nn.Module, arch: str, train: ImageSet, method: str, target: Target | None,
+            options: dict[str, Any], device: str, calib_size: int = 5000, val_fraction: float = 0.1,
+            input_size: tuple[int, int, int] | None = None, cache: dict | None = None,
+            seed: int = 0) -> tuple[Plan, Context, float]:
+    """Run a method's analysis and return its Plan, the Context it saw, and the seconds it took."""
+    spec = get_method(method)
+    fit_part, val = split_holdout(train, val_fraction, seed=seed) if spec.needs_labels else (train, None)
+    calib = calibration_subset(fit_part, min(calib_size, len(fit_part.labels)), seed=seed)
+    shape = input_size or tuple(train.images.shape[1:])
+    ctx = Context(model=model.eval(), arch=arch, num_classes=_outputs(model), input_size=shape,  # type: ignore[arg-type]
+                  calib=calib, train=fit_part, val=val, target=target, options=options, device=device,
+                  cache=cache if cache is not None else {})
+    t0 = time.perf_counter()
+    plan = spec.fn(ctx)
+    return plan, ctx, time.perf_counter() - t0
+
+
+def _outputs(model: nn.Module) -> int:
+    from netslim.surgery import find_classifier
+
+    return model.get_submodule(find_classifier(model)).out_features
+
+
+def compress(model: nn.Module, arch: str, train: ImageSet, test: ImageSet | None, method: str = "pfa-kl",
+             target: Target | None = None, options: dict[str, Any] | None = None,
+             schedule: Schedule | None = None, device: str = "cpu", calib_size: int = 5000,
+             init: str = "fine", classes: list[int] | None = None, out: Path | None = None,
+             overwrite: bool = False, command: str = "", measure_latency: bool = True) -> Result:
+    """One call from a trained model to a smaller, fine-tuned, measured one (and a run directory)."""
+    schedule = schedule or Schedule()
+    options = dict(options or {})
+    base_model = model.to(device).eval()
+    base_classes = _outputs(base_model)
+    if classes is not None:  # domain adaptation: the task sees only its classes' outputs
+        task_plan = Plan(arch=arch, num_classes=base_classes, input_size=tuple(train.images.shape[1:]),
+                         classes=classes)
+        model = apply_plan(copy.deepcopy(base_model), task_plan)
+    else:
+        model = base_model
+    with _maybe_dir(out, overwrite) as tmp:
+        before = measure_model(model, tuple(train.images.shape[1:]), device, measure_latency)
+        before["accuracy"] = accuracy(model, test, device)
+        plan, ctx, seconds = analyse(model, arch, train, method, target, options, device, calib_size)
+        if classes is not None:  # the saved Plan is relative to the base model, classes included
+            plan.num_classes, plan.classes = base_classes, list(classes)
+        small = apply_plan(copy.deepcopy(base_model), plan)
+        if init == "scratch":
+            reinitialise(small)
+        acc_cut = accuracy(small, test, device)
+        history = finetune(small, train, schedule, device, checkpoint_dir=(tmp / ".train") if tmp else None)
+        after = measure_model(small, tuple(train.images.shape[1:]), device, measure_latency)
+        after["accuracy_after_surgery"] = acc_cut
+        after["accuracy"] = accuracy(small, test, device) if history else acc_cut
+        metrics = {"method": method, "target": str(target) if target else None, "options": options,
+                   "init": init, "classes": classes, "analysis_seconds": round(seconds, 3),
+                   "calibration_images": len(ctx.calib.labels) if ctx.calib is not None else 0,
+                   "schedule": schedule.__dict__, "history": history, "before": before, "after": after,
+                   "widths": _widths(model, small, plan), "machine": machine(), "command": command,
+                   "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        result = Result(plan, small, metrics, out, ctx.cache.get("artifacts", {}), ctx.cache.get("report", []))
+        if tmp is not None:
+            write_run(tmp, result)
+    return result
+
+
+def _widths(before: nn.Module, after: nn.Module, plan: Plan) -> list[dict[str, Any]]:
+    from netslim.graph import PRUNABLE, out_width
+
+    rows = []
+    after_mods = dict(after.named_modules())
+    for name, m in before.named_modules():
+        if isinstance(m, PRUNABLE):
+            new = after_mods.get(name)
+            rows.append({"layer": name, "before": out_width(m),
+                         "after": out_width(new) if isinstance(new, PRUNABLE) else (0 if name in plan.drop or new is None
+                                                                                    or isinstance(new, nn.Identity)
+                                                                                    else out_width(m))})
+    return rows
+
+
+class _maybe_dir:
+    def __init__(self, out: Path | None, overwrite: bool) -> None:
+        self.cm = atomic_dir(out, overwrite) if out is not None else None
+
+    def __enter__(self) -> Path | None:
+        return self.cm.__enter__() if self.cm else None
+
+    def __exit__(self, *exc: Any) -> bool | None:
+        return self.cm.__exit__(*exc) if self.cm else None
+
+
+def write_run(path: Path, result: Result) -> None:
+    """plan.json, model.safetensors, metrics.json, report.md and widths.png (plus method artifacts)."""
+    plan, m = result.plan, result.metrics
+    result.plan.save(path / "plan.json")
+    save_model(path / "model.safetensors", result.model, plan)
+    atomic_write_text(path / "metrics.json", json.dumps(m, indent=1, default=str))
+    w = m["widths"]
+    widths_plot(path / "widths.png", [r["layer"] for r in w], [r["before"] for r in w], [r["after"] for r in w],
+                f"{plan.arch}: {plan.method}")
+    for name, writer in result.artifacts.items():
+        writer(path / name)
+    before, after = m["before"], m["after"]
+    acc = [["test accuracy", before.get("accuracy"), after.get("accuracy"), "–"],
+           ["accuracy right after surgery", None, after.get("accuracy_after_surgery"), "–"]]
+    sections = [
+        f"# netslim report: {plan.arch}, method `{plan.method}`",
+        f"Target: {m['target'] or 'method default'} · init: {m['init']} · analysis: {m['analysis_seconds']} s on "
+        f"{m['calibration_images']} calibration images · fine-tune: {m['schedule']['epochs']} epochs · "
+        f"{m['date']} · torch {m['machine']['torch']}",
+        "## Before and after\n\n" + table(["", "before", "after", "after/before"], acc + comparison_rows(before, after)),
+        "## Per-layer widths\n\n![widths](widths.png)\n\n" + table(
+            ["layer", "before", "after"], [[r["layer"], r["before"], r["after"]] for r in w]),
+        _history_section(m["history"]),
+        *result.sections,
+        f"Command: `{m['command']}`" if m["command"] else "",
+    ]
+    write_markdown(path / "report.md", sections)
+
+
+def _history_section(history: list[dict]) -> str:
+    if not history:
+        return ""
+    rows = [[h.get("epoch"), h.get("train_loss"), h.get("train_acc"), h.get("val_acc"), h.get("seconds")]
+            for h in history]
+    return "## Fine-tuning\n\n" + table(["epoch", "train loss", "train acc", "val acc", "seconds"], rows)

@@ -1,0 +1,117 @@
+"""Apply a Plan to a model: depth first, then channel cuts, then the class cut, then factorization.
+
+Channel cuts go through torch-pruning's DependencyGraph, which carries a cut to BatchNorm, the next
+layer's inputs, residual adds, concatenations and depthwise convs. Works on the meta device, so a
+Plan's size can be computed without weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from netslim.depth import drop_layers
+from netslim.errors import NetslimError
+from netslim.graph import PRUNABLE, ChannelGroup, build_graph, channel_groups, group_members, out_width
+from netslim.plan import Plan
+
+
+def find_classifier(model: nn.Module) -> str:
+    """The final Linear layer: the one whose outputs are the class scores."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise NetslimError("model has no nn.Linear classifier; netslim needs one to name the classes")
+    return linears[-1]
+
+
+def example_input(model: nn.Module, plan: Plan) -> torch.Tensor:
+    p = next(model.parameters())
+    return torch.zeros(1, *plan.input_size, device=p.device, dtype=p.dtype)
+
+
+def validate(plan: Plan, model: nn.Module, groups: list[ChannelGroup] | None = None) -> None:
+    """Raise NetslimError for a Plan that cannot apply to `model` (before anything is changed)."""
+    modules = dict(model.named_modules())
+    for section, names in (("keep", plan.keep), ("drop", plan.drop), ("factorize", plan.factorize)):
+        for name in names:
+            if name not in modules or name == "":
+                raise NetslimError(f"plan {section}: unknown layer {name!r} in {plan.arch}")
+    for name in plan.drop:
+        for other in (*plan.keep, *plan.factorize):
+            if other == name or other.startswith(name + "."):
+                raise NetslimError(f"plan: layer {other!r} is kept or factorized but {name!r} is dropped")
+    for name, idx in plan.keep.items():
+        mod = modules[name]
+        if not isinstance(mod, PRUNABLE):
+            raise NetslimError(f"plan keep: {name!r} is a {type(mod).__name__}, not a Conv2d or Linear")
+        if not idx:
+            raise NetslimError(f"plan keep: layer {name!r} would have no channels left (keep at least one)")
+        width = out_width(mod)
+        if len(set(idx)) != len(idx) or min(idx) < 0 or max(idx) >= width:
+            raise NetslimError(f"plan keep: indices for {name!r} must be distinct and in 0..{width - 1}")
+    if plan.classes is not None:
+        if not plan.classes or min(plan.classes) < 0 or max(plan.classes) >= plan.num_classes:
+            raise NetslimError(f"plan classes must be a non-empty subset of 0..{plan.num_classes - 1}")
+    if groups is not None:
+        _check_coupling(plan, groups)
+
+
+def _check_coupling(plan: Plan, groups: list[ChannelGroup]) -> None:
+    grouped = {n for g in groups for n in g.layers}
+    for name in plan.keep:
+        if name not in grouped:
+            raise NetslimError(f"plan keep: the output channels of {name!r} cannot be pruned "
+                               "(they are the model's outputs or tied to them)")
+    for g in groups:
+        kept = [(n, plan.keep[n]) for n in g.layers if n in plan.keep]
+        for n, idx in kept[1:]:
+            if idx != kept[0][1]:
+                raise NetslimError(f"plan keep: coupled layers {kept[0][0]!r} and {n!r} keep different channels; "
+                                   f"they share one channel set ({', '.join(g.layers)})")
+
+
+def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
+    """Reshape `model` in place to the Plan's structure and return it (weights of kept channels survive)."""
+    validate(plan, model)
+    example = example_input(model, plan)
+    drop_layers(model, plan.drop, example)
+    classifier = find_classifier(model)
+    graph = build_graph(model, example)
+    groups = channel_groups(model, example, classifier, graph)
+    _check_coupling(plan, groups)
+    names = {m: n for n, m in model.named_modules()}
+    for g in groups:
+        kept = next((plan.keep[n] for n in g.layers if n in plan.keep), None)
+        if kept is None or len(kept) == g.width:
+            continue
+        _prune_out(graph, model.get_submodule(g.root), sorted(set(range(g.width)) - set(kept)), names)
+    if plan.classes is not None and len(plan.classes) != plan.num_classes:
+        drop = sorted(set(range(plan.num_classes)) - set(plan.classes))
+        tp.prune_linear_out_channels(model.get_submodule(classifier), drop)
+    if plan.factorize:
+        from netslim.factorized import factorize_layers  # lazy: only low-rank plans need it
+
+        factorize_layers(model, plan.factorize)
+    _check_widths(model, plan)
+    return model
+
+
+def _prune_out(graph: tp.DependencyGraph, module: nn.Module, idxs: list[int], names: dict) -> None:
+    handler = tp.prune_conv_out_channels if isinstance(module, nn.Conv2d) else tp.prune_linear_out_channels
+    group = graph.get_pruning_group(module, handler, idxs=idxs)
+    if not graph.check_pruning_group(group):
+        raise NetslimError(f"torch-pruning refuses to cut {names[module]!r} to that width")
+    group.prune()
+
+
+def _check_widths(model: nn.Module, plan: Plan) -> None:
+    for name, idx in plan.keep.items():
+        if name in plan.factorize:
+            continue
+        got = out_width(model.get_submodule(name))
+        if got != len(idx):
+            raise NetslimError(f"surgery left {name!r} with {got} channels instead of {len(idx)}")
+
+
+__all__ = ["apply_plan", "validate", "find_classifier", "example_input", "group_members"]
