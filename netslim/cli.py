@@ -43,7 +43,7 @@ def guarded(fn: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except NetslimError as e:
-            console.print(f"[red]error:[/red] {e}", highlight=False)
+            sys.stderr.write(f"error: {e}\n")
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             console.print("[red]interrupted[/red]; nothing half-written was left in place")
@@ -173,6 +173,7 @@ def train(model: ModelOpt = "small_cnn", data: DataOpt = "digits", out: OutOpt =
 TargetOpt = Annotated[str | None, typer.Option("--target", "-t", help="params=F | flops=F | latency=F (kept)")]
 MethodOpt = Annotated[str, typer.Option("--method", help="compression method (netslim methods list)")]
 OptOpt = Annotated[list[str] | None, typer.Option("--opt", help="method option key=value (repeatable)")]
+MinAccOpt = Annotated[float | None, typer.Option(help="lda: keep pruning while validation accuracy stays >= this")]
 
 
 @app.command()
@@ -180,6 +181,7 @@ OptOpt = Annotated[list[str] | None, typer.Option("--opt", help="method option k
 def compress(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt = "digits",
              method: MethodOpt = "pfa-kl", target: TargetOpt = None, out: OutOpt = Path("runs/compress"),
              energy: Annotated[float | None, typer.Option(help="PFA-En / PCA energy (variance) kept")] = None,
+             min_accuracy: MinAccOpt = None,
              finetune_epochs: Annotated[int, typer.Option(help="epochs of fine-tuning after surgery")] = 0,
              lr: float = 0.01, batch_size: int = 128, label_smoothing: float = 0.0,
              init: Annotated[str, typer.Option(help="fine (keep weights) | scratch (random init)")] = "fine",
@@ -201,6 +203,7 @@ def compress(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt =
     if plan is not None and (plan.keep or plan.drop or plan.factorize):
         raise NetslimError(f"{weights} is already compressed; compress its base network instead")
     options = _options(opt) | ({"energy": energy} if energy is not None else {})
+    options |= {"min_accuracy": min_accuracy} if min_accuracy is not None else {}
     res = run(net, arch, train_set, test, method, tgt, options,
               Schedule(finetune_epochs, lr, batch_size, label_smoothing=label_smoothing), dev, calib_size, init,
               idx, out, overwrite, command=shlex.join(["netslim", *sys.argv[1:]]), measure_latency=not no_latency)
@@ -214,6 +217,7 @@ def compress(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt =
 def analyze(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt = "digits",
             method: MethodOpt = "pfa-kl", target: TargetOpt = None, out: OutOpt = Path("runs/analyze"),
             energy: Annotated[float | None, typer.Option(help="PFA-En / PCA energy (variance) kept")] = None,
+            min_accuracy: MinAccOpt = None,
             calib_size: int = 5000, classes: ClassesOpt = None, opt: OptOpt = None, device: DeviceOpt = "auto",
             cache_dir: CacheOpt = None, overwrite: OverwriteOpt = False, as_json: JsonOpt = False) -> None:
     """Statistics + Plan only (no surgery): writes plan.json, report.md and the method's plots."""
@@ -223,6 +227,7 @@ def analyze(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt = 
     tgt = parse_target(target) if target else None
     train_set, _, idx, net, arch, _, dev = _setup(data, classes, cache_dir, weights, model, device)
     options = _options(opt) | ({"energy": energy} if energy is not None else {})
+    options |= {"min_accuracy": min_accuracy} if min_accuracy is not None else {}
     metrics = analyse_to_dir(net, arch, train_set, method, tgt, options, dev, calib_size, idx, out, overwrite,
                              command=shlex.join(["netslim", *sys.argv[1:]]))
     console.print(f"{method}: planned {metrics['planned']['params']:,} params "

@@ -145,10 +145,15 @@ def compress(model: nn.Module, arch: str, train: ImageSet, test: ImageSet | None
         if init == "scratch":
             reinitialise(small)
         acc_cut = accuracy(small, test, device)
+        # A method that fine-tunes while it prunes (lda) leaves its network, already of the Plan's shape, in
+        # ctx.cache["model"]; it replaces the base weights cut to the Plan (still measured above as "after surgery").
+        tuned = ctx.cache.pop("model", None)
+        if tuned is not None and init != "scratch":
+            small = tuned.to(device)
         history = finetune(small, train, schedule, device, checkpoint_dir=(tmp / ".train") if tmp else None)
         after = measure_model(small, tuple(train.images.shape[1:]), device, measure_latency)
         after["accuracy_after_surgery"] = acc_cut
-        after["accuracy"] = accuracy(small, test, device) if history else acc_cut
+        after["accuracy"] = accuracy(small, test, device) if history or tuned is not None else acc_cut
         metrics = {"method": method, "target": str(target) if target else None, "options": options,
                    "init": init, "classes": classes, "analysis_seconds": round(seconds, 3),
                    "calibration_images": len(ctx.calib.labels) if ctx.calib is not None else 0,

@@ -38,8 +38,7 @@ def make_setup() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
             m.running_mean.uniform_(-0.5, 0.5, generator=gen)
             m.running_var.uniform_(0.5, 2.0, generator=gen)
     batches = [
-        (torch.randn(10, 3, 8, 8, generator=gen), torch.randint(0, NUM_CLASSES, (10,), generator=gen))
-        for _ in range(6)
+        (torch.randn(10, 3, 8, 8, generator=gen), torch.randint(0, NUM_CLASSES, (10,), generator=gen)) for _ in range(6)
     ]
     return model, batches
 

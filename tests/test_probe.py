@@ -145,6 +145,17 @@ def test_without_per_class_and_layer_subset(model: SmallNet) -> None:
         _ = stats["dw"].class_mean
 
 
+@pytest.mark.parametrize("mode", ["max", "mean", "spatial"])
+def test_channels_last_gives_same_statistics(model: SmallNet, mode: str) -> None:
+    batches = make_batches((9, 5))
+    plain = collect(model, batches, reduce=mode)
+    model.to(memory_format=torch.channels_last)
+    last = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches]
+    stats = collect(model, last, reduce=mode)
+    for name, s in plain.items():
+        torch.testing.assert_close(stats[name].outer, s.outer, rtol=1e-5, atol=1e-8)
+
+
 def test_merge_of_halves_equals_whole(model: SmallNet) -> None:
     batches = make_batches((8, 8, 8, 5))
     whole = collect(model, batches, reduce="spatial", per_class=True, num_classes=NUM_CLASSES)

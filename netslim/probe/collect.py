@@ -6,8 +6,7 @@ sums right away, so memory does not grow with the number of images.
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,11 +44,15 @@ def _mean_f64(out: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     """Spatial mean accumulated in float64: a float32 mean alone is off by ~1e-7 relative, which the
     covariance of nearly constant pooled features amplifies. numpy's cast-while-summing is ~8x faster than
     torch's on the CPU; elsewhere torch is used."""
-    if out.device.type == "cpu" and out.dtype in (torch.float32, torch.float64) and out.is_contiguous():
+    if out.device.type == "cpu" and out.dtype in (torch.float32, torch.float64) and out.dim() > 2:
         b, c = out.shape[:2]
-        flat = out.detach().reshape(b * c, -1).numpy()
-        sums = torch.from_numpy(np.add.reduce(flat, axis=1, dtype=np.float64))
-        return (sums / flat.shape[1]).view(b, c)
+        if out.is_contiguous():
+            flat = out.detach().reshape(b * c, -1).numpy()
+            return torch.from_numpy(np.add.reduce(flat, axis=1, dtype=np.float64) / flat.shape[1]).view(b, c)
+        last = out.detach().movedim(1, -1)
+        if last.is_contiguous():  # channels_last
+            flat = last.reshape(b, -1, c).numpy()
+            return torch.from_numpy(np.add.reduce(flat, axis=1, dtype=np.float64) / flat.shape[1])
     return out.mean(dim=dims, dtype=_F64)
 
 
@@ -113,6 +116,12 @@ class _Accumulator:
         if self.guard is not None:
             ok = ok & torch.isfinite(self.guard)
         return ok
+
+
+def _prepend(head: list, rest: Iterator) -> Iterator:
+    """Yield head's item then rest, holding no reference to the first batch once it is consumed."""
+    yield head.pop()
+    yield from rest
 
 
 def _split(batch: object) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -182,7 +191,8 @@ def collect(
         stats = LayerStats.zeros(point.channels, num_classes if per_class else None, device)
         accs.append(_Accumulator(name, point, reduce, stats, batch_state))
 
-    source = itertools.chain([first], it)
+    source: Iterable = _prepend([first], it)
+    del first
     if progress:
         from rich.progress import track
 

@@ -1,0 +1,196 @@
+"""Cost of collecting response statistics compared with plain inference (VGG-16-BN, CIFAR-10, CPU).
+
+Times plain inference and collect() over all conv layers on the same pre-built batches, repeats
+interleaved, medians reported. Peak memory is measured in a fresh subprocess per image count: the
+kernel's RSS high-water mark (VmHWM, reset through /proc/self/clear_refs after loading the data) during
+a plain pass and during collect(); if collect() kept activations, its extra peak would grow with the
+number of images. Linux only (the reset needs /proc).
+
+    python benchmarks/probe_overhead.py [--weights ...] [--data ...] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DEFAULT_WEIGHTS = SHARED / "models" / "vgg16_bn_cifar10.safetensors"
+DEFAULT_DATA = SHARED / "data" / "cifar10-jpeg.tar.gz"
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "probe_overhead_cpu.json"
+
+
+def load_model(weights: Path) -> torch.nn.Module:
+    from safetensors.torch import load_file
+
+    from netslim.zoo import build
+
+    model = build("vgg16_bn")
+    state = {k: v.float() for k, v in load_file(str(weights)).items()}
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def load_images(data: Path, n: int):
+    from netslim.data import calibration_subset, load_dataset
+
+    return calibration_subset(load_dataset(str(data), "train"), n, seed=0)
+
+
+def conv_layers(model: torch.nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+def plain_pass(model: torch.nn.Module, batches) -> None:
+    with torch.no_grad():
+        for x, _ in batches:
+            model(x)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _proc_status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024.0  # kB
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def peak_rss_mb(fn) -> tuple[float, float]:
+    """(RSS before, RSS high-water mark while fn runs), in MiB."""
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    before = _proc_status_mb("VmRSS")
+    fn()
+    return before, _proc_status_mb("VmHWM")
+
+
+def memory_child(args: argparse.Namespace) -> None:
+    """One setting in a fresh process: peak RSS of a plain pass, then of collect() in each mode."""
+    from netslim.data import batches
+    from netslim.probe import collect
+
+    torch.set_num_threads(args.threads)
+    model = load_model(args.weights)
+    data = batches(load_images(args.data, args.memory_child), args.batch)
+    layers = conv_layers(model)
+    plain_pass(model, data)  # warm-up: allocator pools, lazily built kernels
+    before, plain = peak_rss_mb(lambda: plain_pass(model, data))
+    out = {"images": args.memory_child, "rss_before_mb": round(before, 1), "peak_plain_mb": round(plain, 1)}
+    for mode in ("max", "spatial"):
+        _, peak = peak_rss_mb(lambda mode=mode: collect(model, data, layers=layers, reduce=mode))
+        out[f"peak_collect_{mode}_mb"] = round(peak, 1)
+        out[f"extra_{mode}_mb"] = round(peak - plain, 1)
+    print(json.dumps(out))
+
+
+def measure_memory(args: argparse.Namespace, n: int) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--memory-child",
+        str(n),
+        "--weights",
+        str(args.weights),
+        "--data",
+        str(args.data),
+        "--batch",
+        str(args.batch),
+        "--threads",
+        str(args.threads),
+    ]
+    # Every allocation above 64 KiB gets its own mapping, returned on free: RSS then tracks live memory
+    # instead of whatever glibc's heap happened to retain from earlier passes.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--memory-child", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args)
+        return
+
+    from netslim.data import batches
+    from netslim.probe import collect
+
+    torch.set_num_threads(args.threads)
+    model = load_model(args.weights)
+    ds = load_images(args.data, args.images)
+    data = list(batches(ds, args.batch))  # decoded and normalised once, outside every timed region
+    layers = conv_layers(model)
+    plain_pass(model, data[:1])
+    collect(model, data[:1], layers=layers)
+
+    times: dict[str, list[float]] = {"plain": [], "collect_max": [], "collect_spatial": []}
+    for _ in range(args.repeats):
+        times["plain"].append(timed(lambda: plain_pass(model, data)))
+        times["collect_max"].append(timed(lambda: collect(model, data, layers=layers, reduce="max")))
+        times["collect_spatial"].append(timed(lambda: collect(model, data, layers=layers, reduce="spatial")))
+    med = {k: statistics.median(v) for k, v in times.items()}
+
+    memory = [measure_memory(args, n) for n in (500, args.images)]
+    result = {
+        "benchmark": "probe_overhead",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+        },
+        "torch": torch.__version__,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "setup": {
+            "model": "vgg16_bn",
+            "weights": args.weights.name,
+            "data": args.data.name,
+            "images": len(ds),
+            "batch": args.batch,
+            "repeats": args.repeats,
+            "threads": args.threads,
+            "layers": len(layers),
+            "device": "cpu",
+        },
+        "seconds": {k: [round(t, 3) for t in v] for k, v in times.items()},
+        "median_seconds": {k: round(v, 3) for k, v in med.items()},
+        "ratio_max": round(med["collect_max"] / med["plain"], 3),
+        "ratio_spatial": round(med["collect_spatial"] / med["plain"], 3),
+        "goal_ratio_max": 1.3,
+        "memory_mb": memory,
+        "memory_note": "peak RSS (VmHWM) per pass in a fresh process, MALLOC_MMAP_THRESHOLD_=65536; "
+        "extra_* = collect peak minus plain-inference peak",
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
