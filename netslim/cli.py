@@ -186,6 +186,7 @@ def compress(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt =
              lr: float = 0.01, batch_size: int = 128, label_smoothing: float = 0.0,
              init: Annotated[str, typer.Option(help="fine (keep weights) | scratch (random init)")] = "fine",
              calib_size: Annotated[int, typer.Option(help="calibration images from the training split")] = 5000,
+             train_subset: Annotated[int | None, typer.Option(help="fine-tune on this many training images")] = None,
              classes: ClassesOpt = None, opt: OptOpt = None, device: DeviceOpt = "auto",
              cache_dir: CacheOpt = None, no_latency: bool = False, overwrite: OverwriteOpt = False,
              as_json: JsonOpt = False) -> None:
@@ -204,6 +205,10 @@ def compress(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt =
         raise NetslimError(f"{weights} is already compressed; compress its base network instead")
     options = _options(opt) | ({"energy": energy} if energy is not None else {})
     options |= {"min_accuracy": min_accuracy} if min_accuracy is not None else {}
+    if train_subset:
+        from netslim.data import calibration_subset
+
+        train_set = calibration_subset(train_set, train_subset, seed=1)
     res = run(net, arch, train_set, test, method, tgt, options,
               Schedule(finetune_epochs, lr, batch_size, label_smoothing=label_smoothing), dev, calib_size, init,
               idx, out, overwrite, command=shlex.join(["netslim", *sys.argv[1:]]), measure_latency=not no_latency)
@@ -261,6 +266,42 @@ def demo(out: OutOpt = Path("runs/demo"), method: MethodOpt = "pfa-kl", epochs: 
     console.print(before_after_table(metrics))
     console.print(f"report: {out / 'report.md' if out else '-'}")
     _emit(metrics, as_json)
+
+
+@app.command()
+@guarded
+def bench(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt = "digits",
+          methods: Annotated[str, typer.Option(help="comma-separated methods")] = "pfa-kl,pfa-en,tp-l1,tp-random",
+          targets: Annotated[str, typer.Option("--targets", "--target", help="e.g. params=0.5,params=0.125")]
+          = "params=0.125",
+          finetune_epochs: int = 1, lr: float = 0.01, batch_size: int = 128, label_smoothing: float = 0.0,
+          schedule: str = "onecycle", calib_size: int = 5000,
+          train_subset: Annotated[int | None, typer.Option(help="fine-tune on this many training images")] = None,
+          test_subset: Annotated[int | None, typer.Option(help="evaluate on this many test images")] = None,
+          classes: ClassesOpt = None, opt: OptOpt = None, out: OutOpt = Path("runs/bench"),
+          resume: Annotated[bool, typer.Option(help="continue a killed bench in --out")] = False,
+          no_latency: bool = False, device: DeviceOpt = "auto", cache_dir: CacheOpt = None,
+          as_json: JsonOpt = False) -> None:
+    """Every method and torch-pruning's criteria at the same budget and fine-tuning schedule, one table."""
+    from netslim.bench import run_bench
+    from netslim.budget import parse_target
+    from netslim.data import calibration_subset
+    from netslim.pipeline import Schedule
+
+    tgts = [parse_target(t.strip()) for t in targets.split(",") if t.strip()]
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    train_set, test, idx, net, arch, plan, dev = _setup(data, classes, cache_dir, weights, model, device)
+    if idx is not None:
+        raise NetslimError("bench compares methods on all classes of the data; drop --classes")
+    tune = calibration_subset(train_set, train_subset, seed=1) if train_subset else train_set
+    test = calibration_subset(test, test_subset, seed=2) if test_subset else test
+    assert out is not None
+    res = run_bench(net, arch, train_set if not train_subset else tune, test, names, tgts,
+                    Schedule(finetune_epochs, lr, batch_size, label_smoothing=label_smoothing, schedule=schedule),
+                    out, dev, calib_size, _options(opt), not no_latency, resume,
+                    shlex.join(["netslim", *sys.argv[1:]]), log=console.print)
+    console.print((out / "report.md").read_text())
+    _emit(res, as_json)
 
 
 def main() -> None:

@@ -148,11 +148,15 @@ def compress(model: nn.Module, arch: str, train: ImageSet, test: ImageSet | None
         # A method that fine-tunes while it prunes (lda) leaves its network, already of the Plan's shape, in
         # ctx.cache["model"]; it replaces the base weights cut to the Plan (still measured above as "after surgery").
         tuned = ctx.cache.pop("model", None)
+        acc_method = None
         if tuned is not None and init != "scratch":
             small = tuned.to(device)
+            acc_method = accuracy(small, test, device) if schedule.epochs > 0 else None
         history = finetune(small, train, schedule, device, checkpoint_dir=(tmp / ".train") if tmp else None)
         after = measure_model(small, tuple(train.images.shape[1:]), device, measure_latency)
         after["accuracy_after_surgery"] = acc_cut
+        if acc_method is not None:  # the method's own network (e.g. lrs's fitted factors), before fine-tuning
+            after["accuracy_before_finetune"] = acc_method
         after["accuracy"] = accuracy(small, test, device) if history or tuned is not None else acc_cut
         metrics = {"method": method, "target": str(target) if target else None, "options": options,
                    "init": init, "classes": classes, "analysis_seconds": round(seconds, 3),

@@ -101,6 +101,10 @@ class _Accumulator:
             s.outer.addmm_(zt, zt.T)
             return
         assert s.class_count is not None and s.class_sum is not None and s.class_outer is not None
+        if labels.numel() != batch:
+            raise NetslimError(
+                f"layer {self.name!r}: response has {batch} samples but the batch has {labels.numel()} labels"
+            )
         per_sample = n // batch
         z3 = zt.view(zt.shape[0], batch, per_sample)
         s.class_count.index_add_(0, labels, torch.full((batch,), float(per_sample), dtype=_F64, device=zt.device))

@@ -1,0 +1,133 @@
+"""Task-dependent deep LDA on the shared VGG-16 (CIFAR-10), against torch-pruning L1 at the same size.
+
+One task per run (all ten classes, or a subset such as cat,dog,horse). In one process:
+1. `netslim.pipeline.compress(method="lda")`: iterative LDA prune / fine-tune under an accuracy floor on
+   validation data held out of the training split;
+2. `tp-l1` (uniform ratio, L1 filter magnitude) at the parameter fraction LDA reached, fine-tuned with the
+   same rounds (same images, epochs, learning rate, schedule and seeds) as the LDA network it is
+   compared with.
+Test images are only used for the numbers reported here. A reduced CPU schedule (subsets of the
+training split, one-epoch rounds) keeps a run near ten minutes on two threads; the JSON records it.
+
+    python benchmarks/lda_task.py --classes all
+    python benchmarks/lda_task.py --classes cat,dog,horse
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+WEIGHTS = SHARED / "models" / "vgg16_bn_cifar10.safetensors"
+DATA = SHARED / "data" / "cifar10-jpeg.tar.gz"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--classes", default="all", help="all | comma-separated CIFAR-10 class names")
+    ap.add_argument("--train-per-class", type=int, default=1000, help="training images per class (before the "
+                    "10%% validation hold-out)")
+    ap.add_argument("--test-per-class", type=int, default=200, help="test images per class (reporting only)")
+    ap.add_argument("--calib", type=int, default=1000, help="images for the Fisher statistics")
+    ap.add_argument("--min-accuracy", type=float, default=0.85, help="validation accuracy floor")
+    ap.add_argument("--max-iters", type=int, default=5)
+    ap.add_argument("--eta-start", type=float, default=0.2)
+    ap.add_argument("--eta-step", type=float, default=0.2)
+    ap.add_argument("--ft-images", type=int, default=2000, help="training images per fine-tuning round")
+    ap.add_argument("--ft-epochs", type=int, default=1)
+    ap.add_argument("--ft-lr", type=float, default=0.01)
+    ap.add_argument("--trace-images", type=int, default=10, help="per class")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--run-dir", type=Path, default=None, help="also write the LDA run directory here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from netslim.api import load_data, load_trained
+    from netslim.budget import Target
+    from netslim.data import calibration_subset, split_holdout
+    from netslim.methods.lda_loop import LoopOptions, finetune_round
+    from netslim.pipeline import Schedule, accuracy, compress, machine
+
+    classes = None if args.classes == "all" else [c.strip() for c in args.classes.split(",")]
+    tag = "all" if classes is None else "-".join(classes)
+    out = args.out or REPO / "benchmarks" / "results" / f"lda_{tag}_cpu.json"
+    began = time.perf_counter()
+    train, test, idx, _ = load_data(str(DATA), classes)
+    k = len(train.classes)
+    train = calibration_subset(train, args.train_per_class * k, seed=0)
+    test = calibration_subset(test, args.test_per_class * k, seed=0)
+    base, arch, _ = load_trained(WEIGHTS, "vgg16_bn", 10)
+    options = {"min_accuracy": args.min_accuracy, "max_iters": args.max_iters, "eta_start": args.eta_start,
+               "eta_step": args.eta_step, "ft_images": args.ft_images, "ft_epochs": args.ft_epochs,
+               "ft_lr": args.ft_lr, "trace_images": args.trace_images}
+
+    t0 = time.perf_counter()
+    lda = compress(copy.deepcopy(base), arch, train, test, "lda", None, options, Schedule(epochs=0), "cpu",
+                   args.calib, classes=idx, out=args.run_dir, overwrite=True, measure_latency=False)
+    lda_seconds = time.perf_counter() - t0
+    before, after, meta = lda.metrics["before"], lda.metrics["after"], lda.plan.meta
+    fraction = after["params"] / before["params"]
+    rounds = int(meta["finetune_rounds"])
+
+    # the peer: same parameter fraction, same fine-tuning rounds on the same training part
+    t0 = time.perf_counter()
+    l1 = compress(copy.deepcopy(base), arch, train, test, "tp-l1", Target("params", fraction), {},
+                  Schedule(epochs=0), "cpu", args.calib, classes=idx, measure_latency=False)
+    fit_part, val = split_holdout(train, 0.1, seed=0)  # the split the LDA run used
+    ft = LoopOptions(ft_images=args.ft_images, ft_epochs=args.ft_epochs, ft_lr=args.ft_lr)
+    for r in range(1, rounds + 1):
+        finetune_round(l1.model, fit_part, ft, r, "cpu")
+    l1.model.eval()
+    l1_seconds = time.perf_counter() - t0
+
+    def summary(res, test_after: float, val_after: float | None, seconds: float) -> dict:
+        a = res.metrics["after"]
+        return {"params": a["params"], "macs": a["macs"], "params_fraction": a["params"] / before["params"],
+                "macs_fraction": a["macs"] / before["macs"],
+                "test_accuracy_after_surgery": a["accuracy_after_surgery"], "test_accuracy_after_finetune":
+                test_after, "val_accuracy_after_finetune": val_after, "widths": {
+                    r["layer"]: r["after"] for r in res.metrics["widths"]}, "seconds": round(seconds, 1)}
+
+    chosen = next(r for r in meta["iterations"] if r["index"] == meta["selected_iteration"])
+    report = {
+        "benchmark": "lda_task", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(), "torch": torch.__version__, "threads": args.threads,
+        "command": shlex.join(["python", *sys.argv]),
+        "task": {"classes": train.classes, "base_class_indices": idx},
+        "data": {"train_images": len(train), "fine_tune_part": len(fit_part), "validation": len(val),
+                 "test_images": len(test), "calibration": args.calib},
+        "schedule": {"min_accuracy": args.min_accuracy, "max_iters": args.max_iters, "eta_start": args.eta_start,
+                     "eta_step": args.eta_step, "ft_rounds_used": rounds, "ft_images_per_round": args.ft_images,
+                     "ft_epochs_per_round": args.ft_epochs, "ft_lr": args.ft_lr, "ft_schedule": ft.ft_schedule},
+        "base": {"params": before["params"], "macs": before["macs"], "test_accuracy": before["accuracy"],
+                 "val_accuracy": meta["iterations"][0]["val"]},
+        "lda": {**summary(lda, after["accuracy"], chosen["val"], lda_seconds),
+                "selected_iteration": meta["selected_iteration"], "stop": meta["stop"],
+                "mprime_first_iteration": meta["iterations"][1]["mprime"] if len(meta["iterations"]) > 1 else None,
+                "iterations": meta["iterations"]},
+        "tp_l1": summary(l1, accuracy(l1.model, test, "cpu"), accuracy(l1.model, val, "cpu"), l1_seconds),
+        "total_seconds": round(time.perf_counter() - began, 1),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    b, lo, pe = report["base"], report["lda"], report["tp_l1"]
+    print(f"{tag}: base {b['params']:,} params, test {b['test_accuracy']:.4f} | lda {lo['params']:,} params "
+          f"({lo['params_fraction']:.4f}), {lo['macs']:,} MACs, test {lo['test_accuracy_after_surgery']:.4f} cut -> "
+          f"{lo['test_accuracy_after_finetune']:.4f} | tp-l1 {pe['params']:,} params, test "
+          f"{pe['test_accuracy_after_surgery']:.4f} -> {pe['test_accuracy_after_finetune']:.4f} | "
+          f"{report['total_seconds']:.0f} s -> {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Regenerate the README's "Results" section from committed bench JSON (benchmarks/results/bench_*.json).
+
+    python benchmarks/readme_results.py
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def _ms(row: dict, batch: int) -> str:
+    for r in row.get("latency", []):
+        if r["batch"] == batch and r["device"] == "cpu" and r.get("dtype") in ("float32", "fp32"):
+            return f"{r['median_ms']:.1f}"
+    return "–"
+
+
+def section(result: dict, name: str) -> str:
+    base, s = result["base"], result["schedule"]
+    lines = [f"### {result['arch']} — `{name}`", "",
+             f"{result['date'][:10]}, {result['machine']['processor']}, torch {result['machine']['torch']}; "
+             f"every method fine-tuned {s['epochs']} epochs (lr {s['lr']}, batch {s['batch_size']}, {s['schedule']}).",
+             "", "| target | method | acc. after surgery | acc. after fine-tune | params | MACs | CPU ms b=1 "
+             "| CPU ms b=64 |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| – | base | {base['accuracy']:.4f} | {base['accuracy']:.4f} | {base['params']:,} | {base['macs']:,} | "
+             f"{_ms(base, 1)} | {_ms(base, 64)} |"]
+    for r in result["rows"]:
+        own = "" if r["met_target"] else " (own size)"
+        lines.append(f"| {r['target']}{own} | {r['method']} | {r['accuracy_after_surgery']:.4f} | "
+                     f"{r['accuracy']:.4f} | {r['params']:,} ({r['params_kept']:.3f}) | {r['macs']:,} | "
+                     f"{_ms(r, 1)} | {_ms(r, 64)} |")
+    lines += ["", f"Reproduce: `{result['command']}`", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    files = sorted((ROOT / "benchmarks" / "results").glob("bench_*.json"))
+    body = ["Generated from `benchmarks/results/bench_*.json` by `python benchmarks/readme_results.py`. "
+            "CPU numbers come from reduced schedules on a shared 2-core machine (see each file for details).", ""]
+    body += [section(json.loads(f.read_text()), f.name) for f in files]
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    new = re.sub(re.escape(START) + ".*?" + re.escape(END), START + "\n" + "\n".join(body) + END, text, flags=re.S)
+    readme.write_text(new)
+    print(f"README results: {len(files)} bench file(s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""`netslim bench`: several methods and torch-pruning's criteria on one model, one budget, one schedule.
+
+Every method sees the same calibration data and shares one statistics pass where it can (the
+analysis cache is shared; each method's own outputs are not). Each finished (target, method) is
+saved at once, so a killed bench resumes with the methods it has not finished.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from netslim.budget import Target
+from netslim.data import ImageSet
+from netslim.errors import NetslimError
+from netslim.io import atomic_write_text
+from netslim.methods import get_method
+from netslim.pipeline import Schedule, accuracy, analyse, finetune, machine, measure_model, reinitialise
+from netslim.report import save_figure, table, write_markdown
+from netslim.surgery import apply_plan
+
+PER_METHOD = ("model", "report", "artifacts")  # cache entries that belong to one method's run
+
+
+def shared_view(cache: dict[str, Any]) -> dict[str, Any]:
+    """A method's cache: the shared analysis (statistics, spectra, groups) without other methods' outputs."""
+    return {k: v for k, v in cache.items() if k not in PER_METHOD}
+
+
+def run_bench(model: nn.Module, arch: str, train: ImageSet, test: ImageSet, methods: list[str],
+              targets: list[Target], schedule: Schedule, out: Path, device: str = "cpu", calib_size: int = 5000,
+              options: dict[str, Any] | None = None, measure_latency: bool = True, resume: bool = False,
+              command: str = "", log: Any = print) -> dict[str, Any]:
+    for m in methods:
+        get_method(m)
+    out = Path(out)
+    done_dir = out / "runs"
+    if out.exists() and not resume and any(done_dir.glob("*.json")):
+        raise NetslimError(f"{out} holds an earlier bench; pass --resume to continue it or choose another --out")
+    done_dir.mkdir(parents=True, exist_ok=True)
+    model = model.to(device).eval()
+    size = tuple(train.images.shape[1:])
+    base_file = out / "base.json"
+    if base_file.exists():
+        base = json.loads(base_file.read_text())
+    else:
+        base = measure_model(model, size, device, measure_latency)  # type: ignore[arg-type]
+        base["accuracy"] = accuracy(model, test, device)
+        atomic_write_text(base_file, json.dumps(base, indent=1))
+    cache: dict[str, Any] = {}
+    rows = []
+    for target in targets:
+        for method in methods:
+            path = done_dir / f"{str(target).replace('=', '-')}__{method}.json"
+            if path.exists():
+                rows.append(json.loads(path.read_text()))
+                log(f"{target} {method}: done earlier, kept")
+                continue
+            log(f"{target} {method}: analysing…")
+            row = _one(model, arch, train, test, method, target, schedule, device, calib_size, options or {},
+                       cache, measure_latency)
+            atomic_write_text(path, json.dumps(row, indent=1, default=str))
+            rows.append(row)
+            log(f"{target} {method}: acc {row['accuracy_after_surgery']:.4f} → {row['accuracy']:.4f}, "
+                f"params {row['params_kept']:.3f}")
+    result = {"arch": arch, "base": base, "rows": rows, "schedule": asdict(schedule), "calibration_images":
+              calib_size, "machine": machine(), "command": command,
+              "statistics_passes": cache.get("stats_passes", []), "date": _now()}
+    write_results(out, result)
+    return result
+
+
+def _one(model: nn.Module, arch: str, train: ImageSet, test: ImageSet, method: str, target: Target,
+         schedule: Schedule, device: str, calib_size: int, options: dict[str, Any], cache: dict[str, Any],
+         measure_latency: bool) -> dict[str, Any]:
+    spec = get_method(method)
+    knob_target: Target | None = target if method != "pfa-kl" else None  # pfa-kl has no knob to bisect
+    mine = shared_view(cache)
+    passes_before = len(cache.get("stats_passes", []))
+    plan, ctx, seconds = analyse(model, arch, train, method, knob_target, options, device, calib_size, cache=mine)
+    cache.update(shared_view(ctx.cache))
+    small = ctx.cache.get("model") or apply_plan(copy.deepcopy(model), plan)
+    if spec.retrain == "scratch" and options.get("init") != "inherit":
+        reinitialise(small)
+    t0 = time.perf_counter()
+    acc_cut = accuracy(small, test, device)
+    history = finetune(small, train, schedule, device)
+    size = measure_model(small, tuple(train.images.shape[1:]), device, measure_latency)
+    base_params = sum(p.numel() for p in model.parameters())
+    return {"method": method, "target": str(target), "met_target": knob_target is not None,
+            "accuracy_after_surgery": acc_cut, "accuracy": accuracy(small, test, device) if history else acc_cut,
+            "params": size["params"], "macs": size["macs"], "flops": size["flops"], "bytes": size["bytes"],
+            "params_kept": size["params"] / base_params, "latency": size.get("latency", []),
+            "analysis_seconds": round(seconds, 3), "finetune_seconds": round(time.perf_counter() - t0, 1),
+            "new_statistics_passes": len(cache.get("stats_passes", [])) - passes_before,
+            "widths": plan.widths(), "drop": plan.drop, "plan_meta": plan.meta, "history": history}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _latency(row: dict[str, Any], batch: int) -> float | None:
+    from netslim.report import latency_of
+
+    return latency_of(row, batch)
+
+
+def write_results(out: Path, result: dict[str, Any]) -> None:
+    """results.json, report.md (the comparison table) and accuracy_vs_macs.png."""
+    atomic_write_text(out / "results.json", json.dumps(result, indent=1, default=str))
+    base = result["base"]
+    header = ["target", "method", "acc after surgery", "acc after fine-tune", "params", "kept", "MACs",
+              "CPU ms (b=1)", "CPU ms (b=64)", "bytes", "analysis s"]
+    rows = [["base", "–", base["accuracy"], base["accuracy"], base["params"], "1.000", base["macs"],
+             _latency(base, 1), _latency(base, 64), base["bytes"], None]]
+    for r in result["rows"]:
+        rows.append([r["target"] + ("" if r["met_target"] else " (own size)"), r["method"],
+                     r["accuracy_after_surgery"], r["accuracy"], r["params"], f"{r['params_kept']:.3f}", r["macs"],
+                     _latency(r, 1), _latency(r, 64), r["bytes"], r["analysis_seconds"]])
+    s = result["schedule"]
+    write_markdown(out / "report.md", [
+        f"# netslim bench: {result['arch']}",
+        f"Fine-tuning for every method: {s['epochs']} epochs, lr {s['lr']}, batch {s['batch_size']}, "
+        f"{s['schedule']} schedule, label smoothing {s['label_smoothing']}. Calibration: "
+        f"{result['calibration_images']} training images. Statistics passes run: "
+        f"{', '.join(result['statistics_passes']) or 'none'}. {result['date']} · torch {result['machine']['torch']}",
+        table(header, rows),
+        "![accuracy vs MACs](accuracy_vs_macs.png)",
+        f"Command: `{result['command']}`" if result["command"] else "",
+    ])
+    _plot(out / "accuracy_vs_macs.png", result)
+
+
+def _plot(path: Path, result: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    by_method: dict[str, list[dict]] = {}
+    for r in result["rows"]:
+        by_method.setdefault(r["method"], []).append(r)
+    for method, rs in sorted(by_method.items()):
+        rs = sorted(rs, key=lambda r: r["macs"])
+        ax.plot([r["macs"] / 1e6 for r in rs], [r["accuracy"] for r in rs], "o-", label=method)
+    base = result["base"]
+    ax.plot([base["macs"] / 1e6], [base["accuracy"]], "k*", ms=12, label="base")
+    ax.set_xscale("log")
+    ax.set_xlabel("MACs per image (millions)")
+    ax.set_ylabel("test accuracy after fine-tuning")
+    ax.set_title(f"{result['arch']}: accuracy vs MACs")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
