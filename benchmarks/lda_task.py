@@ -39,6 +39,7 @@ def main() -> None:
                     "10%% validation hold-out)")
     ap.add_argument("--test-per-class", type=int, default=200, help="test images per class (reporting only)")
     ap.add_argument("--calib", type=int, default=1000, help="images for the Fisher statistics")
+    ap.add_argument("--val-images", type=int, default=0, help="cap on the validation images (0: all held out)")
     ap.add_argument("--min-accuracy", type=float, default=0.85, help="validation accuracy floor")
     ap.add_argument("--max-iters", type=int, default=5)
     ap.add_argument("--eta-start", type=float, default=0.2)
@@ -54,10 +55,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from netslim.api import load_data, load_trained
-    from netslim.budget import Target
+    from netslim.budget import Target, model_size
     from netslim.data import calibration_subset, split_holdout
+    from netslim.graph import PRUNABLE, out_width
     from netslim.methods.lda_loop import LoopOptions, finetune_round
-    from netslim.pipeline import Schedule, accuracy, compress, machine
+    from netslim.pipeline import Schedule, accuracy, analyse, compress, machine
+    from netslim.plan import Plan
+    from netslim.surgery import apply_plan
 
     classes = None if args.classes == "all" else [c.strip() for c in args.classes.split(",")]
     tag = "all" if classes is None else "-".join(classes)
@@ -70,7 +74,7 @@ def main() -> None:
     base, arch, _ = load_trained(WEIGHTS, "vgg16_bn", 10)
     options = {"min_accuracy": args.min_accuracy, "max_iters": args.max_iters, "eta_start": args.eta_start,
                "eta_step": args.eta_step, "ft_images": args.ft_images, "ft_epochs": args.ft_epochs,
-               "ft_lr": args.ft_lr, "trace_images": args.trace_images}
+               "ft_lr": args.ft_lr, "trace_images": args.trace_images, "val_images": args.val_images}
 
     t0 = time.perf_counter()
     lda = compress(copy.deepcopy(base), arch, train, test, "lda", None, options, Schedule(epochs=0), "cpu",
@@ -82,22 +86,28 @@ def main() -> None:
 
     # the peer: same parameter fraction, same fine-tuning rounds on the same training part
     t0 = time.perf_counter()
-    l1 = compress(copy.deepcopy(base), arch, train, test, "tp-l1", Target("params", fraction), {},
-                  Schedule(epochs=0), "cpu", args.calib, classes=idx, measure_latency=False)
+    task_model = copy.deepcopy(base)
+    if idx is not None:
+        task_model = apply_plan(task_model, Plan(arch=arch, num_classes=10, input_size=(3, 32, 32), classes=idx))
+    l1_plan, _, _ = analyse(task_model, arch, train, "tp-l1", Target("params", fraction), {}, "cpu", args.calib)
+    l1_model = apply_plan(copy.deepcopy(task_model), l1_plan).eval()
+    l1_cut = accuracy(l1_model, test, "cpu")
     fit_part, val = split_holdout(train, 0.1, seed=0)  # the split the LDA run used
+    if 0 < args.val_images < len(val):
+        val = calibration_subset(val, args.val_images, seed=1)  # the images LDA validated on
     ft = LoopOptions(ft_images=args.ft_images, ft_epochs=args.ft_epochs, ft_lr=args.ft_lr)
     for r in range(1, rounds + 1):
-        finetune_round(l1.model, fit_part, ft, r, "cpu")
-    l1.model.eval()
+        finetune_round(l1_model, fit_part, ft, r, "cpu")
+    l1_model.eval()
+    l1_size = model_size(l1_model, (3, 32, 32))
     l1_seconds = time.perf_counter() - t0
 
-    def summary(res, test_after: float, val_after: float | None, seconds: float) -> dict:
-        a = res.metrics["after"]
-        return {"params": a["params"], "macs": a["macs"], "params_fraction": a["params"] / before["params"],
-                "macs_fraction": a["macs"] / before["macs"],
-                "test_accuracy_after_surgery": a["accuracy_after_surgery"], "test_accuracy_after_finetune":
-                test_after, "val_accuracy_after_finetune": val_after, "widths": {
-                    r["layer"]: r["after"] for r in res.metrics["widths"]}, "seconds": round(seconds, 1)}
+    def summary(size: dict, cut: float | None, test_after: float | None, val_after: float | None,
+                widths: dict, seconds: float) -> dict:
+        return {"params": size["params"], "macs": size["macs"], "params_fraction": size["params"] / before["params"],
+                "macs_fraction": size["macs"] / before["macs"], "test_accuracy_after_surgery": cut,
+                "test_accuracy_after_finetune": test_after, "val_accuracy_after_finetune": val_after,
+                "widths": widths, "seconds": round(seconds, 1)}
 
     chosen = next(r for r in meta["iterations"] if r["index"] == meta["selected_iteration"])
     report = {
@@ -112,11 +122,14 @@ def main() -> None:
                      "ft_epochs_per_round": args.ft_epochs, "ft_lr": args.ft_lr, "ft_schedule": ft.ft_schedule},
         "base": {"params": before["params"], "macs": before["macs"], "test_accuracy": before["accuracy"],
                  "val_accuracy": meta["iterations"][0]["val"]},
-        "lda": {**summary(lda, after["accuracy"], chosen["val"], lda_seconds),
+        "lda": {**summary(after, after["accuracy_after_surgery"], after["accuracy"], chosen["val"],
+                          {r["layer"]: r["after"] for r in lda.metrics["widths"]}, lda_seconds),
                 "selected_iteration": meta["selected_iteration"], "stop": meta["stop"],
                 "mprime_first_iteration": meta["iterations"][1]["mprime"] if len(meta["iterations"]) > 1 else None,
                 "iterations": meta["iterations"]},
-        "tp_l1": summary(l1, accuracy(l1.model, test, "cpu"), accuracy(l1.model, val, "cpu"), l1_seconds),
+        "tp_l1": summary(l1_size, l1_cut, accuracy(l1_model, test, "cpu"), accuracy(l1_model, val, "cpu"),
+                         {n: out_width(m) for n, m in l1_model.named_modules() if isinstance(m, PRUNABLE)},
+                         l1_seconds),
         "total_seconds": round(time.perf_counter() - began, 1),
     }
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -34,8 +34,9 @@ def analyse_to_dir(model: nn.Module, arch: str, train: ImageSet, method: str, ta
     base = plan_size(ctx.base_plan(method), template)
     if classes is not None:
         plan.num_classes, plan.classes = base_classes, list(classes)
+    gone = [n for n, _ in model.named_modules() if any(n == d or n.startswith(d + ".") for d in plan.drop)]
     widths = [{"layer": n, "before": out_width(m), "after": len(plan.keep.get(n, range(out_width(m))))
-               if n not in plan.drop else 0} for n, m in model.named_modules() if isinstance(m, PRUNABLE)]
+               if n not in gone else 0} for n, m in model.named_modules() if isinstance(m, PRUNABLE)]
     metrics = {"method": method, "target": str(target) if target else None, "options": options,
                "analysis_seconds": round(seconds, 3), "calibration_images": len(ctx.calib.labels),
                "base": base, "planned": planned, "widths": widths, "drop": plan.drop, "machine": machine(),

@@ -22,7 +22,16 @@ from netslim.data import ImageSet
 from netslim.errors import NetslimError
 from netslim.io import atomic_write_text
 from netslim.methods import get_method
-from netslim.pipeline import Schedule, accuracy, analyse, finetune, machine, measure_model, reinitialise
+from netslim.pipeline import (
+    Schedule,
+    accuracy,
+    analyse,
+    finetune,
+    machine,
+    measure_model,
+    recalibrated_accuracy,
+    reinitialise,
+)
 from netslim.report import save_figure, table, write_markdown
 from netslim.surgery import apply_plan
 
@@ -86,16 +95,20 @@ def _one(model: nn.Module, arch: str, train: ImageSet, test: ImageSet, method: s
     passes_before = len(cache.get("stats_passes", []))
     plan, ctx, seconds = analyse(model, arch, train, method, knob_target, options, device, calib_size, cache=mine)
     cache.update(shared_view(ctx.cache))
-    small = ctx.cache.get("model") or apply_plan(copy.deepcopy(model), plan)
-    if spec.retrain == "scratch" and options.get("init") != "inherit":
+    tuned = ctx.cache.get("model")
+    small = tuned if tuned is not None else apply_plan(copy.deepcopy(model), plan)
+    scratch = spec.retrain == "scratch" and options.get("init") != "inherit"
+    if scratch:
         reinitialise(small)
     t0 = time.perf_counter()
     acc_cut = accuracy(small, test, device)
+    acc_bn = recalibrated_accuracy(small, train, test, schedule, device) if tuned is None and not scratch else None
     history = finetune(small, train, schedule, device)
     size = measure_model(small, tuple(train.images.shape[1:]), device, measure_latency)
     base_params = sum(p.numel() for p in model.parameters())
     return {"method": method, "target": str(target), "met_target": knob_target is not None,
-            "accuracy_after_surgery": acc_cut, "accuracy": accuracy(small, test, device) if history else acc_cut,
+            "accuracy_after_surgery": acc_cut, "accuracy_after_bn_recalibration": acc_bn,
+            "accuracy": accuracy(small, test, device) if history else (acc_bn if acc_bn is not None else acc_cut),
             "params": size["params"], "macs": size["macs"], "flops": size["flops"], "bytes": size["bytes"],
             "params_kept": size["params"] / base_params, "latency": size.get("latency", []),
             "analysis_seconds": round(seconds, 3), "finetune_seconds": round(time.perf_counter() - t0, 1),
@@ -117,13 +130,14 @@ def write_results(out: Path, result: dict[str, Any]) -> None:
     """results.json, report.md (the comparison table) and accuracy_vs_macs.png."""
     atomic_write_text(out / "results.json", json.dumps(result, indent=1, default=str))
     base = result["base"]
-    header = ["target", "method", "acc after surgery", "acc after fine-tune", "params", "kept", "MACs",
-              "CPU ms (b=1)", "CPU ms (b=64)", "bytes", "analysis s"]
-    rows = [["base", "–", base["accuracy"], base["accuracy"], base["params"], "1.000", base["macs"],
+    header = ["target", "method", "acc after surgery", "after BN recal.", "acc after fine-tune", "params", "kept",
+              "MACs", "CPU ms (b=1)", "CPU ms (b=64)", "bytes", "analysis s"]
+    rows = [["base", "–", base["accuracy"], None, base["accuracy"], base["params"], "1.000", base["macs"],
              _latency(base, 1), _latency(base, 64), base["bytes"], None]]
     for r in result["rows"]:
         rows.append([r["target"] + ("" if r["met_target"] else " (own size)"), r["method"],
-                     r["accuracy_after_surgery"], r["accuracy"], r["params"], f"{r['params_kept']:.3f}", r["macs"],
+                     r["accuracy_after_surgery"], r.get("accuracy_after_bn_recalibration"), r["accuracy"],
+                     r["params"], f"{r['params_kept']:.3f}", r["macs"],
                      _latency(r, 1), _latency(r, 64), r["bytes"], r["analysis_seconds"]])
     s = result["schedule"]
     write_markdown(out / "report.md", [

@@ -21,10 +21,17 @@ KINDS = ("params", "flops", "latency")
 
 @dataclass(frozen=True)
 class Target:
-    """Keep `fraction` of the base network's `kind` (params, flops or measured latency)."""
+    """Keep `fraction` of the base network's `kind` (params, flops or measured latency).
+
+    A latency target is measured under its own conditions: `batch`, `device` and CPU `threads`
+    (None: torch's current setting).
+    """
 
     kind: str
     fraction: float
+    batch: int = 1
+    device: str = "cpu"
+    threads: int | None = None
 
     def __str__(self) -> str:
         return f"{self.kind}={self.fraction:g}"
@@ -95,6 +102,10 @@ def fits(plan: Plan, target: Target, base: dict[str, int], template: nn.Module |
 def bisect(make_plan: Callable[[float], Plan], target: Target, template: nn.Module | None,
            lo: float, hi: float, iters: int = 40) -> Plan:
     """Largest knob in [lo, hi] whose Plan fits the target; size must grow with the knob."""
+    if target.kind == "latency":  # measured, not counted: netslim.latency_table times the candidates
+        from netslim.latency_table import latency_bisect
+
+        return latency_bisect(make_plan, target, template, lo, hi)
     if target.kind not in ("params", "flops"):
         raise NetslimError(f"target {target} cannot be met by bisection on a Plan's size")
     top = make_plan(hi)

@@ -90,9 +90,7 @@ def before_after_table(metrics: dict[str, Any]) -> Table:
     t = Table(title=f"{metrics['method']} · {metrics['target'] or 'method default'}")
     for col in ("", "before", "after", "after/before"):
         t.add_column(col, justify="right" if col else "left")
-    rows = [["test accuracy", b.get("accuracy"), a.get("accuracy"), "–"],
-            ["accuracy right after surgery", None, a.get("accuracy_after_surgery"), "–"], *comparison_rows(b, a)]
-    for r in rows:
+    for r in comparison_rows(b, a):
         t.add_row(*[_cell(v) for v in r])
     return t
 
@@ -174,6 +172,38 @@ TargetOpt = Annotated[str | None, typer.Option("--target", "-t", help="params=F 
 MethodOpt = Annotated[str, typer.Option("--method", help="compression method (netslim methods list)")]
 OptOpt = Annotated[list[str] | None, typer.Option("--opt", help="method option key=value (repeatable)")]
 MinAccOpt = Annotated[float | None, typer.Option(help="lda: keep pruning while validation accuracy stays >= this")]
+VarianceOpt = Annotated[float | None, typer.Option(help="pca: fraction of each layer's response variance kept "
+                                                        "(significant dimensions; default 0.999)")]
+RoundOpt = Annotated[int | None, typer.Option("--round-to", help="round kept widths to a multiple of this "
+                                                                  "(up; to the nearest under --target); default 8 on "
+                                                                  "CUDA, 1 on CPU")]
+BatchOpt = Annotated[int, typer.Option("--batch", help="batch size a latency target is timed at")]
+LayersOpt = Annotated[str | None, typer.Option("--layers", help="car: comma-separated layers to prune (default all)")]
+EvalSizeOpt = Annotated[int | None, typer.Option("--eval-size", help="car: training images accuracy is measured on "
+                                                                      "(default 2000)")]
+PerStepOpt = Annotated[int | None, typer.Option("--per-step", help="car: re-rank every K removals (default 1: "
+                                                                    "recompute CAR after every removal)")]
+
+
+def _car_options(layers: str | None, eval_size: int | None, per_step: int | None) -> dict[str, Any]:
+    return {k: v for k, v in (("layers", layers), ("eval_size", eval_size), ("per_step", per_step)) if v is not None}
+
+
+def _for_device(tgt: Any, options: dict[str, Any], device: str, batch: int) -> tuple[Any, dict[str, Any]]:
+    """Width rounding by default for the device (unless given), and a latency target timed on it at `batch`."""
+    from dataclasses import replace
+
+    from netslim.latency_table import round_to_default
+
+    if options.get("round_to") is None:
+        options = options | {"round_to": round_to_default(device)}
+    if int(options["round_to"]) < 1:
+        raise NetslimError(f"--round-to must be at least 1, not {options['round_to']}")
+    if tgt is not None and tgt.kind == "latency":
+        if batch < 1:
+            raise NetslimError(f"--batch must be at least 1, not {batch}")
+        tgt = replace(tgt, batch=batch, device=device)
+    return tgt, options
 
 
 @app.command()
@@ -181,10 +211,14 @@ MinAccOpt = Annotated[float | None, typer.Option(help="lda: keep pruning while v
 def compress(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt = "digits",
              method: MethodOpt = "pfa-kl", target: TargetOpt = None, out: OutOpt = Path("runs/compress"),
              energy: Annotated[float | None, typer.Option(help="PFA-En / PCA energy (variance) kept")] = None,
-             min_accuracy: MinAccOpt = None,
-             finetune_epochs: Annotated[int, typer.Option(help="epochs of fine-tuning after surgery")] = 0,
+             min_accuracy: MinAccOpt = None, variance: VarianceOpt = None, round_to: RoundOpt = None,
+             batch: BatchOpt = 1, layers: LayersOpt = None, eval_size: EvalSizeOpt = None,
+             per_step: PerStepOpt = None,
+             finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", "--epochs",
+                                                          help="epochs of training after surgery")] = 0,
              lr: float = 0.01, batch_size: int = 128, label_smoothing: float = 0.0,
-             init: Annotated[str, typer.Option(help="fine (keep weights) | scratch (random init)")] = "fine",
+             init: Annotated[str | None, typer.Option(help="fine|inherit (keep surviving weights) | scratch (random "
+                                                           "init); default: the method's (`netslim methods`)")] = None,
              calib_size: Annotated[int, typer.Option(help="calibration images from the training split")] = 5000,
              train_subset: Annotated[int | None, typer.Option(help="fine-tune on this many training images")] = None,
              classes: ClassesOpt = None, opt: OptOpt = None, device: DeviceOpt = "auto",
@@ -205,6 +239,15 @@ def compress(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt =
         raise NetslimError(f"{weights} is already compressed; compress its base network instead")
     options = _options(opt) | ({"energy": energy} if energy is not None else {})
     options |= {"min_accuracy": min_accuracy} if min_accuracy is not None else {}
+    options |= {k: v for k, v in (("variance", variance), ("round_to", round_to)) if v is not None}
+    options |= _car_options(layers, eval_size, per_step)
+    tgt, options = _for_device(tgt, options, dev, batch)
+    from netslim.pipeline import resolve_init
+
+    init = resolve_init(init, method)
+    if init == "scratch" and finetune_epochs <= 0:
+        console.print("[yellow]warning:[/yellow] the network is re-initialised (init scratch) and not trained; "
+                      "give --epochs N to train it")
     if train_subset:
         from netslim.data import calibration_subset
 
@@ -222,8 +265,13 @@ def compress(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt =
 def analyze(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt = "digits",
             method: MethodOpt = "pfa-kl", target: TargetOpt = None, out: OutOpt = Path("runs/analyze"),
             energy: Annotated[float | None, typer.Option(help="PFA-En / PCA energy (variance) kept")] = None,
-            min_accuracy: MinAccOpt = None,
-            calib_size: int = 5000, classes: ClassesOpt = None, opt: OptOpt = None, device: DeviceOpt = "auto",
+            min_accuracy: MinAccOpt = None, variance: VarianceOpt = None, round_to: RoundOpt = None,
+            batch: BatchOpt = 1, layers: LayersOpt = None, eval_size: EvalSizeOpt = None,
+            per_step: PerStepOpt = None,
+            classwise: Annotated[bool, typer.Option("--classwise", help="car: per-class accuracy change per "
+                                                                        "filter (heat map)")] = False,
+            calib_size: int = 5000, classes: ClassesOpt = None, opt: OptOpt = None,
+            device: DeviceOpt = "auto",
             cache_dir: CacheOpt = None, overwrite: OverwriteOpt = False, as_json: JsonOpt = False) -> None:
     """Statistics + Plan only (no surgery): writes plan.json, report.md and the method's plots."""
     from netslim.analysis import analyse_to_dir
@@ -233,11 +281,17 @@ def analyze(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt = 
     train_set, _, idx, net, arch, _, dev = _setup(data, classes, cache_dir, weights, model, device)
     options = _options(opt) | ({"energy": energy} if energy is not None else {})
     options |= {"min_accuracy": min_accuracy} if min_accuracy is not None else {}
+    options |= {k: v for k, v in (("variance", variance), ("round_to", round_to)) if v is not None}
+    options |= _car_options(layers, eval_size, per_step) | ({"classwise": True} if classwise else {})
+    tgt, options = _for_device(tgt, options, dev, batch)
     metrics = analyse_to_dir(net, arch, train_set, method, tgt, options, dev, calib_size, idx, out, overwrite,
                              command=shlex.join(["netslim", *sys.argv[1:]]))
     console.print(f"{method}: planned {metrics['planned']['params']:,} params "
                   f"({metrics['planned']['params'] / metrics['base']['params']:.3f} of the base), "
-                  f"{metrics['planned']['macs']:,} MACs, in {metrics['analysis_seconds']:.1f} s → {out}")
+                  f"{metrics['planned']['macs']:,} MACs "
+                  f"({metrics['planned']['macs'] / metrics['base']['macs']:.3f}), "
+                  f"in {metrics['analysis_seconds']:.1f} s → {out}"
+                  + (f"; drops {', '.join(metrics['drop'])}" if metrics["drop"] else ""))
     _emit(metrics, as_json)
 
 
@@ -302,6 +356,33 @@ def bench(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt = "d
                     shlex.join(["netslim", *sys.argv[1:]]), log=console.print)
     console.print((out / "report.md").read_text())
     _emit(res, as_json)
+
+
+@app.command()
+@guarded
+def export(run: Annotated[Path, typer.Argument(help="run directory (or model.safetensors) written by compress")],
+           fmt: Annotated[str, typer.Option("--format", "-f", help="onnx | torch-export")] = "onnx",
+           out: Annotated[Path | None, typer.Option("--out", "-o", help="file to write (default: in the run)")] = None,
+           data: Annotated[str | None, typer.Option("--data", "-d", help="images to check predictions on "
+                                                                         "(default: the run's --data)")] = None,
+           images: Annotated[int, typer.Option(help="test images to compare predictions on")] = 1000,
+           threads: Annotated[int | None, typer.Option(help="CPU threads for the timings")] = None,
+           cache_dir: CacheOpt = None, as_json: JsonOpt = False) -> None:
+    """Fold BatchNorm, export (ONNX or torch.export), check predictions against PyTorch, time both."""
+    from netslim.export import export_run
+
+    rep = export_run(run, fmt, out, data, images, threads=threads, cache_dir=cache_dir)
+    c = rep["check"]
+    console.print(f"{rep['format']} ({rep['exporter']}) → {rep['file']} · {rep['batchnorms_folded']}/"
+                  f"{rep['batchnorms']} BatchNorms folded · {c['inputs']}: top-1 agreement "
+                  f"{c['top1_agreement']:.4f}, max relative logit difference {c['max_rel_logit_diff']:.1e} "
+                  f"(tolerance {c['rtol']:g})")
+    t = Table("runtime", "batch", "threads", "median ms", "img/s", "speedup vs PyTorch")
+    for r in rep["latency"]:
+        t.add_row(r["runtime"], str(r["batch"]), str(r["threads"]), f"{r['median_ms']:.3f}",
+                  f"{r['throughput']:,.1f}", f"{r['speedup_vs_pytorch']:.2f}×")
+    console.print(t)
+    _emit(rep, as_json)
 
 
 def main() -> None:

@@ -36,6 +36,7 @@ class Schedule:
     label_smoothing: float = 0.0
     schedule: str = "onecycle"
     augment: bool = True
+    bn_recal: int = 2000  # training images to re-estimate BatchNorm statistics after surgery (0: off)
 
 
 @dataclass
@@ -89,6 +90,17 @@ def finetune(model: nn.Module, train: ImageSet, sched: Schedule, device: str, va
                checkpoint_dir=checkpoint_dir, resume=resume, device=device, mask_hook=mask_hook)
 
 
+def recalibrated_accuracy(model: nn.Module, train: ImageSet, test: ImageSet | None, sched: Schedule,
+                          device: str) -> float | None:
+    """Re-estimate BatchNorm statistics on training images after surgery; test accuracy after it."""
+    from netslim.train import recalibrate_bn
+
+    if sched.bn_recal <= 0 or not recalibrate_bn(
+            model, batches(train, sched.batch_size, shuffle=True, device=device, seed=7), device, sched.bn_recal):
+        return None
+    return accuracy(model, test, device)
+
+
 def reinitialise(model: nn.Module) -> None:
     """Fresh random weights with the same shapes (PFA/PCA 'scratch')."""
     for m in model.modules():
@@ -119,13 +131,28 @@ def _outputs(model: nn.Module) -> int:
     return model.get_submodule(find_classifier(model)).out_features
 
 
+def resolve_init(init: str | None, method: str) -> str:
+    """"fine" or "scratch": None picks the method's default (PCA design trains from scratch)."""
+    if init is None:
+        return "scratch" if get_method(method).retrain == "scratch" else "fine"
+    if init in ("fine", "inherit", "scratch"):
+        return "fine" if init == "inherit" else init
+    from netslim.errors import NetslimError
+
+    raise NetslimError(f"init must be fine, inherit or scratch, not {init!r}")
+
+
 def compress(model: nn.Module, arch: str, train: ImageSet, test: ImageSet | None, method: str = "pfa-kl",
              target: Target | None = None, options: dict[str, Any] | None = None,
              schedule: Schedule | None = None, device: str = "cpu", calib_size: int = 5000,
-             init: str = "fine", classes: list[int] | None = None, out: Path | None = None,
+             init: str | None = None, classes: list[int] | None = None, out: Path | None = None,
              overwrite: bool = False, command: str = "", measure_latency: bool = True) -> Result:
-    """One call from a trained model to a smaller, fine-tuned, measured one (and a run directory)."""
+    """One call from a trained model to a smaller, fine-tuned, measured one (and a run directory).
+
+    `init`: "fine" (alias "inherit": surviving weights), "scratch" (random init), or None for what the
+    method's paper does (its `retrain`)."""
     schedule = schedule or Schedule()
+    init = resolve_init(init, method)
     options = dict(options or {})
     base_model = model.to(device).eval()
     base_classes = _outputs(base_model)
@@ -136,7 +163,7 @@ def compress(model: nn.Module, arch: str, train: ImageSet, test: ImageSet | None
     else:
         model = base_model
     with _maybe_dir(out, overwrite) as tmp:
-        before = measure_model(model, tuple(train.images.shape[1:]), device, measure_latency)
+        before = measure_model(model, tuple(train.images.shape[1:]), device, latency=False)  # timed with `after`
         before["accuracy"] = accuracy(model, test, device)
         plan, ctx, seconds = analyse(model, arch, train, method, target, options, device, calib_size)
         if classes is not None:  # the saved Plan is relative to the base model, classes included
@@ -152,22 +179,60 @@ def compress(model: nn.Module, arch: str, train: ImageSet, test: ImageSet | None
         if tuned is not None and init != "scratch":
             small = tuned.to(device)
             acc_method = accuracy(small, test, device) if schedule.epochs > 0 else None
+        acc_bn = recalibrated_accuracy(small, train, test, schedule, device) if tuned is None and init != "scratch" \
+            else None
         history = finetune(small, train, schedule, device, checkpoint_dir=(tmp / ".train") if tmp else None)
-        after = measure_model(small, tuple(train.images.shape[1:]), device, measure_latency)
+        after = measure_model(small, tuple(train.images.shape[1:]), device, latency=False)
+        speed = measure_speed(model, small, tuple(train.images.shape[1:]), device, target) if measure_latency else []
+        if speed:  # base and result timed in turns in this process, so their ratio is one measurement
+            from netslim.latency_table import latency_rows
+
+            before["latency"], after["latency"] = latency_rows(speed, "base"), latency_rows(speed, "small")
         after["accuracy_after_surgery"] = acc_cut
         if acc_method is not None:  # the method's own network (e.g. lrs's fitted factors), before fine-tuning
             after["accuracy_before_finetune"] = acc_method
-        after["accuracy"] = accuracy(small, test, device) if history or tuned is not None else acc_cut
+        if acc_bn is not None:
+            after["accuracy_after_bn_recalibration"] = acc_bn
+        after["accuracy"] = accuracy(small, test, device) if history or tuned is not None else (
+            acc_bn if acc_bn is not None else acc_cut)
         metrics = {"method": method, "target": str(target) if target else None, "options": options,
                    "init": init, "classes": classes, "analysis_seconds": round(seconds, 3),
                    "calibration_images": len(ctx.calib.labels) if ctx.calib is not None else 0,
                    "schedule": schedule.__dict__, "history": history, "before": before, "after": after,
+                   "speed": speed,
                    "widths": _widths(model, small, plan), "machine": machine(), "command": command,
                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         result = Result(plan, small, metrics, out, ctx.cache.get("artifacts", {}), ctx.cache.get("report", []))
         if tmp is not None:
             write_run(tmp, result)
     return result
+
+
+def measure_speed(base: nn.Module, small: nn.Module, input_size: tuple[int, int, int], device: str,
+                  target: Target | None = None) -> list[dict[str, Any]]:
+    """Latency and throughput of the result next to the base, timed in turns: CPU fp32 at batch 1 and 64,
+    and on CUDA batch 1 and 1024 in fp32 and bf16 (plus a latency target's own batch and threads)."""
+    from netslim.latency_table import compare_speed
+
+    lat = target if target is not None and target.kind == "latency" else None
+    threads = lat.threads if lat is not None and not str(lat.device).startswith("cuda") else None
+    extra = (lat.batch,) if lat is not None else ()
+    cpu_extra = extra if lat is not None and not str(lat.device).startswith("cuda") else ()
+    rows = compare_speed(base, small, input_size, "cpu", tuple(dict.fromkeys((1, 64, *cpu_extra))), threads)
+    if torch.cuda.is_available() and str(device).startswith("cuda"):
+        cuda_extra = extra if lat is not None and str(lat.device).startswith("cuda") else ()
+        rows += compare_speed(base, small, input_size, device, tuple(dict.fromkeys((1, 1024, *cuda_extra))))
+    return rows
+
+
+def _speed_section(speed: list[dict[str, Any]]) -> str:
+    if not speed:
+        return ""
+    rows = [[r["device_name"] if r["device"] == "cpu" else r["device"], r["dtype"], r["batch"], r.get("threads"),
+             r.get("base_ms"), r.get("ms"), f"{r['speedup']:.3f}×" if "speedup" in r else r.get("error"),
+             r.get("base_throughput"), r.get("throughput")] for r in speed]
+    return ("## Speed (base and result timed in turns, medians)\n\n" + table(
+        ["device", "dtype", "batch", "threads", "base ms", "after ms", "speedup", "base img/s", "after img/s"], rows))
 
 
 def _widths(before: nn.Module, after: nn.Module, plan: Plan) -> list[dict[str, Any]]:
@@ -178,10 +243,13 @@ def _widths(before: nn.Module, after: nn.Module, plan: Plan) -> list[dict[str, A
     for name, m in before.named_modules():
         if isinstance(m, PRUNABLE):
             new = after_mods.get(name)
-            rows.append({"layer": name, "before": out_width(m),
-                         "after": out_width(new) if isinstance(new, PRUNABLE) else (0 if name in plan.drop or new is None
-                                                                                    or isinstance(new, nn.Identity)
-                                                                                    else out_width(m))})
+            if isinstance(new, PRUNABLE):
+                width = out_width(new)
+            elif name in plan.drop or new is None or isinstance(new, nn.Identity):
+                width = 0
+            else:  # replaced by a factorized module: same outputs
+                width = out_width(m)
+            rows.append({"layer": name, "before": out_width(m), "after": width})
     return rows
 
 
@@ -208,14 +276,13 @@ def write_run(path: Path, result: Result) -> None:
     for name, writer in result.artifacts.items():
         writer(path / name)
     before, after = m["before"], m["after"]
-    acc = [["test accuracy", before.get("accuracy"), after.get("accuracy"), "–"],
-           ["accuracy right after surgery", None, after.get("accuracy_after_surgery"), "–"]]
     sections = [
         f"# netslim report: {plan.arch}, method `{plan.method}`",
         f"Target: {m['target'] or 'method default'} · init: {m['init']} · analysis: {m['analysis_seconds']} s on "
         f"{m['calibration_images']} calibration images · fine-tune: {m['schedule']['epochs']} epochs · "
         f"{m['date']} · torch {m['machine']['torch']}",
-        "## Before and after\n\n" + table(["", "before", "after", "after/before"], acc + comparison_rows(before, after)),
+        "## Before and after\n\n" + table(["", "before", "after", "after/before"], comparison_rows(before, after)),
+        _speed_section(m.get("speed", [])),
         "## Per-layer widths\n\n![widths](widths.png)\n\n" + table(
             ["layer", "before", "after"], [[r["layer"], r["before"], r["after"]] for r in w]),
         _history_section(m["history"]),

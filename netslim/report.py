@@ -27,12 +27,25 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
 
 def latency_of(summary: dict[str, Any], batch: int, device: str = "cpu") -> float | None:
     for row in summary.get("latency", []):
-        if row["batch"] == batch and row["device"].startswith(device) and row.get("dtype", "float32") in ("fp32", "float32"):
+        fp32 = row.get("dtype", "float32") in ("fp32", "float32")
+        if row["batch"] == batch and row["device"].startswith(device) and fp32:
             return row["median_ms"]
     return None
 
 
+ACCURACY_STAGES = (("accuracy right after surgery", "accuracy_after_surgery"),
+                   ("after BatchNorm recalibration", "accuracy_after_bn_recalibration"),
+                   ("method's own network, before fine-tuning", "accuracy_before_finetune"))
+
+
 def comparison_rows(before: dict[str, Any], after: dict[str, Any]) -> list[list[Any]]:
+    """Rows of the before/after table: accuracies at each stage, then sizes and speeds with after/before."""
+    acc: list[list[Any]] = [["test accuracy", before.get("accuracy"), after.get("accuracy"), "–"]]
+    acc += [[label, None, after[key], "–"] for label, key in ACCURACY_STAGES if after.get(key) is not None]
+    return acc + size_rows(before, after)
+
+
+def size_rows(before: dict[str, Any], after: dict[str, Any]) -> list[list[Any]]:
     """Rows of the before/after table, with the ratio after/before."""
     def ratio(a: Any, b: Any) -> str:
         return f"{b / a:.3f}×" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else "–"

@@ -47,11 +47,13 @@ class GreedyRun:
     base_accuracy: float
     removed: list[int] = field(default_factory=list)  # filters in removal order
     car: list[float] = field(default_factory=list)  # CAR of each removed filter when it was ranked
+    loss_rise: list[float] = field(default_factory=list)  # its eval cross-entropy increase (tie-break)
     accuracy: list[float] = field(default_factory=list)  # eval accuracy after each removal
     first_car: list[float] = field(default_factory=list)  # CAR of every filter of the unpruned layer
     classwise: list[list[float]] = field(default_factory=list)  # [filter][class] accuracy change
     stopped: str = "target width reached"
     engine: dict[str, Any] = field(default_factory=dict)
+    ranking: dict[str, Any] = field(default_factory=dict)  # the first full ranking alone (time, evaluations)
     path: str = ""
 
     @property
@@ -100,7 +102,11 @@ def chosen_groups(ctx: Context) -> list[ChannelGroup]:
 
 def greedy(engine: AblationEngine, slot: int, remove: int, per_step: int = 1, max_drop: float | None = None,
            root: str = "") -> GreedyRun:
-    """Remove `remove` channels of one slot greedily by smallest CAR (ties: lower index first)."""
+    """Remove `remove` channels of one slot greedily by smallest CAR.
+
+    Ties in CAR (frequent on training images a network fits perfectly) go to the filter whose removal
+    raises the evaluation cross-entropy least, then to the lower index.
+    """
     if per_step < 1:
         raise NetslimError(f"--per-step must be at least 1, got {per_step}")
     sl = engine.slot_slice(slot)
@@ -108,45 +114,46 @@ def greedy(engine: AblationEngine, slot: int, remove: int, per_step: int = 1, ma
     n = engine.n
     mask = engine.full_mask()
     alive = list(range(width))
-    cand = [sl.start + c for c in alive]
-    counts = engine.correct(torch.cat([mask[None], _without(mask, cand)]), per_class=True)
-    base_cls = counts[0]
-    current = float(base_cls.sum())
+    counts, losses = engine.evaluate(torch.cat([mask[None], _without(mask, [sl.start + c for c in alive])]))
+    current, cur_loss = float(counts[0].sum()), float(losses[0])
     totals = engine.class_totals().clamp_min(1)
     run = GreedyRun(root, engine.slots[slot].layers, width, n, per_step, current / n, path=engine.path)
+    run.ranking = {"evaluations": engine.stats.evaluations, "seconds": round(engine.stats.seconds, 3),
+                   "cache_seconds": round(engine.stats.cache_seconds, 3)}
     run.first_car = ((current - counts[1:].sum(1)) / n).tolist()
-    run.classwise = ((base_cls[None] - counts[1:]) / totals).tolist()
+    run.classwise = ((counts[0][None] - counts[1:]) / totals).tolist()
     floor = None if max_drop is None else current - max_drop * n - 1e-9
-    ablated = counts[1:].sum(1)
+    ablated: torch.Tensor | None = counts[1:].sum(1)
+    abl_loss = losses[1:]
     while len(run.removed) < remove:
         if ablated is None:
-            cand = [sl.start + c for c in alive]
-            ablated = engine.correct(_without(mask, cand))
+            c, abl_loss = engine.evaluate(_without(mask, [sl.start + c for c in alive]))
+            ablated = c.sum(1)
         car = (current - ablated) / n
-        order = sorted(range(len(alive)), key=lambda i: (float(car[i]), alive[i]))
+        rise = (abl_loss - cur_loss) / n
+        order = sorted(range(len(alive)), key=lambda i: (float(car[i]), float(rise[i]), alive[i]))
         take = order[:min(per_step, remove - len(run.removed), len(alive) - 1)]
         if not take:
             run.stopped = "one filter left"
             break
         if len(take) == 1:
-            after = [float(ablated[take[0]])]
+            after, after_loss = [float(ablated[take[0]])], [float(abl_loss[take[0]])]
         else:
             steps = mask.repeat(len(take), 1)
             for j, i in enumerate(take):
                 steps[j:, sl.start + alive[i]] = 0
-            after = engine.correct(steps).tolist()
-        if floor is not None and after[0] < floor:
-            run.stopped = f"accuracy floor (max drop {max_drop}) reached"
-            break
+            c, step_loss = engine.evaluate(steps)
+            after, after_loss = c.sum(1).tolist(), step_loss.tolist()
         for j, i in enumerate(take):
             if floor is not None and after[j] < floor:
-                run.stopped = f"accuracy floor (max drop {max_drop}) reached"
+                run.stopped = f"accuracy floor reached (max drop {max_drop})"
                 break
             mask[sl.start + alive[i]] = 0
             run.removed.append(alive[i])
             run.car.append(float(car[i]))
+            run.loss_rise.append(float(rise[i]))
             run.accuracy.append(after[j] / n)
-            current = after[j]
+            current, cur_loss = after[j], after_loss[j]
         if run.stopped.startswith("accuracy floor"):
             break
         alive = [c for c in alive if mask[sl.start + c] > 0]
@@ -189,7 +196,7 @@ def _engine(ctx: Context, model: nn.Module, groups: list[ChannelGroup], x: torch
     return AblationEngine(model, [g.layers for g in groups], x, y, ctx.num_classes, device=ctx.device,
                           batch_size=int(ctx.option("batch", 2048 if cuda else 256)),
                           masks_per_pass=int(ctx.option("masks_per_pass", 64 if cuda else 32)),
-                          fast=bool(ctx.option("fast", True)))
+                          fast=bool(ctx.option("fast", True)), precision=str(ctx.option("precision", "fp32")))
 
 
 def run_car(ctx: Context, groups: list[ChannelGroup], widths: dict[str, int]) -> list[GreedyRun]:

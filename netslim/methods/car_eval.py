@@ -91,7 +91,7 @@ class AblationEngine:
     def __init__(self, model: nn.Module, groups: list[tuple[str, ...]], images: torch.Tensor,
                  labels: torch.Tensor, num_classes: int, *, device: str | torch.device = "cpu",
                  batch_size: int = 256, masks_per_pass: int = 32, fast: bool = True,
-                 channels_last: bool = True) -> None:
+                 channels_last: bool = True, precision: str = "fp32") -> None:
         if images.shape[0] == 0 or images.shape[0] != labels.shape[0]:
             raise NetslimError("CAR needs a non-empty labelled evaluation set")
         self.device = torch.device(device)
@@ -107,6 +107,9 @@ class AblationEngine:
         self.batch_size = max(1, int(batch_size))
         self.masks_per_pass = max(1, int(masks_per_pass))
         self.stats = EngineStats()
+        if precision not in ("fp32", "bf16"):
+            raise NetslimError(f"precision must be fp32 or bf16, not {precision!r}")
+        self.precision = precision
         example = images[:1].to(self.device)
         points = response_modules(self.model, example, layers=[n for g in groups for n in g])
         self.slots: list[Slot] = []
@@ -150,25 +153,30 @@ class AblationEngine:
     def slot_slice(self, i: int) -> slice:
         return slice(self.slots[i].start, self.slots[i].end)
 
-    @torch.inference_mode()
     def correct(self, masks: torch.Tensor, per_class: bool = False) -> torch.Tensor:
         """Correct predictions per mask, (M,) (or per class, (M, K)) as float64 counts."""
+        counts, _ = self.evaluate(masks)
+        return counts if per_class else counts.sum(1)
+
+    @torch.inference_mode()
+    def evaluate(self, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per mask: correct predictions per class (M, K) and summed cross-entropy (M,), float64."""
         masks = torch.as_tensor(masks, dtype=torch.float32)
         if masks.dim() == 1:
             masks = masks[None]
         if masks.shape[1] != self.width:
             raise NetslimError(f"mask has {masks.shape[1]} columns, the engine ablates {self.width} channels")
         t0 = time.perf_counter()
-        out = torch.zeros(masks.shape[0], self.num_classes, dtype=torch.float64, device=self.device)
+        counts = torch.zeros(masks.shape[0], self.num_classes, dtype=torch.float64, device=self.device)
+        loss = torch.zeros(masks.shape[0], dtype=torch.float64, device=self.device)
         masks = masks.to(self.device)
         for m0 in range(0, masks.shape[0], self.masks_per_pass):
             group = masks[m0:m0 + self.masks_per_pass]
-            out[m0:m0 + group.shape[0]] = self._run_group(group)
+            self._run_group(group, counts[m0:m0 + group.shape[0]], loss[m0:m0 + group.shape[0]])
         self.stats.evaluations += masks.shape[0]
         self.stats.images += masks.shape[0] * self.n
         self.stats.seconds += time.perf_counter() - t0
-        out = out.cpu()
-        return out if per_class else out.sum(1)
+        return counts.cpu(), loss.cpu()
 
     def ablate(self, base: torch.Tensor, channels: list[int], per_class: bool = False) -> torch.Tensor:
         """Correct counts with each of `channels` zeroed (one at a time) on top of the `base` mask."""
@@ -202,21 +210,24 @@ class AblationEngine:
         self._cache = [torch.cat(p) for p in parts]
         self.stats.cache_seconds += time.perf_counter() - t0
 
-    def _run_group(self, masks: torch.Tensor) -> torch.Tensor:
+    def _run_group(self, masks: torch.Tensor, counts: torch.Tensor, loss: torch.Tensor) -> None:
         m = masks.shape[0]
         b = self._chunk(m)
-        counts = torch.zeros(m, self.num_classes, dtype=torch.float64, device=self.device)
         for s in range(0, self.n, b):
             sl = slice(s, min(self.n, s + b))
             nb = sl.stop - sl.start
             rows = masks.repeat_interleave(nb, dim=0)  # mask of every replicated image, mask-major
-            if self.split is not None and self._cache is not None:
-                logits = self._tail(sl, masks, rows)
-            else:
-                logits = self._hooked(self._inputs(sl), m, rows)
-            hits = (logits.argmax(1).view(m, nb) == self.labels[sl][None]).double()
-            counts.scatter_add_(1, self.labels[sl][None].expand(m, nb), hits)
-        return counts
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                if self.split is not None and self._cache is not None:
+                    logits = self._tail(sl, masks, rows)
+                else:
+                    logits = self._hooked(self._inputs(sl), m, rows)
+            logits = logits.float()
+            y = self.labels[sl]
+            hits = (logits.argmax(1).view(m, nb) == y[None]).double()
+            counts.scatter_add_(1, y[None].expand(m, nb), hits)
+            ce = torch.nn.functional.cross_entropy(logits, y.repeat(m), reduction="none")
+            loss += ce.view(m, nb).double().sum(1)
 
     def _tail(self, sl: slice, masks: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         assert self.split is not None and self._cache is not None

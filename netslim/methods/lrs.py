@@ -117,13 +117,23 @@ def call_order(model: nn.Module, example: torch.Tensor) -> list[str]:
 
 
 def patches(module: nn.Module, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-    """Input patches (rows × d) of a Conv2d (im2col at the positions `idx`: N × p) or a Linear."""
+    """Input patches (rows × d, im2col order) of a Conv2d at output positions `idx` (N × p), or a Linear's rows.
+
+    Only the sampled windows are gathered (a strided view of the padded input), not the whole im2col.
+    """
     if isinstance(module, nn.Linear):
         return x.reshape(-1, x.shape[-1])
-    cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
-    if idx is not None:
-        cols = cols.gather(2, idx.unsqueeze(1).expand(-1, cols.shape[1], -1))
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = module.kernel_size, module.stride, module.padding, module.dilation
+    xp = F.pad(x, (pw, pw, ph, ph)).contiguous()
+    n, c, h, w = xp.shape
+    ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    st = xp.stride()
+    win = xp.as_strided((n, c, ho, wo, kh, kw), (st[0], st[1], st[2] * sh, st[3] * sw, st[2] * dh, st[3] * dw))
+    if idx is None:
+        idx = torch.arange(ho * wo, device=x.device).expand(n, -1)
+    rows = torch.arange(n, device=x.device).unsqueeze(1).expand_as(idx).reshape(-1)
+    flat = idx.reshape(-1)
+    return win[rows, :, flat // wo, flat % wo].reshape(rows.numel(), c * kh * kw)
 
 
 def _positions(module: nn.Module, x: torch.Tensor, p: int, gen: torch.Generator) -> torch.Tensor | None:
@@ -163,11 +173,11 @@ class _Accumulator:
         self._rows += xhat.shape[0]
         if self._rows >= self.FLUSH:
             self._flush()
-        y = (xhat if x is None else x.float()) @ self.weight.T
-        if x is not None:
+        if x is not None:  # original inputs differ: Y = W X is needed (with them, ‖Y‖² = tr(W G Wᵀ) at the end)
+            y = x.float() @ self.weight.T
             part = (y.T @ xhat).double().cpu()
             self.cross = part if self.cross is None else self.cross + part
-        self.yy += float(y.double().pow(2).sum())
+            self.yy += float(y.double().pow(2).sum())
         self.n += xhat.shape[0]
 
     def _flush(self) -> None:
@@ -177,6 +187,9 @@ class _Accumulator:
 
     def moments(self) -> Moments:
         self._flush()
+        if self.cross is None:
+            w = self.weight.double()
+            self.yy = float(((w @ self.total) * w).sum())
         return Moments(self.total, self.cross, self.yy, self.n)
 
 

@@ -26,7 +26,7 @@ def plan_from_widths(ctx: Context, method: str, scores: dict[str, torch.Tensor],
     plan = ctx.base_plan(method)
     step = int(ctx.option("round_to", 1))
     for g in ctx.groups():
-        k = round_width(widths.get(g.root, g.width), g.width, step)
+        k = round_width(widths.get(g.root, g.width), g.width, step, nearest=ctx.target is not None)
         if k >= g.width:
             continue
         keep = top_k(scores[g.root], k)
@@ -36,11 +36,16 @@ def plan_from_widths(ctx: Context, method: str, scores: dict[str, torch.Tensor],
     return plan
 
 
-def round_width(k: int, width: int, step: int) -> int:
-    """Round a kept width up to a multiple of `step` (hardware-friendly), never past the original."""
+def round_width(k: int, width: int, step: int, nearest: bool = False) -> int:
+    """Round a kept width to a multiple of `step` (hardware-friendly), never past the original.
+
+    Up by default (never fewer filters than the method asked for); to the nearest multiple when a
+    budget is being met, so that rounding neither eats nor inflates the budget systematically.
+    """
     if step <= 1:
         return min(k, width)
-    return min(width, max(step, math.ceil(k / step) * step))
+    units = math.floor(k / step + 0.5) if nearest else math.ceil(k / step)
+    return min(width, max(step, units * step))
 
 
 def uniform_widths(groups: list[ChannelGroup], ratio: float) -> dict[str, int]:

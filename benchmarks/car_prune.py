@@ -1,0 +1,152 @@
+"""CAR on the shared VGG-16 (CIFAR-10): the paper's half-a-layer experiment and the ablation throughput.
+
+For one layer (features.0 = conv1 or features.3 = conv2), in one process:
+1. CAR greedy halving through `netslim.pipeline.analyse(method="car")` on a fixed subset of the training
+   split (default 2,000 images): the same code path as `netslim compress --method car --layers L`.
+   Its first step is the full ranking of all filters; its whole run is the greedy halving.
+2. The naive reference: the full network per ablation, one ablation per forward (mask by a hook), timed
+   on a few ablations and extrapolated to the full ranking and to the greedy run (the JSON says so).
+   Its correct counts are checked against the fast engine's for the same filters.
+3. Test accuracy without retraining after removing half of the layer's filters by CAR, by L1 magnitude
+   of the filter (sum |w|, Li et al.) and at random (several seeds), through real surgery (apply_plan).
+
+    python benchmarks/car_prune.py --layer features.0 --per-step 8
+    python benchmarks/car_prune.py --layer features.3 --per-step 8
+
+Results are merged into benchmarks/results/car_prune_cpu.json under the layer's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import fcntl
+import json
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+WEIGHTS = SHARED / "models" / "vgg16_bn_cifar10.safetensors"
+DATA = SHARED / "data" / "cifar10-jpeg.tar.gz"
+
+
+def merge_result(path: Path, key: str, value: dict) -> None:
+    """Read-modify-write the shared results file under a lock (runs for two layers may finish together)."""
+    from netslim.io import atomic_write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = json.loads(path.read_text()) if path.exists() else {}
+        data[key] = value
+        atomic_write_text(path, json.dumps(data, indent=1, default=str))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layer", default="features.0")
+    ap.add_argument("--eval-size", type=int, default=2000)
+    ap.add_argument("--per-step", type=int, default=1)
+    ap.add_argument("--keep-fraction", type=float, default=0.5)
+    ap.add_argument("--naive-ablations", type=int, default=3, help="ablations timed on the naive path")
+    ap.add_argument("--random-seeds", type=int, default=3)
+    ap.add_argument("--test-images", type=int, default=0, help="0: the whole test split")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "car_prune_cpu.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from netslim.api import load_data, load_trained
+    from netslim.data import calibration_subset
+    from netslim.methods.car import eval_set
+    from netslim.methods.car_eval import AblationEngine
+    from netslim.pipeline import accuracy, analyse, machine
+    from netslim.plan import Plan
+    from netslim.surgery import apply_plan
+
+    train, test, _, n_classes = load_data(str(DATA))
+    if args.test_images:
+        test = calibration_subset(test, args.test_images, seed=0)
+    model, arch, _ = load_trained(WEIGHTS, "vgg16_bn", n_classes)
+    options = {"layers": args.layer, "eval_size": args.eval_size, "per_step": args.per_step,
+               "keep_fraction": args.keep_fraction, "precision": args.precision}
+    t0 = time.perf_counter()
+    plan, ctx, seconds = analyse(model, arch, train, "car", None, options, "cpu")
+    run = ctx.cache["car_runs"][0]
+    print(f"CAR {args.layer}: {run.mode}, {run.engine['evaluations']} evaluations in {run.engine['seconds']:.0f} s; "
+          f"ranking {run.ranking}", flush=True)
+
+    # naive reference on the same evaluation images
+    x, y, _ = eval_set(ctx)
+    naive = AblationEngine(model, [(args.layer,)], x, y, n_classes, batch_size=256, masks_per_pass=1, fast=False,
+                           precision=args.precision)
+    probe = list(range(min(args.naive_ablations, run.width)))
+    got = naive.ablate(naive.full_mask(), probe)
+    fast_counts = [round((run.base_accuracy - run.first_car[f]) * run.eval_images) for f in probe]
+    naive_per_eval = naive.stats.seconds / naive.stats.evaluations
+    fast_ranking_per_eval = run.ranking["seconds"] / run.ranking["evaluations"]
+    fast_per_eval = run.engine["seconds"] / run.engine["evaluations"]
+    width, removed = run.width, len(run.removed)
+    exact_evals = 1 + sum(width - k for k in range(removed))  # base + every remaining filter at every step
+    throughput = {
+        "eval_images": run.eval_images,
+        "engine_path": run.path,
+        "fast_full_ranking": {"evaluations": run.ranking["evaluations"], "seconds": run.ranking["seconds"],
+                              "cache_seconds": run.ranking["cache_seconds"],
+                              "evals_per_second": round(run.ranking["evaluations"] / run.ranking["seconds"], 4)},
+        "fast_greedy_halving": {"mode": run.mode, **run.engine},
+        "naive": {"ablations_timed": len(probe), "seconds_per_evaluation": round(naive_per_eval, 3),
+                  "evals_per_second": round(1 / naive_per_eval, 4),
+                  "full_ranking_seconds_estimated": round(naive_per_eval * run.ranking["evaluations"], 1),
+                  "greedy_halving_seconds_estimated": round(naive_per_eval * run.engine["evaluations"], 1),
+                  "counts_match_fast_engine": [int(a) for a in got.tolist()] == fast_counts,
+                  "note": "estimated from the timed ablations (full network, one ablation per forward pass)"},
+        "speedup_full_ranking": round(naive_per_eval / fast_ranking_per_eval, 3),
+        "speedup_greedy": round(naive_per_eval / fast_per_eval, 3),
+        "exact_greedy_estimate": {"evaluations": exact_evals,
+                                  "fast_seconds_estimated": round(exact_evals * fast_per_eval, 1),
+                                  "naive_seconds_estimated": round(exact_evals * naive_per_eval, 1),
+                                  "note": "per_step=1 needs every remaining filter ranked after every removal"},
+    }
+    print(json.dumps(throughput, indent=1), flush=True)
+
+    # accuracy without retraining: CAR vs L1 vs random, real surgery
+    base_acc = accuracy(model, test, "cpu")
+    k = len(run.kept)
+    layer = model.get_submodule(args.layer)
+    l1 = layer.weight.detach().abs().flatten(1).sum(1)
+    l1_keep = sorted(torch.argsort(l1, descending=True)[:k].tolist())
+
+    def test_acc(keep: list[int]) -> float:
+        p = Plan(arch=arch, num_classes=n_classes, input_size=(3, 32, 32), keep={args.layer: keep})
+        return accuracy(apply_plan(copy.deepcopy(model), p), test, "cpu")
+
+    car_acc = test_acc(run.kept)
+    l1_acc = test_acc(l1_keep)
+    rand = []
+    for seed in range(args.random_seeds):
+        g = torch.Generator().manual_seed(seed)
+        rand.append(test_acc(sorted(torch.randperm(width, generator=g)[:k].tolist())))
+    acc = {"test_images": len(test), "base": base_acc, "car": car_acc, "l1": l1_acc, "random": rand,
+           "random_mean": sum(rand) / len(rand), "kept": k, "width": width,
+           "car_kept": run.kept, "l1_kept": l1_keep, "car_removed_in_order": run.removed,
+           "car_of_removal": run.car, "eval_accuracy_curve": [run.base_accuracy, *run.accuracy],
+           "overlap_car_l1": len(set(run.kept) & set(l1_keep))}
+    print(json.dumps({k: v for k, v in acc.items() if not isinstance(v, list) or k == "random"}, indent=1))
+    merge_result(args.out, args.layer, {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+        "torch": torch.__version__, "threads": args.threads, "precision": args.precision,
+        "command": shlex.join([sys.executable.split("/")[-1], *sys.argv]), "options": options,
+        "analysis_seconds": round(seconds, 1), "wall_seconds": round(time.perf_counter() - t0, 1),
+        "throughput": throughput, "accuracy_without_retraining": acc, "plan_meta": plan.meta})
+
+
+if __name__ == "__main__":
+    main()

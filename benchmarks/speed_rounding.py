@@ -1,0 +1,125 @@
+"""Does pruning make the shared networks faster for real? PFA with width rounding vs torch-pruning's L1.
+
+ResNet-56 at 2.36x fewer FLOPs (flops=0.42) and VGG-16 at 1/8 of the parameters (params=0.125):
+PFA-En meeting the budget with kept widths rounded to multiples of 1, 8 and 16, and torch-pruning's
+uniform L1 (tp-l1, widths as they fall). The base and every result are timed in turns in one
+process (the machine is shared), CPU fp32 at batch 1 and 64 with the thread count stated; speedup is
+the median of per-round base/result ratios, and speedup ÷ FLOP reduction says how much of the FLOP
+saving turns into time. Accuracy right after surgery (no fine-tuning) on a test subset is reported.
+
+    python benchmarks/speed_rounding.py [--threads 1] [--models resnet56,vgg16_bn] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from netslim.api import load_data, load_trained
+from netslim.bench import shared_view
+from netslim.budget import parse_target
+from netslim.data import calibration_subset
+from netslim.errors import NetslimError
+from netslim.latency_table import interleaved_times, ratio_of
+from netslim.measure import count_flops, count_params
+from netslim.pipeline import accuracy, analyse, machine
+from netslim.surgery import apply_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+OUT = ROOT / "benchmarks" / "results" / "speed_rounding_cpu.json"
+MODELS = {"resnet56": ("resnet56_cifar10.safetensors", "flops=0.42"),
+          "vgg16_bn": ("vgg16_bn_cifar10.safetensors", "params=0.125")}
+VARIANTS = [("pfa-en", 1), ("pfa-en", 8), ("pfa-en", 16), ("tp-l1", 1)]
+
+
+def run_model(arch: str, train, test, threads: int, calib: int, max_seconds: float, log) -> dict:  # noqa: ANN001
+    weights, target_text = MODELS[arch]
+    target = parse_target(target_text)
+    base, _, _ = load_trained(SHARED / "models" / weights, arch, 10, 3)
+    base.eval()
+    size = (3, 32, 32)
+    base_flops, base_params = count_flops(base, size).flops, count_params(base)
+    cache: dict = {}
+    rows, models, skipped = [], [base], []
+    for method, step in VARIANTS:
+        t0 = time.perf_counter()
+        try:
+            plan, ctx, _ = analyse(base, arch, train, method, target, {"round_to": step}, "cpu", calib,
+                                   cache=shared_view(cache))
+        except NetslimError as e:  # e.g. every width a multiple of 16 cannot go that small
+            log(f"{arch} {method} round_to={step}: {e}")
+            skipped.append({"method": method, "round_to": step, "error": str(e)})
+            continue
+        cache.update(shared_view(ctx.cache))
+        small = apply_plan(copy.deepcopy(base), plan).eval()
+        widths = sorted(plan.widths().values())
+        row = {"method": method, "round_to": step, "flops": count_flops(small, size).flops,
+               "params": count_params(small), "plan_meta": plan.meta,
+               "widths_multiple_of_8": sum(w % 8 == 0 for w in widths), "pruned_layers": len(widths),
+               "accuracy_after_surgery": accuracy(small, test, "cpu"), "analysis_seconds": time.perf_counter() - t0}
+        row["flop_reduction"] = base_flops / row["flops"]
+        log(f"{arch} {method} round_to={step}: {row['flop_reduction']:.2f}x fewer FLOPs, "
+            f"params {row['params'] / base_params:.3f}, acc after surgery {row['accuracy_after_surgery']:.4f}")
+        rows.append(row)
+        models.append(small)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    timings = []
+    try:
+        for batch in (1, 64):
+            x = torch.randn(batch, *size, generator=torch.Generator().manual_seed(0))
+            times = interleaved_times(models, x, min_rounds=7, max_rounds=60, max_seconds=max_seconds)
+            base_ms = statistics.median(times[0]) * 1e3
+            for i, row in enumerate(rows, start=1):
+                speedup = 1 / ratio_of(times, i)
+                row[f"batch{batch}"] = {"base_ms": base_ms, "ms": statistics.median(times[i]) * 1e3,
+                                        "speedup": speedup, "rounds": len(times[i]),
+                                        "speedup_per_flop_reduction": speedup / row["flop_reduction"]}
+                log(f"  batch {batch}: {row['method']} round_to={row['round_to']}: base {base_ms:.2f} ms, "
+                    f"{row[f'batch{batch}']['ms']:.2f} ms, speedup {speedup:.2f}x "
+                    f"(÷ FLOP reduction {speedup / row['flop_reduction']:.2f})")
+            timings.append({"batch": batch, "base_ms": base_ms, "rounds": len(times[0])})
+    finally:
+        torch.set_num_threads(saved)
+    return {"arch": arch, "target": target_text, "base_flops": base_flops, "base_params": base_params,
+            "base_accuracy": accuracy(base, test, "cpu"), "timings": timings, "rows": rows, "not_met": skipped}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--models", default="resnet56,vgg16_bn")
+    ap.add_argument("--calib", type=int, default=2000, help="calibration images for PFA's statistics")
+    ap.add_argument("--test", type=int, default=2000, help="test images for accuracy after surgery")
+    ap.add_argument("--max-seconds", type=float, default=40.0, help="timing budget per batch size")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    train, test, _, _ = load_data(str(SHARED / "data" / "cifar10-jpeg.tar.gz"))
+    test = calibration_subset(test, args.test, seed=2)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    results = [run_model(a.strip(), train, test, args.threads, args.calib, args.max_seconds, log)
+               for a in args.models.split(",") if a.strip()]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+        "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": args.threads, "device": "cpu", "dtype": "float32", "command": " ".join(["python", *sys.argv]),
+        "note": "latency: medians of interleaved timings; speedup: median of per-round base/result ratios",
+        "results": results}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

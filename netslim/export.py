@@ -1,0 +1,230 @@
+"""`netslim export RUN_DIR --format onnx|torch-export`: a deployable file, checked and timed.
+
+The run's model is rebuilt from its files, BatchNorm is folded into the preceding conv/linear, and
+the result is exported with a dynamic batch size. The file is kept only if it predicts like the
+PyTorch model on real images (logits within `RTOL` of their scale, the same top-1 class except
+where PyTorch's own top-2 margin is below that tolerance); then the exported model's latency is
+timed next to PyTorch's, in turns, in the same process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import statistics
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from netslim.errors import NetslimError
+
+FORMATS = {"onnx": ".onnx", "torch-export": ".pt2"}
+RTOL = 1e-4  # |exported - pytorch| logits, relative to the largest |logit| of the batch
+
+
+def onnx_exporter() -> str:
+    """'dynamo' when onnxscript is installed (torch's current exporter), else the TorchScript one."""
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError:
+        return "torchscript"
+    return "dynamo"
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int = 18) -> str:
+    """Write `model` as ONNX with a dynamic batch axis; returns the exporter used."""
+    try:
+        import onnx
+    except ImportError:
+        raise NetslimError("ONNX export needs the onnx package: pip install 'netslim[export]'") from None
+    kind = onnx_exporter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if kind == "dynamo":
+            batch = torch.export.Dim("batch", min=1, max=1 << 16)
+            torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=["input"],
+                              output_names=["logits"], dynamic_shapes=({0: batch},), opset_version=opset)
+        else:
+            torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["input"],
+                              output_names=["logits"], opset_version=min(opset, 17),
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    onnx.checker.check_model(str(path))
+    return kind
+
+
+def export_program(model: nn.Module, example: torch.Tensor, path: Path) -> str:
+    """Write `model` as a torch.export ExportedProgram (.pt2) with a dynamic batch axis."""
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    try:
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    except Exception as e:  # torch.export reports unsupported Python as many exception types
+        raise NetslimError(f"torch.export cannot capture this model: {type(e).__name__}: {e}") from None
+    torch.export.save(program, str(path))
+    return "torch.export"
+
+
+class OnnxRunner:
+    """An onnxruntime session called like a module: float32 torch tensor in, torch tensor out."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise NetslimError("checking an ONNX export needs onnxruntime: pip install 'netslim[export]'") from None
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.name = self.session.get_inputs()[0].name
+        self.version = ort.__version__
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.name: x.detach().cpu().numpy()})[0])
+
+
+def load_runner(path: Path, fmt: str, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    if fmt == "onnx":
+        return OnnxRunner(path, threads)
+    program = torch.export.load(str(path))
+    return program.module()
+
+
+def data_spec_of(run_dir: Path) -> str | None:
+    """The --data the run was made with, read from its metrics.json command line (None if unknown)."""
+    metrics = run_dir / "metrics.json"
+    if not metrics.is_file():
+        return None
+    try:
+        args = shlex.split(json.loads(metrics.read_text()).get("command") or "")
+    except (json.JSONDecodeError, ValueError):
+        return None
+    for i, a in enumerate(args):
+        if a in ("--data", "-d") and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith("--data="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def check_predictions(reference: nn.Module, runner: Callable[[torch.Tensor], torch.Tensor],
+                      inputs: Sequence[torch.Tensor], rtol: float = RTOL) -> dict[str, Any]:
+    """Logit differences and top-1 agreement between the PyTorch model and an exported one."""
+    worst, n, agree, ties = 0.0, 0, 0, 0
+    with torch.inference_mode():
+        for x in inputs:
+            ref = reference(x).float()
+            got = runner(x).float()
+            if got.shape != ref.shape:
+                raise NetslimError(f"exported model returns shape {tuple(got.shape)}, PyTorch {tuple(ref.shape)}")
+            scale = float(ref.abs().max()) or 1.0
+            worst = max(worst, float((got - ref).abs().max()) / scale)
+            top2 = ref.topk(min(2, ref.shape[1]), dim=1).values
+            margin = (top2[:, 0] - top2[:, -1]) if ref.shape[1] > 1 else torch.full_like(top2[:, 0], float("inf"))
+            same = got.argmax(1) == ref.argmax(1)
+            agree += int(same.sum())
+            ties += int((~same & (margin <= rtol * scale)).sum())
+            n += len(x)
+    ok = worst <= rtol and agree + ties == n
+    return {"images": n, "max_rel_logit_diff": worst, "top1_agreement": agree / n if n else 1.0,
+            "disagreements_at_ties": ties, "rtol": rtol, "ok": ok}
+
+
+def _inputs(data: str | None, input_size: Sequence[int], images: int, cache_dir: Path | None,
+            batch: int = 100) -> tuple[list[torch.Tensor], str]:
+    if data is None:
+        g = torch.Generator().manual_seed(0)
+        return [torch.randn((batch, *input_size), generator=g) for _ in range(max(1, images // batch))], \
+            "random normal inputs (no --data given and none recorded in the run)"
+    from netslim.data import batches, calibration_subset, load_dataset
+
+    test = load_dataset(data, "test", cache_dir=cache_dir)
+    if tuple(test.images.shape[1:]) != tuple(input_size):
+        raise NetslimError(f"data {data!r} has images of shape {tuple(test.images.shape[1:])}, the model takes "
+                           f"{tuple(input_size)}")
+    subset = calibration_subset(test, min(images, len(test.labels)), seed=0)
+    return [x for x, _ in batches(subset, batch)], f"{len(subset.labels)} test images of {data}"
+
+
+def _time(models: dict[str, Callable], input_size: Sequence[int], batches: Sequence[int],
+          threads: int, max_seconds: float) -> list[dict[str, Any]]:
+    from netslim.latency_table import interleaved_times
+
+    rows = []
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for b in batches:
+            x = torch.randn((b, *input_size), generator=torch.Generator().manual_seed(1))
+            times = interleaved_times(list(models.values()), x, max_seconds=max_seconds)
+            base = times[0]
+            for name, t in zip(models, times, strict=True):
+                ms = statistics.median(t) * 1e3
+                rows.append({"runtime": name, "batch": b, "threads": threads, "median_ms": ms,
+                             "throughput": b / ms * 1e3, "rounds": len(t),
+                             "speedup_vs_pytorch": statistics.median(a / c for a, c in zip(base, t, strict=True))})
+    finally:
+        torch.set_num_threads(saved)
+    return rows
+
+
+def export_run(run_dir: Path, fmt: str = "onnx", out: Path | None = None, data: str | None = None,
+               images: int = 1000, batches: Sequence[int] = (1, 64), threads: int | None = None,
+               cache_dir: Path | None = None, max_seconds: float = 10.0) -> dict[str, Any]:
+    """Fold, export, verify and time a run's model; writes the file (and export.json beside a run)."""
+    from netslim.checkpoint import load_model
+    from netslim.fold import count_batchnorms, fold_batchnorm
+    from netslim.io import atomic_write_text
+
+    if fmt not in FORMATS:
+        raise NetslimError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise NetslimError(f"run directory {run_dir} does not exist")
+    model, plan = load_model(run_dir, "cpu")
+    model = model.float().eval()
+    size = tuple(plan.input_size)
+    folded = fold_batchnorm(model, input_size=size)
+    bns, left = count_batchnorms(model), count_batchnorms(folded)
+    base_dir = run_dir if run_dir.is_dir() else run_dir.parent
+    out = Path(out) if out is not None else base_dir / f"model{FORMATS[fmt]}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    threads = int(threads or torch.get_num_threads())
+    data = data or (data_spec_of(run_dir) if run_dir.is_dir() else None)
+    example = torch.randn((2, *size), generator=torch.Generator().manual_seed(0))
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=FORMATS[fmt])
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        exporter = export_onnx(folded, example, tmp) if fmt == "onnx" else export_program(folded, example, tmp)
+        runner = load_runner(tmp, fmt, threads)
+        inputs, source = _inputs(data, size, images, cache_dir)
+        check = check_predictions(model, runner, inputs)
+        check["inputs"] = source
+        if not check["ok"]:
+            raise NetslimError(f"the exported model does not predict like PyTorch on {source}: max relative logit "
+                               f"difference {check['max_rel_logit_diff']:.2e} (tolerance {RTOL:g}), top-1 "
+                               f"agreement {check['top1_agreement']:.4f}")
+        os.replace(tmp, out)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    runner = load_runner(out, fmt, threads)
+    runtime = f"onnxruntime {runner.version}" if fmt == "onnx" else "torch.export"
+    speed = _time({"pytorch": model, "pytorch (BN folded)": folded, runtime: runner}, size, batches, threads,
+                  max_seconds)
+    report = {"run": str(run_dir), "format": fmt, "file": str(out), "bytes": out.stat().st_size,
+              "exporter": exporter, "arch": plan.arch, "input_size": list(size), "batchnorms": bns,
+              "batchnorms_folded": bns - left, "check": check, "latency": speed, "torch": torch.__version__,
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if run_dir.is_dir():
+        atomic_write_text(run_dir / f"export_{fmt}.json", json.dumps(report, indent=1))
+    return report

@@ -1,0 +1,140 @@
+"""Latency: table keys and disk cache, units found by tracing, interleaved comparison, the latency-target search."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from netslim.budget import Target, bisect, parse_target
+from netslim.errors import NetslimError
+from netslim.latency_table import (
+    Conditions,
+    LatencyTable,
+    compare_speed,
+    latency_rows,
+    network_units,
+    round_to_default,
+)
+from netslim.methods import Context
+from netslim.methods.ranking import plan_from_widths, uniform_widths
+from netslim.zoo import build
+
+torch.set_num_threads(1)
+
+
+def test_conditions_key_names_device_torch_threads_batch() -> None:
+    key = Conditions.make("cpu", batch=64, threads=2).key()
+    assert key.startswith("cpu-") and "-t2-" in key and "-b64-" in key and key.endswith("float32")
+    assert torch.__version__.split("+")[0] in key
+    assert Conditions.make("cpu", 1, 1).key() != Conditions.make("cpu", 64, 1).key()
+    with pytest.raises(NetslimError):
+        Conditions.make("cpu", batch=0)
+
+
+def test_round_to_default_per_device() -> None:
+    assert round_to_default("cuda") == 8
+    assert round_to_default("cuda:1") == 8
+    assert round_to_default("cpu") == 1
+
+
+def test_units_of_a_resnet_on_the_meta_device() -> None:
+    with torch.device("meta"):
+        model = build("resnet20", 10)
+    units = network_units(model, (3, 32, 32))
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(units) == len(convs) + 1  # every conv plus the classifier
+    stem, fc = units[0], units[-1]
+    assert (stem.cin, stem.cout, stem.spatial, stem.bn, stem.act) == (3, 16, (32, 32), True, "ReLU")
+    assert (fc.kind, fc.cin, fc.cout, fc.bn) == ("linear", 64, 10, False)
+    second_convs = [u for u in units[1:-1] if u.kernel == (3, 3) and u.bn and u.act is None]
+    assert second_convs  # conv2 of a block: BN, then the residual add (no activation of its own)
+    assert any(u.spatial == (8, 8) and u.cout == 64 for u in units)
+
+
+def test_table_is_cached_on_disk_and_reused(tmp_path: Path) -> None:
+    cond = Conditions.make("cpu", batch=2, threads=1)
+    with torch.device("meta"):
+        units = network_units(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                            nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)), (3, 8, 8))
+    table = LatencyTable(cond, tmp_path, budget_s=0.05)
+    first = table.predict(units)
+    assert first > 0 and table.measured == 3
+    table.save()
+    doc = json.loads(table.path.read_text())
+    assert doc["conditions"]["batch"] == 2 and len(doc["entries"]) == 3
+    again = LatencyTable(cond, tmp_path)
+    assert again.predict(units) == pytest.approx(first) and again.measured == 0
+    (tmp_path / table.path.name).write_text("{broken")
+    assert LatencyTable(cond, tmp_path).entries == {}  # a broken cache is rebuilt, not fatal
+
+
+def wide_net(width: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10)).eval()
+
+
+def test_compare_speed_sees_a_much_narrower_network_faster() -> None:
+    rows = compare_speed(wide_net(96), wide_net(8), (3, 32, 32), "cpu", batches=(4,), threads=1, max_seconds=1.0)
+    (row,) = rows
+    assert row["threads"] == 1 and row["dtype"] == "float32" and row["batch"] == 4
+    assert row["speedup"] > 2  # ~140x fewer FLOPs in the big conv; even a busy machine shows that
+    base, small = latency_rows(rows, "base")[0], latency_rows(rows, "small")[0]
+    assert base["median_ms"] == row["base_ms"] and small["median_ms"] == row["ms"]
+
+
+def test_latency_target_keeps_its_string_and_conditions() -> None:
+    t = parse_target("latency=0.5")
+    assert (t.kind, t.fraction, t.batch) == ("latency", 0.5, 1)
+    t64 = replace(t, batch=64, threads=1)
+    assert str(t64) == "latency=0.5" and t64.batch == 64
+
+
+@pytest.fixture(scope="module")
+def ctx() -> Context:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                          nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).eval()
+    return Context(model=model, arch="custom", num_classes=10, input_size=(3, 24, 24))
+
+
+def test_latency_search_times_its_result(ctx: Context, tmp_path: Path) -> None:
+    groups = ctx.groups()
+    scores = {g.root: torch.arange(g.width, dtype=torch.float32) for g in groups}
+
+    def make(r: float):
+        return plan_from_widths(ctx, "uniform", scores, uniform_widths(groups, r), {"ratio": round(r, 6)})
+
+    target = Target("latency", 0.5, batch=8, threads=1)
+    from netslim.latency_table import latency_bisect
+
+    plan = latency_bisect(make, target, ctx.template(), 0.0, 1.0, timings=3, cache_dir=tmp_path)
+    lat = plan.meta["latency"]
+    assert lat["batch"] == 8 and lat["threads"] == 1 and lat["target"] == 0.5
+    assert 1 <= len(lat["attempts"]) <= 3
+    best = min(lat["attempts"], key=lambda a: abs(a["measured_ratio"] - 0.5))
+    assert lat["measured_ratio"] == best["measured_ratio"]
+    assert 0.2 < lat["measured_ratio"] < 0.8  # timed on a shared machine: the search aims at 0.5 within 5%
+    assert 0 < len(plan.keep) and all(len(k) < 64 for k in plan.keep.values())
+    assert Path(lat["table"]).is_file()
+
+
+def test_budget_bisect_dispatches_latency_and_rejects_the_unreachable(ctx: Context, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import netslim.latency_table as lt
+
+    monkeypatch.setattr(lt, "default_table_dir", lambda: tmp_path)
+    groups = ctx.groups()
+    scores = {g.root: torch.arange(g.width, dtype=torch.float32) for g in groups}
+
+    def make(r: float):
+        return plan_from_widths(ctx, "uniform", scores, uniform_widths(groups, 0.9 + 0.1 * r))
+
+    with pytest.raises(NetslimError, match="unreachable"):
+        bisect(make, Target("latency", 0.05, batch=4, threads=1), ctx.template(), 0.0, 1.0)
