@@ -10,8 +10,12 @@ For one layer (features.0 = conv1 or features.3 = conv2), in one process:
 3. Test accuracy without retraining after removing half of the layer's filters by CAR, by L1 magnitude
    of the filter (sum |w|, Li et al.) and at random (several seeds), through real surgery (apply_plan).
 
-    python benchmarks/car_prune.py --layer features.0 --per-step 8
-    python benchmarks/car_prune.py --layer features.3 --per-step 8
+    python benchmarks/car_prune.py --layer features.0 --eval-size 500 --per-step 8
+    python benchmarks/car_prune.py --layer features.3 --eval-size 500 --per-step 8
+
+On a shared two-core CPU the defaults (500 evaluation images, re-ranking every 8 removals) keep a layer
+near an hour; `--eval-size 2000 --per-step 1` is the paper's exact reading (a GPU job for VGG-16).
+Timings are wall clock and process CPU time (the machine is shared, so CPU time is the fairer figure).
 
 Results are merged into benchmarks/results/car_prune_cpu.json under the layer's name.
 """
@@ -51,13 +55,13 @@ def merge_result(path: Path, key: str, value: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layer", default="features.0")
-    ap.add_argument("--eval-size", type=int, default=2000)
-    ap.add_argument("--per-step", type=int, default=1)
+    ap.add_argument("--eval-size", type=int, default=500)
+    ap.add_argument("--per-step", type=int, default=8)
     ap.add_argument("--keep-fraction", type=float, default=0.5)
     ap.add_argument("--naive-ablations", type=int, default=3, help="ablations timed on the naive path")
     ap.add_argument("--random-seeds", type=int, default=3)
     ap.add_argument("--test-images", type=int, default=0, help="0: the whole test split")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "car_prune_cpu.json")
     args = ap.parse_args()
@@ -90,9 +94,9 @@ def main() -> None:
     probe = list(range(min(args.naive_ablations, run.width)))
     got = naive.ablate(naive.full_mask(), probe)
     fast_counts = [round((run.base_accuracy - run.first_car[f]) * run.eval_images) for f in probe]
-    naive_per_eval = naive.stats.seconds / naive.stats.evaluations
-    fast_ranking_per_eval = run.ranking["seconds"] / run.ranking["evaluations"]
-    fast_per_eval = run.engine["seconds"] / run.engine["evaluations"]
+    naive_per_eval = naive.stats.cpu_seconds / naive.stats.evaluations
+    fast_ranking_per_eval = run.ranking["cpu_seconds"] / run.ranking["evaluations"]
+    fast_per_eval = run.engine["cpu_seconds"] / run.engine["evaluations"]
     width, removed = run.width, len(run.removed)
     exact_evals = 1 + sum(width - k for k in range(removed))  # base + every remaining filter at every step
     throughput = {
@@ -100,19 +104,21 @@ def main() -> None:
         "engine_path": run.path,
         "fast_full_ranking": {"evaluations": run.ranking["evaluations"], "seconds": run.ranking["seconds"],
                               "cache_seconds": run.ranking["cache_seconds"],
-                              "evals_per_second": round(run.ranking["evaluations"] / run.ranking["seconds"], 4)},
+                              "cpu_seconds": run.ranking["cpu_seconds"],
+                              "evals_per_cpu_second": round(1 / fast_ranking_per_eval, 4)},
         "fast_greedy_halving": {"mode": run.mode, **run.engine},
-        "naive": {"ablations_timed": len(probe), "seconds_per_evaluation": round(naive_per_eval, 3),
-                  "evals_per_second": round(1 / naive_per_eval, 4),
-                  "full_ranking_seconds_estimated": round(naive_per_eval * run.ranking["evaluations"], 1),
-                  "greedy_halving_seconds_estimated": round(naive_per_eval * run.engine["evaluations"], 1),
+        "timing": "process CPU seconds",
+        "naive": {"ablations_timed": len(probe), "cpu_seconds_per_evaluation": round(naive_per_eval, 3),
+                  "evals_per_cpu_second": round(1 / naive_per_eval, 4),
+                  "full_ranking_cpu_seconds_estimated": round(naive_per_eval * run.ranking["evaluations"], 1),
+                  "greedy_halving_cpu_seconds_estimated": round(naive_per_eval * run.engine["evaluations"], 1),
                   "counts_match_fast_engine": [int(a) for a in got.tolist()] == fast_counts,
                   "note": "estimated from the timed ablations (full network, one ablation per forward pass)"},
         "speedup_full_ranking": round(naive_per_eval / fast_ranking_per_eval, 3),
         "speedup_greedy": round(naive_per_eval / fast_per_eval, 3),
         "exact_greedy_estimate": {"evaluations": exact_evals,
-                                  "fast_seconds_estimated": round(exact_evals * fast_per_eval, 1),
-                                  "naive_seconds_estimated": round(exact_evals * naive_per_eval, 1),
+                                  "fast_cpu_seconds_estimated": round(exact_evals * fast_per_eval, 1),
+                                  "naive_cpu_seconds_estimated": round(exact_evals * naive_per_eval, 1),
                                   "note": "per_step=1 needs every remaining filter ranked after every removal"},
     }
     print(json.dumps(throughput, indent=1), flush=True)

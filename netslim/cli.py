@@ -385,6 +385,58 @@ def export(run: Annotated[Path, typer.Argument(help="run directory (or model.saf
     _emit(rep, as_json)
 
 
+def _per_layer(pairs: list[str] | None, kind: type) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        name, sep, value = pair.partition("=")
+        try:
+            out[name.strip()] = kind(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise NetslimError(f"{pair!r} must look like LAYER={kind.__name__}")
+    return out
+
+
+@app.command()
+@guarded
+def pack(run: Annotated[Path, typer.Argument(help="run directory (or model.safetensors) written by compress")],
+         data: DataOpt = "digits", out: OutOpt = None,
+         layers: Annotated[str | None, typer.Option(help="comma-separated Conv2d/Linear layers (default all)")] = None,
+         sparsity: Annotated[float, typer.Option(help="fraction of conv weights pruned by magnitude")] = 0.5,
+         fc_sparsity: Annotated[float, typer.Option(help="fraction of Linear weights pruned")] = 0.5,
+         layer_sparsity: Annotated[list[str] | None, typer.Option(help="LAYER=F override (repeatable)")] = None,
+         conv_bits: Annotated[int, typer.Option(help="k-means shared values per conv layer: 2^bits")] = 8,
+         fc_bits: Annotated[int, typer.Option(help="shared values per Linear layer: 2^bits")] = 5,
+         layer_bits: Annotated[list[str] | None, typer.Option(help="LAYER=BITS override (repeatable)")] = None,
+         finetune_epochs: Annotated[int, typer.Option(help="fine-tuning epochs with the pruning mask fixed")] = 1,
+         lr: float = 0.005, batch_size: int = 128,
+         train_subset: Annotated[int | None, typer.Option(help="fine-tune on this many training images")] = None,
+         device: DeviceOpt = "auto", cache_dir: CacheOpt = None, overwrite: OverwriteOpt = False,
+         as_json: JsonOpt = False) -> None:
+    """Storage compression: weight pruning + fine-tuning, k-means sharing, Huffman coding -> packed file."""
+    from netslim.api import resolve_device
+    from netslim.checkpoint import plan_of, read_tensors
+    from netslim.pack.run import PackConfig, load_run_data, pack_run_dir
+
+    out = out or (run / "packed" if run.is_dir() else run.with_name(run.stem + "-packed"))
+    if out.exists() and not overwrite:
+        raise NetslimError(f"output directory {out} already exists; pass --overwrite to replace it")
+    _, meta = read_tensors(run / "model.safetensors" if run.is_dir() else run)
+    train_set, test = load_run_data(data, plan_of(meta), cache_dir)
+    cfg = PackConfig([n.strip() for n in layers.split(",") if n.strip()] if layers else None, sparsity, fc_sparsity,
+                     _per_layer(layer_sparsity, float), conv_bits, fc_bits, _per_layer(layer_bits, int),
+                     finetune_epochs, lr, batch_size, train_subset)
+    m = pack_run_dir(run, train_set, test, cfg, out, resolve_device(device), overwrite,
+                     command=shlex.join(["netslim", *sys.argv[1:]]))
+    b, acc = m["bytes"], m["accuracy"]
+    console.print(f"packed {b['dense_fp32_model']:,} B (dense fp32) into {b['packed_file']:,} B "
+                  f"({b['ratio_file']}×; packed layers {b['ratio_layers']}×); test accuracy "
+                  f"{acc['before']:.4f} → {acc['unpacked']:.4f}; decoded predictions identical → {out}"
+                  if acc.get("before") is not None else f"packed into {b['packed_file']:,} B → {out}")
+    _emit(m, as_json)
+
+
 def main() -> None:
     app()
 

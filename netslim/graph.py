@@ -31,7 +31,8 @@ def out_width(module: nn.Module) -> int:
     return module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
 
 
-def build_graph(model: nn.Module, example_input: torch.Tensor, ignored: list[nn.Module] | None = None) -> tp.DependencyGraph:
+def build_graph(model: nn.Module, example_input: torch.Tensor,
+                ignored: list[nn.Module] | None = None) -> tp.DependencyGraph:
     """torch-pruning's dependency graph (quietly; works on the meta device too)."""
     return tp.DependencyGraph().build_dependency(
         model, example_inputs=example_input, ignored_layers=ignored or [], verbose=False

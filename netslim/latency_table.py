@@ -8,8 +8,10 @@ time they are needed and cached on disk, one file per device / torch version / t
 dtype, so a device's table is built once and shared by every model, method and run.
 
 A latency target bisects the method's own knob (PFA-En's energy, a uniform ratio, ...) on the
-predicted latency, then times the compressed network against the base, interleaved (the machine may
-be shared), and corrects the goal until the measured ratio is within tolerance.
+predicted latency, then times the compressed network against the base, in turns (the machine may be
+shared), and corrects the knob on those measurements until the measured ratio is within 5%: layers
+timed alone do not add up exactly to a network (layout changes between layers, caches), so the
+table aims and the clock decides.
 """
 
 from __future__ import annotations
@@ -98,12 +100,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _prepare(model: nn.Module, cond: Conditions) -> nn.Module:
+def prepare_for(model: nn.Module, cond: Conditions) -> nn.Module:
     fmt = torch.channels_last if cond.cuda else torch.contiguous_format
     return model.to(torch.device(cond.device), _DTYPES[cond.dtype]).eval().to(memory_format=fmt)
 
 
-def _input(shape: Sequence[int], cond: Conditions, seed: int = 0) -> torch.Tensor:
+def random_input(shape: Sequence[int], cond: Conditions, seed: int = 0) -> torch.Tensor:
     x = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
     x = x.to(torch.device(cond.device), _DTYPES[cond.dtype])
     return x.contiguous(memory_format=torch.channels_last) if cond.cuda and x.dim() == 4 else x
@@ -153,11 +155,11 @@ def compare_speed(base: nn.Module, small: nn.Module, input_size: Sequence[int], 
     for dtype in dtypes:
         cond = Conditions.make(device, 1, threads, dtype)
         with _threads(cond.threads):
-            pair = [_prepare(copy.deepcopy(m), cond) for m in (base, small)]
+            pair = [prepare_for(copy.deepcopy(m), cond) for m in (base, small)]
             for b in batches:
-                row: dict[str, Any] = {**cond.describe(), "batch": int(b), "threads": cond.threads}
+                row: dict[str, Any] = {**cond.describe(), "batch": int(b)}
                 try:
-                    times = interleaved_times(pair, _input((b, *input_size), cond), max_seconds=max_seconds)
+                    times = interleaved_times(pair, random_input((b, *input_size), cond), max_seconds=max_seconds)
                 except torch.cuda.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     rows.append(row | {"error": "out of memory"})
@@ -177,7 +179,7 @@ def latency_rows(speed: list[dict[str, Any]], which: str) -> list[dict[str, Any]
     out = []
     for r in speed:
         if "error" in r:
-            out.append({k: v for k, v in r.items()} | {"median_ms": None, "throughput": None})
+            out.append(dict(r) | {"median_ms": None, "throughput": None})
             continue
         ms = r["base_ms"] if which == "base" else r["ms"]
         out.append({"batch": r["batch"], "device": r["device"], "device_name": r["device_name"],
@@ -214,12 +216,6 @@ class Unit:
         g = "dw" if self.depthwise else f"g{self.groups}"
         return (f"{self.kind}|k{self.kernel}|s{self.stride}|p{self.padding}|d{self.dilation}|{g}|in{self.spatial}"
                 f"|b{int(self.bias)}|bn{int(self.bn)}|{self.act}").replace(" ", "")
-
-    def at(self, cin: int, cout: int) -> Unit:
-        """The same unit with other widths (a depthwise conv keeps cin = cout = groups)."""
-        if self.depthwise:
-            return replace(self, cin=cout, cout=cout, groups=cout)
-        return replace(self, cin=cin, cout=cout)
 
     def build(self) -> nn.Module:
         if self.kind == "conv":
@@ -327,8 +323,8 @@ class LatencyTable:
     def _time(self, units: list[Unit]) -> list[float]:
         cond = self.cond
         with _threads(cond.threads), torch.inference_mode():
-            mods = [_prepare(u.build(), cond) for u in units]
-            xs = [_input((cond.batch, u.cin, *u.spatial) if u.kind == "conv" else (cond.batch, *u.spatial, u.cin),
+            mods = [prepare_for(u.build(), cond) for u in units]
+            xs = [random_input((cond.batch, u.cin, *u.spatial) if u.kind == "conv" else (cond.batch, *u.spatial, u.cin),
                          cond) for u in units]
             dev = xs[0].device
             inner = []
@@ -379,7 +375,7 @@ def timing_model(template: nn.Module, plan: Plan | None, cond: Conditions) -> nn
         for m in model.modules():
             if m is not model and hasattr(m, "reset_parameters"):
                 m.reset_parameters()  # Kaiming init and BN stats (mean 0, var 1): no NaN or denormals
-    return _prepare(model, cond)
+    return prepare_for(model, cond)
 
 
 def _shape_key(plan: Plan) -> str:
@@ -405,7 +401,7 @@ class LatencyModel:
         self.rest_ms = max(0.0, self.base_ms - self.base_units_ms)  # pooling, adds, the Python between layers
 
     def _x(self) -> torch.Tensor:
-        return _input((self.cond.batch, *self.base_plan.input_size), self.cond)
+        return random_input((self.cond.batch, *self.base_plan.input_size), self.cond)
 
     def units(self, plan: Plan) -> list[Unit]:
         from netslim.surgery import apply_plan
@@ -520,7 +516,11 @@ def predicted_vs_measured(template: nn.Module, plans: Sequence[Plan], cond: Cond
 
 
 def round_to_default(device: str) -> int:
-    """Kept widths are rounded to multiples of 8 on CUDA (tensor-core tiles), not on CPU (measured: no gain)."""
+    """Width rounding when the user gives none: multiples of 8 on CUDA (tensor-core tiles); none on CPU.
+
+    On CPU budgets stay exact by default. Rounding does pay there too on AVX-512 (oneDNN blocks channels
+    by 16: benchmarks/results/speed_rounding_cpu.json), so `--round-to 16` is worth passing for speed.
+    """
     return 8 if torch.device(device).type == "cuda" else 1
 
 

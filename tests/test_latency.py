@@ -138,3 +138,35 @@ def test_budget_bisect_dispatches_latency_and_rejects_the_unreachable(ctx: Conte
 
     with pytest.raises(NetslimError, match="unreachable"):
         bisect(make, Target("latency", 0.05, batch=4, threads=1), ctx.template(), 0.0, 1.0)
+
+
+def test_cli_sets_round_to_per_device_and_the_latency_batch() -> None:
+    from netslim.cli import _for_device
+
+    tgt, opts = _for_device(parse_target("latency=0.5"), {}, "cpu", 64)
+    assert (tgt.batch, tgt.device, opts["round_to"]) == (64, "cpu", 1)
+    _, opts = _for_device(None, {}, "cuda", 1)
+    assert opts["round_to"] == 8
+    _, opts = _for_device(None, {"round_to": 4}, "cuda", 1)
+    assert opts["round_to"] == 4  # an explicit --round-to wins
+    tgt, _ = _for_device(parse_target("flops=0.5"), {}, "cpu", 64)
+    assert tgt.batch == 1  # --batch only concerns latency targets
+    with pytest.raises(NetslimError):
+        _for_device(None, {"round_to": 0}, "cpu", 1)
+
+
+def test_pipeline_reports_speed_of_base_and_result_timed_together(tmp_path: Path) -> None:
+    from netslim.data import load_dataset
+    from netslim.pipeline import compress
+
+    train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
+    res = compress(build("small_cnn", 10, 1), "small_cnn", train, test, "l1", Target("params", 0.3),
+                   calib_size=200, out=tmp_path / "run")
+    speed = res.metrics["speed"]
+    assert [r["batch"] for r in speed] == [1, 64]
+    for r in speed:
+        assert r["device"] == "cpu" and r["threads"] >= 1 and r["dtype"] == "float32"
+        assert r["base_ms"] > 0 and r["ms"] > 0 and r["speedup"] > 0 and r["rounds"] >= 5
+    after = res.metrics["after"]["latency"]
+    assert [r["median_ms"] for r in after] == [r["ms"] for r in speed]
+    assert "## Speed" in (tmp_path / "run" / "report.md").read_text()

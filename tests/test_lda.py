@@ -261,6 +261,22 @@ def test_removing_a_filter_removes_the_matching_input_channel_downstream() -> No
         torch.testing.assert_close(small(x), ref, rtol=1e-4, atol=1e-5)
 
 
+def test_dropped_pre_decision_neurons_are_replaced_by_their_mean() -> None:
+    from netslim.methods.lda_loop import fold_dropped_means
+
+    base = Chain().eval()
+    keep = [1, 2, 4]
+    small = apply_plan(copy.deepcopy(base), Plan(arch="chain", num_classes=4, input_size=(3, 8, 8),
+                                                 keep={"features.3": keep}))
+    mean = torch.rand(6, dtype=torch.float64)
+    assert fold_dropped_means(base, small, "classifier", mean)
+    z = torch.rand(5, 6)
+    imputed = mean.float().repeat(5, 1)
+    imputed[:, keep] = z[:, keep]
+    with torch.no_grad():
+        torch.testing.assert_close(small.classifier(z[:, keep]), base.classifier(imputed), rtol=1e-5, atol=1e-6)
+
+
 def test_composed_keeps_reproduce_two_successive_cuts() -> None:
     base = Chain().eval()
     widths = {"features.0": 8, "features.3": 6}
@@ -298,7 +314,7 @@ def test_loop_prunes_fine_tunes_and_hands_over_its_network(digits_net: tuple, tm
 
     net, train, test = digits_net
     opts = {"max_iters": 2, "eta_start": 0.4, "eta_step": 0.4, "ft_epochs": 1, "ft_lr": 0.02, "ft_batch": 64,
-            "trace_images": 4, "max_drop": 0.3, "verbose": False}
+            "ft_images": 400, "trace_images": 4, "max_drop": 0.3, "verbose": False}
     res = compress(copy.deepcopy(net), "small_cnn", train, test, "lda", options=opts, calib_size=400,
                    out=tmp_path / "run", measure_latency=False)
     meta = res.plan.meta
@@ -370,3 +386,33 @@ def test_bad_inputs_are_clear_errors(digits_net: tuple) -> None:
                           ({"min_accuracy": 1.0}, "already below"), ({"select": "any"}, "select")):
         with pytest.raises(NetslimError, match=message):
             analyse(copy.deepcopy(net), "small_cnn", train, "lda", None, {**FAST, **opts}, "cpu", 200)
+
+
+def test_residual_groups_combine_member_utilities_by_max() -> None:
+    from netslim.data import ImageSet
+    from netslim.methods.base import Context
+    from netslim.methods.lda_loop import LoopOptions, analyse_model, plan_at, validate
+    from netslim.zoo import build
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (60, 3, 16, 16), dtype=torch.uint8, generator=g)
+    data = ImageSet(images, torch.arange(3).repeat(20), ["a", "b", "c"], (0.5,) * 3, (0.25,) * 3)
+    net = build("resnet20", num_classes=3).eval()
+    ctx = Context(model=net, arch="resnet20", num_classes=3, input_size=(3, 16, 16), calib=data, train=data,
+                  val=data, options={})
+    o = LoopOptions(trace_images=5, verbose=False)
+    a = analyse_model(ctx, o, validate(net, data, ctx.classifier, "cpu", 64)[1])
+    stream = next(grp for grp in ctx.groups() if "layer3.0.conv2" in grp.layers)  # stage 3: adds tie 10 layers
+    assert len(stream.layers) > 2 and stream.root in a.utility
+    from netslim.data import batches
+    from netslim.methods.lda import ranking
+    from netslim.methods.lda_trace import trace
+
+    mask = torch.zeros(64)
+    mask[ranking(a.scores)[:a.mprime]] = 1.0
+    images = [x for x, _ in batches(data.subset(list(range(15))), 64)]  # = trace_set(data, 5)
+    per_layer = trace(net, images, mask, ctx.classifier)
+    want = torch.stack([per_layer[n] for n in stream.layers]).amax(0)
+    torch.testing.assert_close(a.utility[stream.root], want)
+    small = apply_plan(copy.deepcopy(net), plan_at(ctx, a, 0.5, o))
+    assert small(torch.randn(2, 3, 16, 16)).shape == (2, 3)

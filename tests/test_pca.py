@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
+from netslim.checkpoint import load_model, save_model
 from netslim.data import ImageSet
 from netslim.errors import NetslimError
 from netslim.methods import Context, get_method
@@ -121,7 +122,7 @@ def test_round_to_and_bad_options() -> None:
     ("resnet56", {"saturated": "drop"}, "residual"),
     ("mobilenetv2", {}, "width-only"),
 ])
-def test_designed_network_builds_and_runs(arch: str, opts: dict, kind: str) -> None:
+def test_designed_network_builds_and_runs(arch: str, opts: dict, kind: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = build(arch)
     ctx = context(model, arch, n=12, size=32, **opts)
@@ -136,6 +137,10 @@ def test_designed_network_builds_and_runs(arch: str, opts: dict, kind: str) -> N
     out = small.eval()(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 10) and torch.isfinite(out).all()
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    save_model(tmp_path / "m.safetensors", small, plan)  # the designed net reloads from its files alone
+    again, _ = load_model(tmp_path / "m.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(again(x), small(x), atol=1e-5)
 
 
 def test_init_defaults_to_the_methods_retrain() -> None:
@@ -165,3 +170,14 @@ def test_cli_analyze_and_compress(tmp_path: Path) -> None:
                               "--json"])
     assert res.exit_code == 0, res.stderr
     assert json.loads(res.stdout)["init"] == "scratch"
+
+
+def test_target_bisects_the_variance() -> None:
+    from netslim.budget import Target, plan_size
+
+    ctx = context(Stack())
+    ctx.target = Target("params", 0.2)
+    plan = get_method("pca").fn(ctx)
+    base = plan_size(ctx.base_plan("pca"), ctx.template())
+    assert plan_size(plan, ctx.template())["params"] <= 0.2 * base["params"]
+    assert 0 < plan.meta["variance"] < 1 and plan.meta["target"] == "params=0.2"

@@ -119,6 +119,7 @@ def greedy(engine: AblationEngine, slot: int, remove: int, per_step: int = 1, ma
     totals = engine.class_totals().clamp_min(1)
     run = GreedyRun(root, engine.slots[slot].layers, width, n, per_step, current / n, path=engine.path)
     run.ranking = {"evaluations": engine.stats.evaluations, "seconds": round(engine.stats.seconds, 3),
+                   "cpu_seconds": round(engine.stats.cpu_seconds, 3),
                    "cache_seconds": round(engine.stats.cache_seconds, 3)}
     run.first_car = ((current - counts[1:].sum(1)) / n).tolist()
     run.classwise = ((counts[0][None] - counts[1:]) / totals).tolist()

@@ -58,7 +58,8 @@ class Slot:
 class EngineStats:
     evaluations: int = 0  # masks evaluated, each on the whole evaluation set
     images: int = 0  # image-forwards through the tail
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall clock
+    cpu_seconds: float = 0.0  # this process's CPU time (all threads): meaningful on a shared machine
     cache_seconds: float = 0.0
 
     @property
@@ -67,7 +68,8 @@ class EngineStats:
 
     def as_dict(self) -> dict[str, Any]:
         return {"evaluations": self.evaluations, "image_forwards": self.images, "seconds": round(self.seconds, 3),
-                "cache_seconds": round(self.cache_seconds, 3), "evals_per_second": round(self.evals_per_second, 4),
+                "cpu_seconds": round(self.cpu_seconds, 3), "cache_seconds": round(self.cache_seconds, 3),
+                "evals_per_second": round(self.evals_per_second, 4),
                 "images_per_second": round(self.images / self.seconds, 1) if self.seconds else 0.0}
 
 
@@ -166,7 +168,7 @@ class AblationEngine:
             masks = masks[None]
         if masks.shape[1] != self.width:
             raise NetslimError(f"mask has {masks.shape[1]} columns, the engine ablates {self.width} channels")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         counts = torch.zeros(masks.shape[0], self.num_classes, dtype=torch.float64, device=self.device)
         loss = torch.zeros(masks.shape[0], dtype=torch.float64, device=self.device)
         masks = masks.to(self.device)
@@ -176,6 +178,7 @@ class AblationEngine:
         self.stats.evaluations += masks.shape[0]
         self.stats.images += masks.shape[0] * self.n
         self.stats.seconds += time.perf_counter() - t0
+        self.stats.cpu_seconds += time.process_time() - c0
         return counts.cpu(), loss.cpu()
 
     def ablate(self, base: torch.Tensor, channels: list[int], per_class: bool = False) -> torch.Tensor:

@@ -197,13 +197,16 @@ def ranking(scores: torch.Tensor) -> torch.Tensor:
 
 
 def mprime_curve(order: torch.Tensor, feats: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
-                 bias: torch.Tensor | None, mean: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """(M,) accuracy with the top 1..M neurons of `order` kept and the others set to their `mean`."""
+                 bias: torch.Tensor | None, mean: torch.Tensor) -> torch.Tensor:
+    """(M,) accuracy with the top 1..M neurons of `order` kept and the others set to their `mean`.
+
+    Logits for every M′ at once: a cumulative sum of each neuron's contribution W[:, j] (x_j - mean_j)."""
     weight = weight.detach().float().cpu()
     mean = mean.float().cpu()
     base = weight @ mean + (bias.detach().float().cpu() if bias is not None else 0.0)
     cols = weight[:, order].T  # (M, K)
     correct = torch.zeros(order.numel(), dtype=torch.long)
+    chunk = max(1, 2**24 // max(cols.numel(), 1))  # at most ~64 MB of (images, M, K) logits at a time
     for s in range(0, feats.shape[0], chunk):
         dev = (feats[s:s + chunk] - mean)[:, order]  # (b, M)
         logits = base + torch.cumsum(dev[:, :, None] * cols[None], dim=1)  # (b, M, K)

@@ -4,7 +4,9 @@ Iteration t (η_t = eta_start + (t-1)·eta_step): Fisher scores and M′ on the 
 utility trace of the M′ selected responses (lda_trace.py), then in every coupled group remove the
 channels whose utility is below η_t · std(non-zero utilities of that group); a group's utility is the
 per-channel maximum over its member layers (a residual stream channel stays if any block that writes
-it needs it). The cut network is fine-tuned for a short round (options ft_*) and scored on ctx.val.
+it needs it). Pre-decision neurons the cut removes are replaced by their training mean, folded into the
+classifier bias (option fold_means), which is how M′ was judged; plain removal would feed the classifier
+zeros instead. The cut network is fine-tuned for a short round (options ft_*) and scored on ctx.val.
 
 Stopping: with --min-accuracy A (option min_accuracy) the loop stops at the first iterate whose
 validation accuracy falls below A, and keeps (select=smallest, the default) the smallest iterate at or
@@ -69,6 +71,7 @@ class LoopOptions:
     ft_images: int = 0  # images per fine-tuning round (0: all of ctx.train)
     ft_schedule: str = "onecycle"
     ft_weight_decay: float = 5e-4
+    fold_means: bool = True  # dropped pre-decision neurons -> their mean, folded into the classifier bias
     verbose: bool = True
 
     @classmethod
@@ -132,6 +135,7 @@ class Analysis:
     mprime: int
     curve: torch.Tensor
     utility: dict[str, torch.Tensor]  # group root -> (width,) utility
+    mean: torch.Tensor  # (M,) training mean of the pre-decision neurons
 
 
 def analyse_model(sub: Context, o: LoopOptions, val_feats: tuple[torch.Tensor, torch.Tensor]) -> Analysis:
@@ -156,7 +160,7 @@ def analyse_model(sub: Context, o: LoopOptions, val_feats: tuple[torch.Tensor, t
         members = [util[n] for n in g.layers if n in util]
         if members:
             utility[g.root] = torch.stack(members).amax(0)
-    return Analysis(scores, mprime, curve, utility)
+    return Analysis(scores, mprime, curve, utility, moments.mean)
 
 
 def trace_set(data: ImageSet, per_class: int) -> ImageSet:
@@ -192,6 +196,31 @@ def plan_at(sub: Context, a: Analysis, eta: float, o: LoopOptions) -> Plan:
             for name in g.layers:
                 plan.keep[name] = keep
     return plan
+
+
+def fold_dropped_means(old: nn.Module, new: nn.Module, classifier: str, mean: torch.Tensor) -> bool:
+    """Add the dropped pre-decision neurons' mean contribution W[:, dropped] · mean[dropped] to the cut
+    network's classifier bias: they are then replaced by their mean, as when M′ was chosen, instead of by
+    zero. The surviving columns are found by exact match with the old weights (surgery copies them)."""
+    h0, h1 = old.get_submodule(classifier), new.get_submodule(classifier)
+    if not isinstance(h0, nn.Linear) or not isinstance(h1, nn.Linear) or h1.bias is None:
+        return False
+    if h1.in_features == h0.in_features or h1.out_features != h0.out_features or mean.numel() != h0.in_features:
+        return False
+    w0, w1 = h0.weight.detach().float().cpu(), h1.weight.detach().float().cpu()
+    columns: dict[bytes, list[int]] = {}
+    for j in range(w0.shape[1]):
+        columns.setdefault(w0[:, j].numpy().tobytes(), []).append(j)
+    kept = []
+    for j in range(w1.shape[1]):
+        same = columns.get(w1[:, j].numpy().tobytes())
+        if not same:
+            return False
+        kept.append(same.pop(0))
+    dropped = sorted(set(range(w0.shape[1])) - set(kept))
+    with torch.no_grad():
+        h1.bias += (w0[:, dropped].double() @ mean[dropped].double()).to(h1.bias)
+    return True
 
 
 def compose(base_keep: dict[str, list[int]], step: dict[str, list[int]], base_widths: dict[str, int]
@@ -281,6 +310,8 @@ def run_loop(ctx: Context) -> Plan:
             console.print(f"lda: iteration {t} (η={eta:.3f}, M′={a.mprime}): nothing below the threshold")
             continue
         new = apply_plan(copy.deepcopy(cur), plan) if plan.keep else copy.deepcopy(cur)
+        if o.fold_means:
+            fold_dropped_means(cur, new, classifier, a.mean)
         keep_base = compose(keep_base, plan.keep, base_widths)
         acc_cut, _ = validate(new, val, classifier, ctx.device, ctx.batch_size)
         rounds += 1
@@ -321,8 +352,8 @@ def run_loop(ctx: Context) -> Plan:
 
 
 def _rounds_until(history: list[Iterate], index: int) -> int:
-    """Fine-tuning rounds that produced iterate `index` (iterations that removed something)."""
-    return sum(1 for h in history if 0 < h.index <= index and h.removed > 0)
+    """Fine-tuning rounds that produced iterate `index` (every iteration that cut was fine-tuned)."""
+    return sum(1 for h in history if 0 < h.index <= index and h.val_cut is not None)
 
 
 def _predecision_width(model: nn.Module, classifier: str) -> int:

@@ -6,21 +6,22 @@ T = P G⁻¹ (T = W when X̂ are the original inputs), this is a constant plus t
 a weighted Frobenius problem in the metric G, so nothing of size n is ever kept. G = I gives the
 weight-only variant ‖W − U V − S‖².
 
-Alternating minimisation, all closed form (no SVD):
+Alternating minimisation, all closed form (no SVD in the loop):
 - U-step: U = (T − S) G Vᵀ (V G Vᵀ)⁻¹, then U is orthonormalised (QR) and R folded into V;
 - V-step: V = Uᵀ (T − S) (the metric cancels when U is fixed and orthonormal);
-- S-step (hard thresholding pursuit): a Jacobi-preconditioned gradient step on S, keep the c largest
-  (scaled) entries, refit the kept values exactly per row (G[Ω,Ω] s = ((T − U V) G)[Ω]); the support
-  of the dense minimiser's largest scaled entries is tried too and the better one kept;
+- S-step (hard thresholding): S's support is the c largest entries of the S-subproblem's dense
+  minimiser R = T − U V, scaled by √diag(G) (a gradient step with the Jacobi preconditioner lands
+  exactly there); its values are refitted on that support (per row G[Ω,Ω] s = (R G)[Ω], by conjugate
+  gradients on gathered blocks); the previous S is kept if it is still better;
 - greedy bilateral rank growth: new directions from a few block power iterations on the residual's
-  E G Eᵀ (m × m), orthogonal to U, with V's new rows Qᵀ E.
+  E G Eᵀ (m × m, never formed), orthogonal to U, with V's new rows Qᵀ E.
+One m·d² product (T G) per layer; every other step costs d²·r or Σ|Ω_i|².
 Everything is float64: activation Gram matrices are badly conditioned.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -59,7 +60,14 @@ class Decomposition:
     v: torch.Tensor  # r × d
     s: torch.Tensor  # m × d, zero off the mask
     mask: torch.Tensor  # m × d bool
-    history: list[float] = field(default_factory=list)  # objective after each S-step / sweep
+    history: list[float] = field(default_factory=list)  # objective after each S-step
+    objective: float = 0.0  # tr(E G Eᵀ), E = T − U V − S
+    reference: float = 1.0  # tr(T G Tᵀ)
+
+    @property
+    def relative_error(self) -> float:
+        """‖(T − Ŵ) X‖ / ‖T X‖ on the calibration patches (weights: ‖T − Ŵ‖ / ‖T‖)."""
+        return math.sqrt(max(self.objective, 0.0) / max(self.reference, 1e-300))
 
     @property
     def rank(self) -> int:
@@ -73,42 +81,6 @@ class Decomposition:
         return self.u @ self.v + self.s
 
 
-class _Metric:
-    """Products with G (or with I for the weight-only objective), and G's Jacobi scaling."""
-
-    def __init__(self, gram: torch.Tensor | None, d: int, ridge: float) -> None:
-        self.g = None if gram is None else regularised(gram.double(), ridge)
-        if self.g is None:
-            self.diag = torch.ones(d, dtype=torch.float64)
-            self.step = 1.0
-        else:
-            self.diag = self.g.diagonal().clone()
-            self.step = 1.0 / _top_eigenvalue(self.g / torch.outer(self.diag.sqrt(), self.diag.sqrt()))
-
-    def mul(self, a: torch.Tensor) -> torch.Tensor:
-        return a if self.g is None else a @ self.g
-
-    def smul(self, s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """S G for a sparse S (dense product when S is not sparse enough to gain)."""
-        if self.g is None:
-            return s
-        if float(mask.float().mean()) > 0.2:
-            return s @ self.g
-        return torch.sparse.mm(s.to_sparse_csr(), self.g)
-
-
-def _top_eigenvalue(a: torch.Tensor, iters: int = 50) -> float:
-    x = torch.ones(a.shape[0], dtype=a.dtype) / math.sqrt(a.shape[0])
-    lam = 1.0
-    for _ in range(iters):
-        y = a @ x
-        lam = float(y.norm())
-        if lam == 0:
-            return 1.0
-        x = y / lam
-    return lam * 1.01  # a little above: the power iteration approaches from below
-
-
 def _top_mask(score: torch.Tensor, c: int) -> torch.Tensor:
     mask = torch.zeros(score.numel(), dtype=torch.bool)
     if c > 0:
@@ -116,87 +88,101 @@ def _top_mask(score: torch.Tensor, c: int) -> torch.Tensor:
     return mask.reshape(score.shape)
 
 
-def _refit(rg: torch.Tensor, mask: torch.Tensor, metric: _Metric, r: torch.Tensor, start: torch.Tensor | None = None,
-           iters: int = 30) -> torch.Tensor:
-    """Values on a fixed support: G[Ω,Ω] s_Ω = (R G)[i, Ω] for every row i at once.
+def _row_blocks(mask: torch.Tensor, budget: int = 1 << 23) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Rows of a support grouped by size: (rows, padded column indices B × k, valid B × k) per group.
 
-    Jacobi-preconditioned conjugate gradients, one independent CG per row (row-wise step sizes), warm
-    started from `start` (the previous S) where the support is kept; each iteration costs one sparse
-    product S G (nnz · d), where direct solves would cost Σ |Ω_i|³ (rows of S are very uneven).
+    Rows are sorted by their number of non-zeros so padding wastes little; each group's B·k² entries of
+    G[Ω,Ω] blocks stay under `budget`.
     """
-    if metric.g is None:
-        return r * mask
-    g, diag = metric.g, metric.diag
-    flat = mask.flatten().nonzero().flatten()
-    if flat.numel() == 0:
-        return torch.zeros_like(rg)
     counts = mask.sum(1)
-    crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    col = flat % mask.shape[1]
-
-    def apply(p: torch.Tensor) -> torch.Tensor:  # (P G) on the support, P zero off it
-        sp = torch.sparse_csr_tensor(crow, col, p.flatten()[flat], size=p.shape)
-        return torch.sparse.mm(sp, g) * mask
-
-    b = rg * mask
-    x = (b / diag) if start is None else torch.where(mask, start, b / diag)
-    x = x * mask
-    res = b - apply(x)
-    z = res / diag
-    p = z.clone()
-    rz = (res * z).sum(1)
-    scale = float((b * b / diag).sum().clamp_min(1e-300))
-    for _ in range(min(iters, int(counts.max()))):
-        ap = apply(p)
-        den = (p * ap).sum(1)
-        alpha = torch.where(den > 0, rz / den.clamp_min(1e-300), torch.zeros_like(den))
-        x += alpha[:, None] * p
-        res -= alpha[:, None] * ap
-        z = res / diag
-        rz_new = (res * z).sum(1)
-        if float(rz_new.sum()) <= 1e-24 * scale:
-            break
-        beta = torch.where(rz > 0, rz_new / rz.clamp_min(1e-300), torch.zeros_like(rz))
-        p = z + beta[:, None] * p
-        rz = rz_new
-    return x * mask
+    rows = torch.nonzero(counts).flatten()
+    rows = rows[counts[rows].argsort()]
+    order = torch.arange(mask.shape[1])
+    groups, i = [], 0
+    while i < rows.numel():
+        k = int(counts[rows[i]])
+        j = i + 1
+        while j < rows.numel() and (j - i + 1) * int(counts[rows[j]]) ** 2 <= budget:
+            j += 1
+        sel = rows[i:j]
+        k = int(counts[sel].max())
+        key = torch.where(mask[sel], order, order + mask.shape[1])  # support columns first, in order
+        idx = key.sort(1).indices[:, :k]
+        groups.append((sel, idx, torch.gather(mask[sel], 1, idx)))
+        i = j
+    return groups
 
 
-def _objective(eg: torch.Tensor, e: torch.Tensor) -> float:
-    return float((eg * e).sum())
+def _refit(g: torch.Tensor, diag: torch.Tensor, rg: torch.Tensor, mask: torch.Tensor, start: torch.Tensor | None,
+           iters: int) -> tuple[torch.Tensor, float]:
+    """Best values on a fixed support: G[Ω,Ω] s_Ω = (R G)[i, Ω] for every row i; returns S and Σ sᵀ G s.
+
+    One Jacobi-preconditioned conjugate-gradient solve per row, batched over rows of similar support
+    size with the G[Ω,Ω] blocks gathered once; warm started from `start` (the previous S). Costs
+    Σ |Ω_i|² per iteration instead of the m·d² of a full S G product.
+    """
+    s = torch.zeros_like(rg)
+    quad = 0.0
+    for rows, idx, valid in _row_blocks(mask):
+        a = g[idx[:, :, None], idx[:, None, :]] * (valid[:, :, None] & valid[:, None, :])
+        pre = torch.where(valid, diag[idx], 1.0)
+        b = torch.where(valid, torch.gather(rg[rows], 1, idx), 0.0)
+        x = torch.where(valid, torch.gather(start[rows], 1, idx), 0.0) if start is not None else b / pre
+        res = b - torch.bmm(a, x.unsqueeze(2)).squeeze(2)
+        z = res / pre
+        p = z.clone()
+        rz = (res * z).sum(1)
+        floor = 1e-28 * float((b * b / pre).sum().clamp_min(1e-300))
+        for _ in range(min(iters, idx.shape[1])):
+            ap = torch.bmm(a, p.unsqueeze(2)).squeeze(2)
+            den = (p * ap).sum(1)
+            alpha = torch.where(den > 0, rz / den.clamp_min(1e-300), 0.0)
+            x += alpha[:, None] * p
+            res -= alpha[:, None] * ap
+            z = res / pre
+            new = (res * z).sum(1)
+            if float(new.sum()) <= floor:
+                break
+            p = z + torch.where(rz > 0, new / rz.clamp_min(1e-300), 0.0)[:, None] * p
+            rz = new
+        x = x * valid
+        quad += float((x * torch.bmm(a, x.unsqueeze(2)).squeeze(2)).sum())
+        s[rows.unsqueeze(1).expand_as(idx)[valid], idx[valid]] = x[valid]
+    return s, quad
 
 
 class _State:
-    def __init__(self, t: torch.Tensor, metric: _Metric) -> None:
-        self.t, self.metric = t, metric
-        self.tg = metric.mul(t)
+    """U, V, S and the products with G that the steps share (G = None: weight-only, G = I)."""
+
+    def __init__(self, t: torch.Tensor, gram: torch.Tensor | None, ridge: float, cg_iters: int) -> None:
         m, d = t.shape
+        self.t = t
+        self.g = None if gram is None else regularised(gram.double(), ridge)
+        self.diag = torch.ones(d, dtype=torch.float64) if self.g is None else self.g.diagonal().clone()
+        self.tg = t if self.g is None else t @ self.g  # T G, the one m·d² product
+        self.reference = float((self.tg * t).sum())  # tr(T G Tᵀ)
+        self.cg_iters = cg_iters
         self.u = t.new_zeros(m, 0)
         self.v = t.new_zeros(0, d)
         self.s = torch.zeros_like(t)
         self.mask = torch.zeros(m, d, dtype=torch.bool)
+        self.quad = 0.0  # tr(S G Sᵀ) of the current S
         self.history: list[float] = []
 
-    def lowrank_g(self) -> torch.Tensor:
-        """(U V) G, via V G (r × d)."""
-        if self.u.shape[1] == 0:
-            return torch.zeros_like(self.t)
-        return self.u @ self.metric.mul(self.v)
-
-    def residual(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """E = T − U V − S and E G."""
-        e = self.t - self.u @ self.v - self.s
-        eg = self.tg - self.lowrank_g() - self.metric.smul(self.s, self.mask)
-        return e, eg
+    def gmul(self, a: torch.Tensor) -> torch.Tensor:
+        """A G for a thin A (rows × d)."""
+        return a if self.g is None else (self.g @ a.T).T
 
     def u_step(self) -> None:
         if self.u.shape[1] == 0:
             return
-        gv = self.metric.mul(self.v).T  # d × r  (G Vᵀ)
-        a = (self.t - self.s) @ gv
-        b = self.v @ gv
+        vg = self.gmul(self.v)  # V G (r × d)
+        a = (self.tg - (self.s if self.g is None else 0)) @ self.v.T
+        if self.g is not None:
+            a = a - self.s @ vg.T
+        b = self.v @ vg.T
         b = b + 1e-12 * float(b.diagonal().mean().clamp_min(1e-30)) * torch.eye(b.shape[0], dtype=b.dtype)
-        u = torch.linalg.solve(b, a.T).T  # b is symmetric
+        u = torch.linalg.solve(b, a.T).T  # U = (T − S) G Vᵀ (V G Vᵀ)⁻¹, b symmetric
         q, r = torch.linalg.qr(u)
         self.u, self.v = q, r @ self.v
 
@@ -205,41 +191,43 @@ class _State:
             self.v = self.u.T @ (self.t - self.s)
 
     def s_step(self, c: int) -> None:
+        r = self.t - self.u @ self.v
         if c == 0:
             return
-        r = self.t - self.u @ self.v
-        if self.metric.g is None:  # weight-only: the c largest residual entries, exactly
+        if self.g is None:  # weight-only: the c largest residual entries, exactly
             self.mask = _top_mask(r.abs(), c)
             self.s = r * self.mask
             self.history.append(float(((r - self.s) ** 2).sum()))
             return
-        rg = self.tg - self.lowrank_g()
-        grad = rg - self.metric.smul(self.s, self.mask)  # (R − S) G, the descent direction
-        before = _objective(grad, r - self.s)
-        scale = self.metric.diag.sqrt()
-        moved = (self.s + self.metric.step * grad / self.metric.diag) * scale
-        best = (before, self.s, self.mask) if self.mask.any() else (math.inf, self.s, self.mask)
-        first = _top_mask(moved.abs(), c)
-        second = _top_mask((r * scale).abs(), c)  # r is the S-subproblem's dense minimiser
-        for mask in (first,) if torch.equal(first, second) else (first, second):
-            s = _refit(rg, mask, self.metric, r, self.s)
-            f = _objective(rg - self.metric.smul(s, mask), r - s)
-            if f < best[0]:
-                best = (f, s, mask)
-        _, self.s, self.mask = best
-        self.history.append(best[0])
+        rg = self.tg - self.u @ self.gmul(self.v)  # (T − U V) G
+        base = float((rg * r).sum())
+        best = (base - 2 * float((self.s * rg).sum()) + self.quad, self.s, self.mask, self.quad)
+        new = _top_mask(r.abs() * self.diag.sqrt(), c)  # largest entries of the dense minimiser, G-scaled
+        s, quad = _refit(self.g, self.diag, rg, new, self.s, self.cg_iters)
+        f = base - 2 * float((s * rg).sum()) + quad
+        if f < best[0] or not self.mask.any():
+            best = (f, s, new, quad)
+        f, self.s, self.mask, self.quad = best
+        self.history.append(f)
+
+    def objective(self) -> float:
+        """tr((T − U V − S) G (T − U V − S)ᵀ)."""
+        r = self.t - self.u @ self.v
+        if self.g is None:
+            return float(((r - self.s) ** 2).sum())
+        rg = self.tg - self.u @ self.gmul(self.v)
+        return float((rg * r).sum()) - 2 * float((self.s * rg).sum()) + self.quad
 
     def grow(self, k: int, power_iters: int, gen: torch.Generator) -> None:
-        """Add k rank-1 directions: the top of the residual's E G Eᵀ by block power iteration."""
+        """Add k rank-1 directions: the top of the residual's E G Eᵀ by block power iteration, orthogonal to U."""
         m = self.t.shape[0]
         k = min(k, m - self.u.shape[1])
         if k <= 0:
             return
-        e, eg = self.residual()
-        gram = eg @ e.T  # m × m, E G Eᵀ
+        e = self.t - self.u @ self.v - self.s
         q = torch.randn(m, k, generator=gen, dtype=torch.float64)
         for _ in range(max(1, power_iters)):
-            q = gram @ q
+            q = e @ (e.T @ q if self.g is None else self.g @ (e.T @ q))  # E G Eᵀ q
             if self.u.shape[1]:
                 q = q - self.u @ (self.u.T @ q)
             q = torch.linalg.qr(q).Q
@@ -248,18 +236,18 @@ class _State:
 
 
 def decompose(target: torch.Tensor, rank: int, nnz: int, gram: torch.Tensor | None = None, *, stages: int = 4,
-              sweeps: int = 2, final_sweeps: int = 4, power_iters: int = 2, ridge: float = 1e-6, seed: int = 0,
-              log: Callable[[str], None] | None = None) -> Decomposition:
+              sweeps: int = 2, final_sweeps: int = 6, power_iters: int = 2, ridge: float = 1e-6, cg_iters: int = 12,
+              seed: int = 0) -> Decomposition:
     """Minimise tr((T − U V − S) G (T − U V − S)ᵀ) over rank(U V) ≤ rank and ‖S‖₀ ≤ nnz (G=None: G = I).
 
-    The rank grows greedily in `stages` steps (each followed by `sweeps` of U-, V- and S-steps), then
-    `final_sweeps` more sweeps polish all three.
+    The rank grows greedily in `stages` steps, each followed by `sweeps` U- and V-steps (S stays 0
+    while the rank grows: a sparse part fitted to a too-small low-rank part locks in a wrong support),
+    then `final_sweeps` sweeps of U-, V- and S-steps fit all three.
     """
     t = target.reshape(target.shape[0], -1).double().cpu()
     m, d = t.shape
     rank, nnz = min(int(rank), m, d), min(int(nnz), m * d)
-    metric = _Metric(None if gram is None else gram.cpu(), d, ridge)
-    st = _State(t, metric)
+    st = _State(t, None if gram is None else gram.cpu(), ridge, cg_iters)
     gen = torch.Generator().manual_seed(seed)
     goals = sorted({math.ceil(rank * (i + 1) / max(1, stages)) for i in range(max(1, stages))}) if rank else []
     for goal in goals:
@@ -267,14 +255,14 @@ def decompose(target: torch.Tensor, rank: int, nnz: int, gram: torch.Tensor | No
         for _ in range(sweeps):
             st.u_step()
             st.v_step()
-            st.s_step(nnz)
-    for _ in range(final_sweeps):
+    for _ in range(final_sweeps if nnz else (1 if goals else 0)):
         st.u_step()
         st.v_step()
         st.s_step(nnz)
-    if log is not None and st.history:
-        log(f"objective {st.history[0]:.4g} -> {st.history[-1]:.4g}")
-    return Decomposition(st.u, st.v, st.s, st.mask, st.history)
+        h = st.history
+        if len(h) > 1 and h[-2] - h[-1] <= 1e-5 * abs(h[-2]):
+            break  # S kept and U, V settled: nothing moves any more
+    return Decomposition(st.u, st.v, st.s, st.mask, st.history, st.objective(), st.reference)
 
 
 def weighted_error(w_hat: torch.Tensor, weight: torch.Tensor, mom: Moments | None) -> float:

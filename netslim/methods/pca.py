@@ -316,6 +316,10 @@ def dims_plot(path, a: Analysis, d: Design) -> None:
         dims = [s.dims(tau) if s.analysable else math.nan for s in spectra.values()]
         ax.plot(xs, [s.channels for s in spectra.values()], color="#bbbbbb", lw=1, label="width")
         ax.plot(xs, dims, marker="o", ms=3, lw=1.2, label=f"significant dims ({tau:g})")
+        stage = {u.name: u.stage for u in d.units}
+        for i in range(1, len(names)):
+            if names[i] in stage and names[i - 1] in stage and stage[names[i]] != stage[names[i - 1]]:
+                ax.axvline(i + 0.5, color="#999999", lw=0.8, ls=":")  # a new resolution stage starts
         gone = [i for i, n in enumerate(names) if _dropped(n, d.drop)]
         if gone:
             ax.scatter([xs[i] for i in gone], [dims[i] for i in gone], marker="x", color="r", s=40, zorder=3,

@@ -6,4 +6,6 @@ from netslim.train.loop import fit
 from netslim.train.schedule import SCHEDULES, lr_at
 from netslim.train.state import STATE_JSON, STATE_TENSORS, read_meta
 
-__all__ = ["SCHEDULES", "STATE_JSON", "STATE_TENSORS", "evaluate", "fit", "lr_at", "read_meta", "recalibrate_bn", "unwrap"]
+__all__ = [
+    "SCHEDULES", "STATE_JSON", "STATE_TENSORS", "evaluate", "fit", "lr_at", "read_meta", "recalibrate_bn", "unwrap",
+]

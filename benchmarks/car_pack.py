@@ -1,0 +1,128 @@
+"""CAR-pruned + packed VGG-16 (CIFAR-10): bytes per layer before and after, accuracy after fine-tuning.
+
+1. Take the CAR halvings of features.0 (conv1) and features.3 (conv2) from car_prune_cpu.json (each
+   ranked on the unpruned network by `benchmarks/car_prune.py`) and cut both by surgery.
+2. Fine-tune briefly (reduced CPU schedule: a subset of the training split, one epoch).
+3. `netslim.pack.pack_model`: magnitude weight pruning + fine-tuning with the mask fixed, k-means weight
+   sharing (8 bits conv, 5 bits Linear), Huffman coding; the packed bytes are decoded and checked
+   (identical weights and predictions) before anything is reported.
+Bytes per layer are compared with the original dense float32 layer (before CAR) and with the CAR-pruned
+dense layer. Test accuracy on the same test images throughout.
+
+    python benchmarks/car_pack.py --ft-images 10000 --test-images 5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+WEIGHTS = SHARED / "models" / "vgg16_bn_cifar10.safetensors"
+DATA = SHARED / "data" / "cifar10-jpeg.tar.gz"
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", default="features.0,features.3")
+    ap.add_argument("--car-results", type=Path, default=RESULTS / "car_prune_cpu.json")
+    ap.add_argument("--ft-images", type=int, default=10000, help="training images per fine-tuning epoch")
+    ap.add_argument("--ft-epochs", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--sparsity", type=float, default=0.6, help="conv weights pruned by magnitude")
+    ap.add_argument("--first-sparsity", type=float, default=0.3, help="features.0 (conv1 is sensitive)")
+    ap.add_argument("--fc-sparsity", type=float, default=0.5)
+    ap.add_argument("--conv-bits", type=int, default=8)
+    ap.add_argument("--fc-bits", type=int, default=5)
+    ap.add_argument("--pack-ft-epochs", type=int, default=1)
+    ap.add_argument("--test-images", type=int, default=0, help="0: the whole test split")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out-dir", type=Path, default=REPO / "runs" / "car_pack", help="packed run directory")
+    ap.add_argument("--out", type=Path, default=RESULTS / "car_pack_cpu.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from netslim.api import load_data, load_trained
+    from netslim.data import calibration_subset, split_holdout
+    from netslim.io import atomic_write_text
+    from netslim.pack.run import PackConfig, pack_model, write_pack_dir
+    from netslim.pipeline import Schedule, accuracy, finetune, machine
+    from netslim.plan import Plan
+    from netslim.surgery import apply_plan
+
+    t0 = time.perf_counter()
+    layers = [n.strip() for n in args.layers.split(",")]
+    car = json.loads(args.car_results.read_text())
+    train, test, _, n_classes = load_data(str(DATA))
+    if args.test_images:
+        test = calibration_subset(test, args.test_images, seed=0)
+    fit_part, _ = split_holdout(train, 0.1, seed=0)
+    ft_data = calibration_subset(fit_part, args.ft_images, seed=1)
+    base, arch, _ = load_trained(WEIGHTS, "vgg16_bn", n_classes)
+    plan = Plan(arch=arch, num_classes=n_classes, input_size=(3, 32, 32),
+                keep={n: car[n]["accuracy_without_retraining"]["car_kept"] for n in layers}, method="car",
+                meta={"source": str(args.car_results.name)})
+    acc_base = accuracy(base, test, "cpu")
+    model = apply_plan(copy.deepcopy(base), plan)
+    acc_cut = accuracy(model, test, "cpu")
+    print(f"base {acc_base:.4f}, CAR-cut {acc_cut:.4f}", flush=True)
+    sched = Schedule(epochs=args.ft_epochs, lr=args.lr, batch_size=128)
+    history = finetune(model, ft_data, sched, "cpu")
+    model.eval()
+    acc_ft = accuracy(model, test, "cpu")
+    print(f"fine-tuned {acc_ft:.4f}", flush=True)
+    cfg = PackConfig(sparsity=args.sparsity, fc_sparsity=args.fc_sparsity,
+                     layer_sparsity={"features.0": args.first_sparsity}, conv_bits=args.conv_bits,
+                     fc_bits=args.fc_bits, epochs=args.pack_ft_epochs, lr=args.lr / 2, batch_size=128)
+    blob, metrics, _ = pack_model(model, plan, ft_data, test, cfg, "cpu")
+    original = {f"{n}.weight": m.weight.numel() * 4 for n, m in base.named_modules() if hasattr(m, "weight")
+                and isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+    per_layer = []
+    for row in metrics["layers"]:
+        before = original[row["key"]]
+        per_layer.append({"key": row["key"], "original_dense_fp32": before, "car_dense_fp32": row["dense_fp32_bytes"],
+                          "packed": row["packed_bytes"], "ratio_vs_original": round(before / row["packed_bytes"], 2),
+                          "ratio_vs_car_dense": row["ratio"], "density": round(row["nonzero"] / row["weights"], 4),
+                          "bits": row["bits"], "layout": row["mode"], "bits_per_weight": row["bits_per_weight"]})
+    conv_original = sum(v for k, v in original.items() if k.startswith("features."))
+    conv_packed = sum(r["packed"] for r in per_layer if r["key"].startswith("features."))
+    metrics |= {"source": "vgg16_bn_cifar10 + CAR plan", "arch": arch, "machine": machine(),
+                "command": shlex.join([sys.executable.split("/")[-1], *sys.argv]),
+                "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    write_pack_dir(args.out_dir, blob, metrics, overwrite=True)
+    acc = metrics["accuracy"]
+    result = {
+        "date": metrics["date"], "machine": machine(), "torch": torch.__version__, "threads": args.threads,
+        "command": metrics["command"], "args": {k: str(v) for k, v in vars(args).items()},
+        "car_layers": {n: {"kept": len(plan.keep[n]), "of": car[n]["accuracy_without_retraining"]["width"],
+                           "car_options": car[n]["options"]} for n in layers},
+        "test_images": len(test),
+        "accuracy": {"original": acc_base, "car_cut_no_retraining": acc_cut, "car_fine_tuned": acc_ft,
+                     "weight_pruned": acc["weight_pruned"], "weight_pruned_fine_tuned": acc.get("fine_tuned"),
+                     "quantized": acc["quantized"], "decoded_from_packed_file": acc["unpacked"],
+                     "drop_points": round(100 * (acc_base - acc["unpacked"]), 2)},
+        "fine_tune": {"images": len(ft_data), "epochs": args.ft_epochs, "lr": args.lr, "history": history,
+                      "pack_history": metrics["history"]},
+        "verify": metrics["verify"], "sparsity": metrics["sparsity"], "bits": metrics["bits"],
+        "bytes_per_layer": per_layer,
+        "bytes": metrics["bytes"] | {"conv_layers_original_dense_fp32": conv_original,
+                                     "conv_layers_packed": conv_packed,
+                                     "conv_ratio_vs_original": round(conv_original / conv_packed, 2)},
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+    }
+    print(json.dumps({k: v for k, v in result.items() if k not in ("fine_tune",)}, indent=1, default=str))
+    atomic_write_text(args.out, json.dumps(result, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
