@@ -10,11 +10,12 @@ For one layer (features.0 = conv1 or features.3 = conv2), in one process:
 3. Test accuracy without retraining after removing half of the layer's filters by CAR, by L1 magnitude
    of the filter (sum |w|, Li et al.) and at random (several seeds), through real surgery (apply_plan).
 
-    python benchmarks/car_prune.py --layer features.0 --eval-size 500 --per-step 8
-    python benchmarks/car_prune.py --layer features.3 --eval-size 500 --per-step 8
+    python benchmarks/car_prune.py --layer features.0 --eval-size 256 --test-images 5000
+    python benchmarks/car_prune.py --layer features.3 --eval-size 256 --test-images 5000
 
-On a shared two-core CPU the defaults (500 evaluation images, re-ranking every 8 removals) keep a layer
-near an hour; `--eval-size 2000 --per-step 1` is the paper's exact reading (a GPU job for VGG-16).
+On a shared two-core CPU, small settings (256-500 evaluation images, re-ranking every 8 removals) keep
+a layer near half an hour of CPU time; `--eval-size 2000 --per-step 1` is the paper's exact reading
+(about 1,550 evaluations of 2,000 images per layer: a GPU job for VGG-16).
 Timings are wall clock and process CPU time (the machine is shared, so CPU time is the fairer figure).
 
 Results are merged into benchmarks/results/car_prune_cpu.json under the layer's name.

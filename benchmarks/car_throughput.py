@@ -8,10 +8,10 @@ One 64-filter layer, a fixed subset of the training split (default 2,000 images)
    rest; the JSON says so), with its correct counts checked against the fast engine's.
 The whole greedy halving is then estimated from the measured time per evaluation for re-ranking every
 K removals (its evaluation count is fixed by K) and for the exact reading (K = 1); the measured greedy
-halvings at 500 images are in car_prune_cpu.json. Times are process CPU seconds on one thread (the
-machine is shared, wall clock is recorded too).
+halvings (fewer images) are in car_prune_cpu.json. Times are process CPU seconds, all threads summed
+(the machine is shared, so wall clock, also recorded, mostly measures the other users).
 
-    python benchmarks/car_throughput.py --layer features.0
+    python benchmarks/car_throughput.py --layer features.0 --threads 2
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def main() -> None:
         "torch": torch.__version__, "threads": args.threads,
         "command": shlex.join([sys.executable.split("/")[-1], *sys.argv]),
         "layer": args.layer, "filters": width, "eval_images": run.eval_images, "engine_path": fast.path,
-        "timing": "process CPU seconds, one thread (wall clock in seconds_wall)",
+        "timing": f"process CPU seconds, {args.threads} thread(s) summed (wall clock in seconds_wall)",
         "fast_full_ranking": {"evaluations": run.ranking["evaluations"], "cpu_seconds": run.ranking["cpu_seconds"],
                               "seconds_wall": run.ranking["seconds"],
                               "cache_seconds_wall": run.ranking["cache_seconds"],

@@ -189,6 +189,17 @@ def _car_options(layers: str | None, eval_size: int | None, per_step: int | None
     return {k: v for k, v in (("layers", layers), ("eval_size", eval_size), ("per_step", per_step)) if v is not None}
 
 
+RankOpt = Annotated[int | None, typer.Option("--rank", help="lrs: rank of each factorized layer's low-rank part")]
+RankRatioOpt = Annotated[float | None, typer.Option("--rank-ratio", help="lrs: rank as a fraction of each layer's "
+                                                                         "min(outputs, inputs·k·k)")]
+SparsityOpt = Annotated[float | None, typer.Option("--sparsity", help="lrs: fraction of each layer's weights the "
+                                                                      "sparse part leaves at zero (0.95 keeps 5%)")]
+
+
+def _lrs_options(rank: int | None, rank_ratio: float | None, sparsity: float | None) -> dict[str, Any]:
+    return {k: v for k, v in (("rank", rank), ("rank_ratio", rank_ratio), ("sparsity", sparsity)) if v is not None}
+
+
 def _for_device(tgt: Any, options: dict[str, Any], device: str, batch: int) -> tuple[Any, dict[str, Any]]:
     """Width rounding by default for the device (unless given), and a latency target timed on it at `batch`."""
     from dataclasses import replace
@@ -213,7 +224,8 @@ def compress(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt =
              energy: Annotated[float | None, typer.Option(help="PFA-En / PCA energy (variance) kept")] = None,
              min_accuracy: MinAccOpt = None, variance: VarianceOpt = None, round_to: RoundOpt = None,
              batch: BatchOpt = 1, layers: LayersOpt = None, eval_size: EvalSizeOpt = None,
-             per_step: PerStepOpt = None,
+             per_step: PerStepOpt = None, rank: RankOpt = None, rank_ratio: RankRatioOpt = None,
+             sparsity: SparsityOpt = None,
              finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", "--epochs",
                                                           help="epochs of training after surgery")] = 0,
              lr: float = 0.01, batch_size: int = 128, label_smoothing: float = 0.0,
@@ -240,7 +252,7 @@ def compress(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt =
     options = _options(opt) | ({"energy": energy} if energy is not None else {})
     options |= {"min_accuracy": min_accuracy} if min_accuracy is not None else {}
     options |= {k: v for k, v in (("variance", variance), ("round_to", round_to)) if v is not None}
-    options |= _car_options(layers, eval_size, per_step)
+    options |= _car_options(layers, eval_size, per_step) | _lrs_options(rank, rank_ratio, sparsity)
     tgt, options = _for_device(tgt, options, dev, batch)
     from netslim.pipeline import resolve_init
 
@@ -267,7 +279,8 @@ def analyze(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt = 
             energy: Annotated[float | None, typer.Option(help="PFA-En / PCA energy (variance) kept")] = None,
             min_accuracy: MinAccOpt = None, variance: VarianceOpt = None, round_to: RoundOpt = None,
             batch: BatchOpt = 1, layers: LayersOpt = None, eval_size: EvalSizeOpt = None,
-            per_step: PerStepOpt = None,
+            per_step: PerStepOpt = None, rank: RankOpt = None, rank_ratio: RankRatioOpt = None,
+            sparsity: SparsityOpt = None,
             classwise: Annotated[bool, typer.Option("--classwise", help="car: per-class accuracy change per "
                                                                         "filter (heat map)")] = False,
             calib_size: int = 5000, classes: ClassesOpt = None, opt: OptOpt = None,
@@ -283,6 +296,7 @@ def analyze(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt = 
     options |= {"min_accuracy": min_accuracy} if min_accuracy is not None else {}
     options |= {k: v for k, v in (("variance", variance), ("round_to", round_to)) if v is not None}
     options |= _car_options(layers, eval_size, per_step) | ({"classwise": True} if classwise else {})
+    options |= _lrs_options(rank, rank_ratio, sparsity)
     tgt, options = _for_device(tgt, options, dev, batch)
     metrics = analyse_to_dir(net, arch, train_set, method, tgt, options, dev, calib_size, idx, out, overwrite,
                              command=shlex.join(["netslim", *sys.argv[1:]]))
@@ -419,6 +433,8 @@ def pack(run: Annotated[Path, typer.Argument(help="run directory (or model.safet
     from netslim.checkpoint import plan_of, read_tensors
     from netslim.pack.run import PackConfig, load_run_data, pack_run_dir
 
+    if not run.exists():
+        raise NetslimError(f"{run} does not exist: give a run directory written by compress (or its model file)")
     out = out or (run / "packed" if run.is_dir() else run.with_name(run.stem + "-packed"))
     if out.exists() and not overwrite:
         raise NetslimError(f"output directory {out} already exists; pass --overwrite to replace it")

@@ -49,10 +49,13 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if kind == "dynamo":
-            batch = torch.export.Dim("batch", min=1, max=1 << 16)
-            torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=["input"],
-                              output_names=["logits"], dynamic_shapes=({0: batch},), opset_version=opset)
-        else:
+            try:
+                batch = torch.export.Dim("batch", min=1, max=1 << 16)
+                torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=["input"],
+                                  output_names=["logits"], dynamic_shapes=({0: batch},), opset_version=opset)
+            except Exception:  # noqa: BLE001 (any capture failure): the TorchScript exporter may still manage
+                kind = "torchscript"
+        if kind == "torchscript":
             torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["input"],
                               output_names=["logits"], opset_version=min(opset, 17),
                               dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})

@@ -10,6 +10,7 @@ the values come from the solver (netslim.methods.lrs_solver) through `set_factor
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -41,7 +42,8 @@ class LowRankSparse(nn.Module):
         if rank == 0 and nnz == 0:
             raise NetslimError("a factorized layer needs rank > 0 or some non-zeros; both are 0")
         self.rank, self.nnz, self.out_dim, self.in_dim = rank, nnz, m, d
-        self._csr: torch.Tensor | None = None  # inference-only sparse kernel (see use_sparse_kernel)
+        self.sparse_kernel = False  # run S as a CSR matmul at inference (see use_sparse_kernel)
+        self._csr: torch.Tensor | None = None  # its snapshot of S, built at the first inference call
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -101,10 +103,15 @@ class LowRankSparse(nn.Module):
             self.bias.copy_(bias)
         self._csr = None
 
+    def _use_csr(self) -> bool:
+        return self.sparse_kernel and not self.training and not torch.is_grad_enabled()
+
     def _sparse_csr(self) -> torch.Tensor:
         if self._csr is None:
             w = (self.sparse.weight * self.mask).reshape(self.out_dim, self.in_dim)
-            self._csr = w.detach().to_sparse_csr()
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore", UserWarning)
+                self._csr = w.detach().to_sparse_csr()
         return self._csr
 
     def __getstate__(self) -> dict[str, Any]:  # copies and pickles drop the CSR snapshot
@@ -142,7 +149,7 @@ class LowRankSparseConv2d(LowRankSparse):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.mix(self.basis(x)) if self.rank else None
         if self.sparse is not None:
-            if self._csr is not None and not self.training and not torch.is_grad_enabled():
+            if self._use_csr():
                 s = self._csr_conv(x)
             else:
                 s = F.conv2d(x, self.sparse.weight * self.mask, self.sparse.bias, **self.conv_args)
@@ -183,7 +190,7 @@ class LowRankSparseLinear(LowRankSparse):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.mix(self.basis(x)) if self.rank else None
         if self.sparse is not None:
-            if self._csr is not None and not self.training and not torch.is_grad_enabled():
+            if self._use_csr():
                 flat = x.reshape(-1, self.in_dim)
                 s = (self._sparse_csr() @ flat.T).T.reshape(*x.shape[:-1], self.out_dim)
                 s = s if self.sparse.bias is None else s + self.sparse.bias
@@ -286,16 +293,15 @@ def factorize_layers(model: nn.Module, spec: dict[str, dict[str, Any]], fill: bo
 def use_sparse_kernel(model: nn.Module, enabled: bool = True) -> int:
     """Run S through a CSR sparse matmul at inference (eval, no grad); returns how many layers switched.
 
-    The masked dense conv used for training costs as much as the original layer; the CSR path costs
-    nnz per output position. Call again after changing weights (the CSR copy is a snapshot).
+    The masked dense layer used for training costs as much as the original layer; the CSR path costs
+    nnz per output position. The CSR copy of S is a snapshot taken at the first inference call after
+    this (and after copying the model); call again after changing the weights.
     """
     n = 0
     for m in model.modules():
         if isinstance(m, LowRankSparse) and m.sparse is not None:
-            m._csr = None
-            if enabled:
-                m._sparse_csr()
-                n += 1
+            m.sparse_kernel, m._csr = enabled, None
+            n += int(enabled)
     return n
 
 

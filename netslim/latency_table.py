@@ -33,6 +33,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from netslim.errors import NetslimError
 from netslim.plan import Plan
 
+TABLE_VERSION = 2  # in the cache file's name: entries of another version are not comparable
 TOLERANCE = 0.05  # measured/target latency ratio accepted without another round of refinement
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -75,7 +76,8 @@ class Conditions:
         """File-name-safe identity of the table: device model, torch version, threads, batch, dtype."""
         name = "".join(c if c.isalnum() else "-" for c in self.device_name()).strip("-") or "cpu"
         kind = "cuda" if self.cuda else "cpu"
-        return f"{kind}-{name}-torch{torch.__version__.split('+')[0]}-t{self.threads}-b{self.batch}-{self.dtype}"
+        torch_version = torch.__version__.split("+")[0]
+        return f"{kind}-{name}-torch{torch_version}-t{self.threads}-b{self.batch}-{self.dtype}-v{TABLE_VERSION}"
 
     def describe(self) -> dict[str, Any]:
         return {"device": self.device, "device_name": self.device_name(), "batch": self.batch,
@@ -269,6 +271,10 @@ def network_units(model: nn.Module, input_size: Sequence[int]) -> list[Unit]:
 # ---------------------------------------------------------------- the table
 
 
+REFERENCE = Unit("conv", 32, 32, (3, 3), (1, 1), (1, 1), (1, 1), 1, (16, 16), False, True, "ReLU")
+REFERENCE_KEY = "reference"  # ms of REFERENCE when the table was started: the scale of every entry
+
+
 def default_table_dir() -> Path:
     from netslim.data import default_cache_dir
 
@@ -321,11 +327,17 @@ class LatencyTable:
                 self.measured += 1
 
     def _time(self, units: list[Unit]) -> list[float]:
+        """Milliseconds per unit, each round's timing scaled by a reference unit timed in the same round.
+
+        The first reference timing of a table fixes its scale: entries measured later, under another
+        load of a shared machine, stay comparable with the earlier ones.
+        """
         cond = self.cond
+        units = [REFERENCE, *units]
         with _threads(cond.threads), torch.inference_mode():
             mods = [prepare_for(u.build(), cond) for u in units]
             xs = [random_input((cond.batch, u.cin, *u.spatial) if u.kind == "conv" else (cond.batch, *u.spatial, u.cin),
-                         cond) for u in units]
+                               cond) for u in units]
             dev = xs[0].device
             inner = []
             for m, x in zip(mods, xs, strict=True):
@@ -348,7 +360,8 @@ class LatencyTable:
                     samples[i].append((time.perf_counter() - t0) / inner[i])
                 if r >= 4 and time.perf_counter() - began > self.budget_s:
                     break
-        return [statistics.median(t) * 1e3 for t in samples]
+        ref = self.entries.setdefault(REFERENCE_KEY, statistics.median(samples[0]) * 1e3)
+        return [ref * statistics.median(a / b for a, b in zip(t, samples[0], strict=True)) for t in samples[1:]]
 
     def unit_ms(self, unit: Unit) -> float:
         self.ensure([unit])
@@ -425,15 +438,16 @@ class LatencyModel:
 
 
 def latency_bisect(make_plan: Callable[[float], Plan], target: Any, template: nn.Module | None,
-                   lo: float, hi: float, iters: int = 24, timings: int = 6,
+                   lo: float, hi: float, iters: int = 24, timings: int = 8,
                    cache_dir: Path | None = None) -> Plan:
     """Largest knob whose Plan runs at `target.fraction` of the base's latency, measured on this device.
 
     First guess: bisect the knob on the table's predicted latency. Then every candidate is timed
     against the base (interleaved) and the knob is corrected on those measurements: regula falsi
-    between the closest timings on either side of the target, or, before there are both sides, the
-    table's prediction aimed off by the error seen so far. At most `timings` candidates are timed; the
-    one closest to the target wins, and its `meta["latency"]` records conditions and measurements.
+    (Illinois) between the closest timings on either side of the target, or, before there are both
+    sides, the table's prediction aimed off by the error seen so far (at most 1.5x per step). At most
+    `timings` candidates are timed; the one closest to the target wins, and its `meta["latency"]`
+    records conditions and measurements.
     """
     if template is None:
         raise NetslimError("a latency target needs the base model (its meta template) to time")
@@ -477,13 +491,20 @@ def latency_bisect(make_plan: Callable[[float], Plan], target: Any, template: nn
         if below and above:  # bracketed: regula falsi on the knob between the closest timings
             a = max(below, key=lambda t: t["measured_ratio"])
             b = min(above, key=lambda t: t["measured_ratio"])
-            span = b["measured_ratio"] - a["measured_ratio"]
-            w = (fraction - a["measured_ratio"]) / span if span > 0 else 0.5
+            fa, fb = fraction - a["measured_ratio"], b["measured_ratio"] - fraction
+            # Illinois: while new timings keep landing on one side, halve the pull of the other, stuck end
+            side = [t["measured_ratio"] < fraction for t in tried]
+            same = next((i for i, s_ in enumerate(reversed(side)) if s_ != side[-1]), len(side))
+            if side[-1]:
+                fb *= 0.5 ** max(0, same - 1)
+            else:
+                fa *= 0.5 ** max(0, same - 1)
+            w = fa / (fa + fb) if fa + fb > 0 else 0.5
             knob = a["knob"] + (b["knob"] - a["knob"]) * min(0.9, max(0.1, w))
         elif (knob <= lo and measured > fraction) or (knob >= hi and measured < fraction):
             break  # the knob's range ends here
-        else:  # one side only: aim the prediction off by the error measured so far
-            goal = min(1.0, max(1e-3, goal * fraction / measured))
+        else:  # one side only: aim the prediction off by the error measured so far (damped)
+            goal = min(1.0, max(1e-3, goal * min(1.5, max(2 / 3, fraction / measured))))
             new = predicted(goal)
             if _shape_key(make_plan(new)) in plans:  # the prediction cannot tell them apart: step the knob
                 step = (hi - lo) / 16

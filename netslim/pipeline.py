@@ -231,8 +231,12 @@ def _speed_section(speed: list[dict[str, Any]]) -> str:
     rows = [[r["device_name"] if r["device"] == "cpu" else r["device"], r["dtype"], r["batch"], r.get("threads"),
              r.get("base_ms"), r.get("ms"), f"{r['speedup']:.3f}×" if "speedup" in r else r.get("error"),
              r.get("base_throughput"), r.get("throughput")] for r in speed]
+    slower = [f"{r['device']} {r['dtype']} batch {r['batch']}" for r in speed if r.get("speedup", 1.0) < 1.0]
+    warning = ("\n\n**Slower than the base** at " + ", ".join(slower) + ": try `--round-to 8` (or 16 on "
+               "AVX-512 CPUs) or a `--target latency=F`.") if slower else ""
     return ("## Speed (base and result timed in turns, medians)\n\n" + table(
-        ["device", "dtype", "batch", "threads", "base ms", "after ms", "speedup", "base img/s", "after img/s"], rows))
+        ["device", "dtype", "batch", "threads", "base ms", "after ms", "speedup", "base img/s", "after img/s"],
+        rows) + warning)
 
 
 def _widths(before: nn.Module, after: nn.Module, plan: Plan) -> list[dict[str, Any]]:

@@ -29,7 +29,7 @@ torch.set_num_threads(1)
 
 def test_conditions_key_names_device_torch_threads_batch() -> None:
     key = Conditions.make("cpu", batch=64, threads=2).key()
-    assert key.startswith("cpu-") and "-t2-" in key and "-b64-" in key and key.endswith("float32")
+    assert key.startswith("cpu-") and "-t2-" in key and "-b64-" in key and "float32" in key
     assert torch.__version__.split("+")[0] in key
     assert Conditions.make("cpu", 1, 1).key() != Conditions.make("cpu", 64, 1).key()
     with pytest.raises(NetslimError):
@@ -66,7 +66,7 @@ def test_table_is_cached_on_disk_and_reused(tmp_path: Path) -> None:
     assert first > 0 and table.measured == 3
     table.save()
     doc = json.loads(table.path.read_text())
-    assert doc["conditions"]["batch"] == 2 and len(doc["entries"]) == 3
+    assert doc["conditions"]["batch"] == 2 and len(doc["entries"]) == 3 + 1  # and the reference unit's timing
     again = LatencyTable(cond, tmp_path)
     assert again.predict(units) == pytest.approx(first) and again.measured == 0
     (tmp_path / table.path.name).write_text("{broken")
@@ -120,7 +120,7 @@ def test_latency_search_times_its_result(ctx: Context, tmp_path: Path) -> None:
     assert 1 <= len(lat["attempts"]) <= 3
     best = min(lat["attempts"], key=lambda a: abs(a["measured_ratio"] - 0.5))
     assert lat["measured_ratio"] == best["measured_ratio"]
-    assert 0.2 < lat["measured_ratio"] < 0.8  # timed on a shared machine: the search aims at 0.5 within 5%
+    assert lat["measured_ratio"] > 0  # its value is a timing: checked in benchmarks/, not in a test
     assert 0 < len(plan.keep) and all(len(k) < 64 for k in plan.keep.values())
     assert Path(lat["table"]).is_file()
 
@@ -170,3 +170,39 @@ def test_pipeline_reports_speed_of_base_and_result_timed_together(tmp_path: Path
     after = res.metrics["after"]["latency"]
     assert [r["median_ms"] for r in after] == [r["ms"] for r in speed]
     assert "## Speed" in (tmp_path / "run" / "report.md").read_text()
+
+
+class FakeLatency:
+    """A network whose latency ratio is knob**4 while the table predicts knob: a badly aimed first guess."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.base_ms, self.timed = 100.0, []
+        self.table = type("T", (), {"save": lambda self: None, "path": "fake", "measured": 0})()
+
+    @staticmethod
+    def knob(plan) -> float:
+        return plan.meta["knob"]
+
+    def predicted_ratio(self, plan) -> float:
+        return self.knob(plan)
+
+    def measured_ratio(self, plan) -> tuple[float, float]:
+        self.timed.append(self.knob(plan))
+        return self.knob(plan) ** 4, 100.0 * self.knob(plan) ** 4
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.2, 0.9])
+def test_latency_search_corrects_a_wrong_prediction_with_few_timings(fraction: float,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import netslim.latency_table as lt
+    from netslim.plan import Plan
+
+    fake = FakeLatency()
+    monkeypatch.setattr(lt, "LatencyModel", lambda *a, **k: fake)
+
+    def make(k: float) -> Plan:
+        return Plan("x", 10, keep={"layer": list(range(max(1, round(k * 10000))))}, meta={"knob": k})
+
+    plan = lt.latency_bisect(make, Target("latency", fraction), object(), 0.0, 1.0)
+    assert abs(plan.meta["latency"]["measured_ratio"] - fraction) <= lt.TOLERANCE * fraction
+    assert len(fake.timed) <= 8

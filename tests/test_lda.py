@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from netslim.budget import Target
-from netslim.data import load_dataset
+from netslim.data import batches, load_dataset
 from netslim.errors import NetslimError
 from netslim.methods.lda import (
     ClassMoments,
@@ -261,20 +261,31 @@ def test_removing_a_filter_removes_the_matching_input_channel_downstream() -> No
         torch.testing.assert_close(small(x), ref, rtol=1e-4, atol=1e-5)
 
 
-def test_dropped_pre_decision_neurons_are_replaced_by_their_mean() -> None:
-    from netslim.methods.lda_loop import fold_dropped_means
+def test_bias_correction_keeps_mean_logits_and_replaces_dropped_neurons_by_their_mean() -> None:
+    from netslim.data import ImageSet
+    from netslim.methods.lda import predecision_features
+    from netslim.methods.lda_loop import _mean_logits, match_mean_logits
 
     base = Chain().eval()
-    keep = [1, 2, 4]
-    small = apply_plan(copy.deepcopy(base), Plan(arch="chain", num_classes=4, input_size=(3, 8, 8),
-                                                 keep={"features.3": keep}))
-    mean = torch.rand(6, dtype=torch.float64)
-    assert fold_dropped_means(base, small, "classifier", mean)
-    z = torch.rand(5, 6)
-    imputed = mean.float().repeat(5, 1)
-    imputed[:, keep] = z[:, keep]
+    g = torch.Generator().manual_seed(0)
+    data = ImageSet(torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8, generator=g), torch.zeros(40).long(),
+                    ["a"], (0.5,) * 3, (0.25,) * 3)
+    feats, _ = predecision_features(base, batches(data, 16), "classifier")
+    mean = feats.double().mean(0)
+    target = _mean_logits(base, "classifier", mean)
+    keep = [1, 2, 4]  # a cut of the pre-decision layer alone: the kept neurons do not change
+    top = apply_plan(copy.deepcopy(base), Plan(arch="chain", num_classes=4, input_size=(3, 8, 8),
+                                               keep={"features.3": keep}))
+    assert match_mean_logits(top, "classifier", target, data, "cpu", 16)
+    dropped = [0, 3, 5]
+    want = base.classifier.bias.double() + base.classifier.weight.double()[:, dropped] @ mean[dropped]
+    torch.testing.assert_close(top.classifier.bias.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    deep = apply_plan(copy.deepcopy(base), Plan(arch="chain", num_classes=4, input_size=(3, 8, 8),
+                                                keep={"features.0": [0, 1, 5], "features.3": keep}))
+    assert match_mean_logits(deep, "classifier", target, data, "cpu", 16)
+    new_feats, _ = predecision_features(deep, batches(data, 16), "classifier")
     with torch.no_grad():
-        torch.testing.assert_close(small.classifier(z[:, keep]), base.classifier(imputed), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(deep.classifier(new_feats).double().mean(0), target, rtol=1e-5, atol=1e-5)
 
 
 def test_composed_keeps_reproduce_two_successive_cuts() -> None:
@@ -404,7 +415,6 @@ def test_residual_groups_combine_member_utilities_by_max() -> None:
     a = analyse_model(ctx, o, validate(net, data, ctx.classifier, "cpu", 64)[1])
     stream = next(grp for grp in ctx.groups() if "layer3.0.conv2" in grp.layers)  # stage 3: adds tie 10 layers
     assert len(stream.layers) > 2 and stream.root in a.utility
-    from netslim.data import batches
     from netslim.methods.lda import ranking
     from netslim.methods.lda_trace import trace
 

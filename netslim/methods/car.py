@@ -10,6 +10,11 @@ Targets: per chosen layer (`keep_fraction`, default 0.5), or global `--target pa
 bisecting one kept fraction shared by the chosen layers (their widths follow it, the filters within a
 layer are then chosen by greedy CAR). Several layers are pruned one after another in forward order,
 each on the network with the earlier layers' removals already applied.
+
+Options (`--opt key=value`; the first three also as CLI flags): layers, eval_size (2000), per_step (1),
+keep_fraction (0.5), max_drop (stop before eval accuracy falls more than this below the start),
+classwise (heat map in the report), min_keep, round_to, seed, batch (forward batch), masks_per_pass,
+fast (False: naive full-network evaluation), precision (fp32 | bf16 autocast: faster, approximate).
 """
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ class AblationEngine:
         self.channels_last = channels_last and images.dim() == 4
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.images = images
+        self.images = images.to(self.device)  # a few thousand images: moved once, not per pass
         self.labels = labels.to(self.device)
         self.num_classes = num_classes
         self.batch_size = max(1, int(batch_size))

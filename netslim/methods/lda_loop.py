@@ -4,9 +4,11 @@ Iteration t (η_t = eta_start + (t-1)·eta_step): Fisher scores and M′ on the 
 utility trace of the M′ selected responses (lda_trace.py), then in every coupled group remove the
 channels whose utility is below η_t · std(non-zero utilities of that group); a group's utility is the
 per-channel maximum over its member layers (a residual stream channel stays if any block that writes
-it needs it). Pre-decision neurons the cut removes are replaced by their training mean, folded into the
-classifier bias (option fold_means), which is how M′ was judged; plain removal would feed the classifier
-zeros instead. The cut network is fine-tuned for a short round (options ft_*) and scored on ctx.val.
+it needs it). The cut is then repaired before fine-tuning: BatchNorm statistics are re-estimated on
+calibration images (option bn_recal), and the classifier bias is reset so that the cut network's mean
+logits equal the uncut network's (option bias_correction): the removed pre-decision neurons then count
+at their mean, as when M′ was judged, instead of at zero. The cut network is fine-tuned for a short round
+(options ft_*) and scored on ctx.val.
 
 Stopping: with --min-accuracy A (option min_accuracy) the loop stops at the first iterate whose
 validation accuracy falls below A, and keeps (select=smallest, the default) the smallest iterate at or
@@ -71,7 +73,9 @@ class LoopOptions:
     ft_images: int = 0  # images per fine-tuning round (0: all of ctx.train)
     ft_schedule: str = "onecycle"
     ft_weight_decay: float = 5e-4
-    fold_means: bool = True  # dropped pre-decision neurons -> their mean, folded into the classifier bias
+    bn_recal: int = 1000  # after a cut, re-estimate BatchNorm statistics on this many calibration images
+    bias_correction: bool = True  # after a cut, reset the classifier bias to keep the mean logits
+    bias_images: int = 256  # calibration images that measure the cut network's mean features
     verbose: bool = True
 
     @classmethod
@@ -116,7 +120,7 @@ class Iterate:
     predecision: int  # width of the pre-decision layer the scores were computed on
     params: int
     macs: int
-    val_cut: float | None  # validation accuracy right after the cut
+    val_cut: float | None  # validation accuracy after the cut and its BN / bias recalibration
     val: float  # validation accuracy after fine-tuning
     removed: int  # channels removed in this step
     seconds: float
@@ -198,29 +202,33 @@ def plan_at(sub: Context, a: Analysis, eta: float, o: LoopOptions) -> Plan:
     return plan
 
 
-def fold_dropped_means(old: nn.Module, new: nn.Module, classifier: str, mean: torch.Tensor) -> bool:
-    """Add the dropped pre-decision neurons' mean contribution W[:, dropped] · mean[dropped] to the cut
-    network's classifier bias: they are then replaced by their mean, as when M′ was chosen, instead of by
-    zero. The surviving columns are found by exact match with the old weights (surgery copies them)."""
-    h0, h1 = old.get_submodule(classifier), new.get_submodule(classifier)
-    if not isinstance(h0, nn.Linear) or not isinstance(h1, nn.Linear) or h1.bias is None:
+def match_mean_logits(new: nn.Module, classifier: str, target: torch.Tensor, data: ImageSet, device: str,
+                      batch_size: int) -> bool:
+    """Reset the cut network's classifier bias so its mean logits on `data` equal `target` (the uncut
+    network's, b + W·mean). Dropped pre-decision neurons are thereby replaced by their mean (how M′ was
+    judged) rather than by zero, and the mean shift that cuts further down cause in the kept ones is
+    absorbed too; for a cut of the pre-decision layer alone it adds exactly W[:, dropped]·mean[dropped]."""
+    head = new.get_submodule(classifier)
+    if not isinstance(head, nn.Linear) or head.bias is None or head.out_features != target.numel():
         return False
-    if h1.in_features == h0.in_features or h1.out_features != h0.out_features or mean.numel() != h0.in_features:
-        return False
-    w0, w1 = h0.weight.detach().float().cpu(), h1.weight.detach().float().cpu()
-    columns: dict[bytes, list[int]] = {}
-    for j in range(w0.shape[1]):
-        columns.setdefault(w0[:, j].numpy().tobytes(), []).append(j)
-    kept = []
-    for j in range(w1.shape[1]):
-        same = columns.get(w1[:, j].numpy().tobytes())
-        if not same:
-            return False
-        kept.append(same.pop(0))
-    dropped = sorted(set(range(w0.shape[1])) - set(kept))
+    feats, _ = predecision_features(new, batches(data, batch_size, device=device), classifier, device)
     with torch.no_grad():
-        h1.bias += (w0[:, dropped].double() @ mean[dropped].double()).to(h1.bias)
+        bias = target.double() - head.weight.detach().double().cpu() @ feats.double().mean(0)
+        head.bias.copy_(bias.to(head.bias))
     return True
+
+
+def recalibrate(new: nn.Module, old: nn.Module, classifier: str, mean: torch.Tensor, calib: ImageSet,
+                o: LoopOptions, device: str, batch_size: int) -> None:
+    """Repair a fresh cut before fine-tuning: BatchNorm statistics re-estimated on calibration images
+    (o.bn_recal), then the classifier bias reset to the uncut network's mean logits (o.bias_correction)."""
+    from netslim.train import recalibrate_bn
+
+    if o.bn_recal > 0:
+        recalibrate_bn(new, batches(calib, batch_size, shuffle=True, device=device, seed=7), device, o.bn_recal)
+    if o.bias_correction:
+        images = calibration_subset(calib, min(o.bias_images, len(calib)), seed=3)
+        match_mean_logits(new, classifier, _mean_logits(old, classifier, mean), images, device, batch_size)
 
 
 def compose(base_keep: dict[str, list[int]], step: dict[str, list[int]], base_widths: dict[str, int]
@@ -310,8 +318,7 @@ def run_loop(ctx: Context) -> Plan:
             console.print(f"lda: iteration {t} (η={eta:.3f}, M′={a.mprime}): nothing below the threshold")
             continue
         new = apply_plan(copy.deepcopy(cur), plan) if plan.keep else copy.deepcopy(cur)
-        if o.fold_means:
-            fold_dropped_means(cur, new, classifier, a.mean)
+        recalibrate(new, cur, classifier, a.mean, ctx.calib, o, ctx.device, ctx.batch_size)
         keep_base = compose(keep_base, plan.keep, base_widths)
         acc_cut, _ = validate(new, val, classifier, ctx.device, ctx.batch_size)
         rounds += 1
@@ -324,7 +331,7 @@ def run_loop(ctx: Context) -> Plan:
         history.append(it)
         console.print(f"lda: iteration {t} (η={eta:.3f}, M′={a.mprime}/{a.scores.numel()}): {it.params:,} params "
                       f"({it.params / base_size['params']:.4f}), {it.macs:,} MACs, val acc {acc_cut:.4f} after the "
-                      f"cut, {acc:.4f} after fine-tuning, {it.seconds:.0f} s")
+                      f"cut and recalibration, {acc:.4f} after fine-tuning, {it.seconds:.0f} s")
         if floor is not None and acc < floor:
             stop = f"validation accuracy {acc:.4f} fell below the floor {floor:.4f}"
             break
@@ -354,6 +361,15 @@ def run_loop(ctx: Context) -> Plan:
 def _rounds_until(history: list[Iterate], index: int) -> int:
     """Fine-tuning rounds that produced iterate `index` (every iteration that cut was fine-tuned)."""
     return sum(1 for h in history if 0 < h.index <= index and h.val_cut is not None)
+
+
+def _mean_logits(model: nn.Module, classifier: str, mean: torch.Tensor) -> torch.Tensor:
+    """Mean logits b + W·mean of a Linear classifier fed features with the given mean."""
+    head = model.get_submodule(classifier)
+    if not isinstance(head, nn.Linear):
+        return torch.empty(0)
+    out = head.weight.detach().double().cpu() @ mean.double()
+    return out + head.bias.detach().double().cpu() if head.bias is not None else out
 
 
 def _predecision_width(model: nn.Module, classifier: str) -> int:
@@ -423,7 +439,7 @@ def _add_report(ctx: Context, history: list[Iterate], chosen: Iterate, floor: fl
         f"non-zero utilities per layer, η = {o.eta_start}, {o.eta_start + o.eta_step:g}, …; fine-tuning per round: "
         f"{ft}. Floor: {'–' if floor is None else f'{floor:.4f}'} (validation); stop: {stop}; kept iteration "
         f"{chosen.index} (select={o.select}).\n\n![iterations](lda_iterations.png)\n\n" + table(
-            ["iter", "η", "M′/M", "params", "params/base", "MACs", "MACs/base", "val acc after cut",
+            ["iter", "η", "M′/M", "params", "params/base", "MACs", "MACs/base", "val acc after cut + recal.",
              "val acc after fine-tune", "channels removed", "seconds", "kept"], rows)]
     scores = analyses[0].scores if analyses else None
     ctx.cache.setdefault("artifacts", {})["lda_iterations.png"] = lambda path: iterations_plot(
@@ -446,7 +462,7 @@ def iterations_plot(path: Any, history: list[Iterate], chosen: Iterate, floor: f
     ax.plot(frac, [h.val for h in history], "o-", label="after fine-tuning")
     cut = [(f, h.val_cut) for f, h in zip(frac, history, strict=True) if h.val_cut is not None]
     if cut:
-        ax.plot(*zip(*cut, strict=True), "x", color="grey", label="right after the cut")
+        ax.plot(*zip(*cut, strict=True), "x", color="grey", label="after the cut (recalibrated)")
     for f, h in zip(frac, history, strict=True):
         ax.annotate(str(h.index), (f, h.val), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.plot([chosen.params / base["params"]], [chosen.val], "s", mfc="none", ms=12, color="red", label="kept")

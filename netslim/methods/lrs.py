@@ -3,7 +3,7 @@
 Per layer, im2col patches of a small calibration sample give G = X Xᵀ and Y Xᵀ (accumulated from a
 forward pre-hook with a few random positions per image, never stored); netslim.methods.lrs_solver
 fits U, V and S; netslim.factorized executes them. Budgets: per layer (`rank`, `rank_ratio`,
-`sparsity`, overrides in `layers`), or a global `--target params=F` split across layers greedily by how
+`sparsity`, overrides in `per_layer`), or a global `--target params=F` split across layers greedily by how
 fast each layer's feature-map error falls per parameter spent (from the eigenvalues of T G Tᵀ: the
 error of the best rank-r fit in the feature-map metric), with a fixed share of each layer's budget
 given to S (`sparse_share`). Since a Plan holds no weights, the filled model goes to ctx.cache["model"].
@@ -44,11 +44,11 @@ class Config:
     positions: int = 8  # random output positions per image and layer
     stages: int = 4
     sweeps: int = 2
-    final_sweeps: int = 6
+    final_sweeps: int = 4
     power_iters: int = 2
-    ridge: float = 1e-6
+    ridge: float = 1e-4  # fraction of mean diag(G) added to G (dead inputs, fewer patches than d)
     include_classifier: bool = False
-    layers: dict[str, dict[str, Any]] | None = None  # per-layer overrides {name: {"rank", "nnz"|"sparsity"}}
+    per_layer: dict[str, dict[str, Any]] | None = None  # per-layer overrides {name: {"rank", "nnz"|"sparsity"}}
     skip: tuple[str, ...] = ()
     seed: int = 0
 
@@ -81,7 +81,7 @@ class Config:
         if ctx.target is not None and (self.rank is not None or self.rank_ratio is not None
                                        or self.sparsity is not None):
             raise NetslimError("--target splits the budget across layers itself; drop --rank/--rank-ratio/--sparsity "
-                               "(tune the split with --opt sparse_share=F, per-layer choices with --opt layers=...)")
+                               "(tune the split with --opt sparse_share=F, per-layer choices with --opt per_layer=...)")
         if ctx.target is not None and ctx.target.kind != "params":
             raise NetslimError(f"lrs meets a storage target (--target params=F), not {ctx.target}: its sparse part "
                                "saves FLOPs or time only with a sparse kernel")
@@ -263,9 +263,9 @@ def compressed_moments(reference: nn.Module, model: nn.Module, name: str, data: 
 def candidate_layers(ctx: Context, cfg: Config) -> list[str]:
     """Conv2d (groups=1) and Linear layers in call order, minus the classifier (unless asked) and `skip`."""
     mods = dict(ctx.model.named_modules())
-    unknown = [n for n in (*cfg.skip, *(cfg.layers or {})) if n not in mods]
+    unknown = [n for n in (*cfg.skip, *(cfg.per_layer or {})) if n not in mods]
     if unknown:
-        raise NetslimError(f"lrs: unknown layer {unknown[0]!r} in skip/layers")
+        raise NetslimError(f"lrs: unknown layer {unknown[0]!r} in skip/per_layer")
     order = call_order(ctx.model, ctx.example())
     out = [n for n in order if layer_kind(mods[n]) is not None and n not in cfg.skip
            and (cfg.include_classifier or n != ctx.classifier)]
@@ -303,9 +303,9 @@ def _overrides(ctx: Context, cfg: Config) -> dict[str, dict[str, Any]]:
 
     mods = dict(ctx.model.named_modules())
     out = {}
-    for n, e in (cfg.layers or {}).items():
+    for n, e in (cfg.per_layer or {}).items():
         if layer_kind(mods[n]) is None:
-            raise NetslimError(f"lrs layers: {n!r} is not a Conv2d (groups=1) or Linear layer")
+            raise NetslimError(f"lrs per_layer: {n!r} is not a Conv2d (groups=1) or Linear layer")
         m, d = matrix_shape(mods[n])
         out[n] = _entry(mods[n], int(e.get("rank", 0)), nnz_of(e, m, d))
     return out
@@ -313,36 +313,48 @@ def _overrides(ctx: Context, cfg: Config) -> dict[str, dict[str, Any]]:
 
 def target_budgets(ctx: Context, cfg: Config, names: list[str], moments: dict[str, Moments] | None,
                    targets: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
-    """Split a params target across layers: greedy rank units (each with its share of S) by error per param."""
+    """Split a params target across layers: greedy rank units (each with its share of S) by error per param.
+
+    A layer too small for one unit, or whose allocation reaches its dense size, stays dense; the few
+    values that rounding leaves over the target come off the largest sparse parts.
+    """
     from netslim.budget import stored_params
 
     mods = dict(ctx.model.named_modules())
+    size = {n: math.prod(matrix_shape(mods[n])) for n in names}
+    share = cfg.sparse_share
+    unit = {n: sum(matrix_shape(mods[n])) / (1.0 - share) for n in names}
+    cap = {n: min(*matrix_shape(mods[n]), int(size[n] / unit[n])) for n in names}
     fixed = _overrides(ctx, cfg)
-    free = [n for n in names if n not in fixed]
+    free = [n for n in names if n not in fixed and cap[n] > 0]
     base = stored_params(ctx.model)
     budget = ctx.target.fraction * base
-    dense_free = sum(math.prod(matrix_shape(mods[n])) for n in free)
-    fixed_cost = sum(e["rank"] * sum(matrix_shape(mods[n])) + e["nnz"] - math.prod(matrix_shape(mods[n]))
-                     for n, e in fixed.items())
-    available = budget - (base - dense_free) - fixed_cost
-    share = cfg.sparse_share
-    units, caps, curves = [], [], []
-    for n in free:
-        m, d = matrix_shape(mods[n])
-        units.append((m + d) / (1.0 - share))
-        caps.append(min(m, d, int(m * d / units[-1])))
-        g = moments[n].gram if moments is not None else None
-        curves.append(lowrank_curve(targets[n], g, cfg.ridge))
-    if available < sum(min(1, c) * u for c, u in zip(caps, units, strict=True)):
+
+    def cost(n: str, e: dict[str, Any]) -> int:  # stored values of a factorized layer's weight
+        return e["rank"] * sum(matrix_shape(mods[n])) + e["nnz"]
+
+    # what is not allocated: everything but the free layers' weights, overrides at their factorized size
+    rest = base - sum(size[n] for n in free) - sum(size[n] - cost(n, e) for n, e in fixed.items())
+    need = rest + sum(unit[n] for n in free)
+    if need > budget:
         raise NetslimError(f"target {ctx.target} is unreachable for lrs: rank 1 in every factorized layer already "
-                           f"needs {(base - dense_free + sum(units)) / base:.4f} of the parameters")
-    ranks = allocate(curves, units, caps, available)
+                           f"needs {need / base:.4f} of the parameters")
+    curves = [lowrank_curve(targets[n], moments[n].gram if moments is not None else None, cfg.ridge) for n in free]
+    ranks = allocate(curves, [unit[n] for n in free], [cap[n] for n in free], budget - rest)
     out = dict(fixed)
-    for n, r, u, cap in zip(free, ranks, units, caps, strict=True):
-        m, d = matrix_shape(mods[n])
-        if r >= cap and cap * u >= 0.98 * m * d:
+    for n, r in zip(free, ranks, strict=True):
+        if r >= cap[n] and cap[n] * unit[n] >= 0.98 * size[n]:
             continue  # the budget reached the dense size: keep the layer as it is
-        out[n] = _entry(mods[n], r, int(math.floor(r * u - r * (m + d))))
+        out[n] = _entry(mods[n], r, int(r * unit[n] * share))
+    excess = base - sum(size[n] - cost(n, e) for n, e in out.items()) - budget
+    for n in sorted(out, key=lambda k: -out[k]["nnz"]):
+        if excess <= 0:
+            break
+        cut = min(out[n]["nnz"], math.ceil(excess))
+        out[n]["nnz"] -= cut
+        excess -= cut
+    if excess > 0:
+        raise NetslimError(f"target {ctx.target} is unreachable for lrs with these per-layer choices")
     return out
 
 
@@ -350,19 +362,21 @@ def target_budgets(ctx: Context, cfg: Config, names: list[str], moments: dict[st
 
 
 def _solve(cfg: Config, weight: torch.Tensor, mom: Moments | None, entry: dict[str, Any]) -> Any:
+    weight = weight.detach()
     t = mom.target(weight, cfg.ridge) if mom is not None else weight.reshape(weight.shape[0], -1).double()
     return decompose(t, entry["rank"], entry["nnz"], mom.gram if mom is not None else None, stages=int(cfg.stages),
                      sweeps=int(cfg.sweeps), final_sweeps=int(cfg.final_sweeps), power_iters=int(cfg.power_iters),
                      ridge=float(cfg.ridge), seed=int(cfg.seed))
 
 
-def calib_batches(ctx: Context, cfg: Config, batch_size: int = 32) -> Any:
+def calib_batches(ctx: Context, cfg: Config, batch_size: int = 32) -> tuple[Any, int]:
+    """Batches of at most `images` calibration images, and how many there are."""
     if ctx.calib is None or len(ctx.calib.labels) == 0:
         raise NetslimError("lrs needs calibration images (feature-map reconstruction); none were given")
     data = ctx.calib
     if len(data.labels) > int(cfg.images):
         data = calibration_subset(data, int(cfg.images), seed=int(cfg.seed))
-    return batches(data, batch_size, device=ctx.device)
+    return batches(data, batch_size, device=ctx.device), len(data.labels)
 
 
 @register("lrs", "GreBdec: each layer -> low-rank U V + sparse S fitted to its feature maps "
@@ -372,12 +386,12 @@ def lrs(ctx: Context) -> Plan:
     names = candidate_layers(ctx, cfg)
     mods = dict(ctx.model.named_modules())
     features = cfg.objective == "features"
-    data = calib_batches(ctx, cfg) if features else None
+    data, images = calib_batches(ctx, cfg) if features else (None, 0)
     t0 = time.perf_counter()
     moments = original_moments(ctx.model, names, data, int(cfg.positions), int(cfg.seed)) if features else None
     seconds_moments = time.perf_counter() - t0
     if ctx.target is not None:
-        targets = {n: (moments[n].target(mods[n].weight, cfg.ridge) if moments else
+        targets = {n: (moments[n].target(mods[n].weight.detach(), cfg.ridge) if moments else
                        mods[n].weight.detach().reshape(mods[n].weight.shape[0], -1).double()) for n in names}
         spec = target_budgets(ctx, cfg, names, moments, targets)
     else:
@@ -402,11 +416,11 @@ def lrs(ctx: Context) -> Plan:
     ctx.cache["model"] = model
     plan = ctx.base_plan("lrs")
     plan.factorize = spec
-    plan.meta = {"objective": cfg.objective, "inputs": cfg.inputs, "calibration_images": int(cfg.images)
-                 if features else 0, "positions_per_image": int(cfg.positions), "sparse_share": cfg.sparse_share
+    plan.meta = {"objective": cfg.objective, "inputs": cfg.inputs, "calibration_images": images,
+                 "positions_per_image": int(cfg.positions), "sparse_share": cfg.sparse_share
                  if ctx.target is not None else None, "target": str(ctx.target) if ctx.target else None,
                  "moments_seconds": round(seconds_moments, 2), "layers": rows}
-    _report(ctx, cfg, rows)
+    _report(ctx, cfg, rows, images)
     return plan
 
 
@@ -425,12 +439,12 @@ def _row(name: str, dense: nn.Module, layer: Any, dec: Any, mom: Moments | None,
     return row
 
 
-def _report(ctx: Context, cfg: Config, rows: list[dict[str, Any]]) -> None:
+def _report(ctx: Context, cfg: Config, rows: list[dict[str, Any]], images: int) -> None:
     from netslim.report import table
 
-    body = [[r["layer"], f"{r['m']}×{r['d']}", r["rank"], r["nnz"], r["params"], f"{r['params'] / r['dense_params']:.3f}",
-             r["bytes"], f"{r['weight_error']:.4f}", "–" if r["feature_error"] is None else f"{r['feature_error']:.4f}",
-             r["seconds"]] for r in rows]
+    body = [[r["layer"], f"{r['m']}×{r['d']}", r["rank"], r["nnz"], r["params"],
+             f"{r['params'] / r['dense_params']:.3f}", r["bytes"], f"{r['weight_error']:.4f}",
+             "–" if r["feature_error"] is None else f"{r['feature_error']:.4f}", r["seconds"]] for r in rows]
     tot_p, tot_d = sum(r["params"] for r in rows), sum(r["dense_params"] for r in rows)
     tot_b, tot_db = sum(r["bytes"] for r in rows), sum(r["dense_bytes"] for r in rows)
     body.append(["**factorized layers**", "", "", sum(r["nnz"] for r in rows), tot_p,
@@ -440,7 +454,7 @@ def _report(ctx: Context, cfg: Config, rows: list[dict[str, Any]]) -> None:
         f"## Low-rank + sparse decomposition (GreBdec, fitted to {what}, {cfg.inputs} inputs)\n\n"
         f"W ≈ U V + S per layer; params = r·(m + d) + nnz (+ bias); bytes = float32 U, V, bias + S in CSR "
         f"(value + {2}-byte column index per non-zero, 4-byte row pointers); dense: {tot_db:,} bytes. Errors are "
-        f"relative (‖W − Ŵ‖/‖W‖ and ‖Y − Ŷ‖/‖Y‖ on {int(cfg.images)} calibration images × "
+        f"relative (‖W − Ŵ‖/‖W‖ and ‖Y − Ŷ‖/‖Y‖ on {images} calibration images × "
         f"{int(cfg.positions)} positions). The sparse part runs as a masked dense layer unless "
         "netslim.factorized.use_sparse_kernel switches it to CSR.\n\n"
         + table(["layer", "m×d", "rank", "non-zeros", "params", "params/dense", "bytes", "weight err",

@@ -38,7 +38,7 @@ class Moments:
 
     def target(self, weight: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
         """T = P G⁻¹: the dense weight that best maps these inputs to the original outputs."""
-        w = weight.reshape(weight.shape[0], -1).double()
+        w = weight.detach().reshape(weight.shape[0], -1).double()
         if self.cross is None:
             return w
         g = regularised(self.gram, ridge)
@@ -119,40 +119,45 @@ def _refit(g: torch.Tensor, diag: torch.Tensor, rg: torch.Tensor, mask: torch.Te
 
     One Jacobi-preconditioned conjugate-gradient solve per row, batched over rows of similar support
     size with the G[Ω,Ω] blocks gathered once; warm started from `start` (the previous S). Costs
-    Σ |Ω_i|² per iteration instead of the m·d² of a full S G product.
+    Σ |Ω_i|² per iteration instead of the m·d² of a full S G product. Runs in g's dtype (the caller
+    passes a float32 copy for large supports: a few CG steps do not need float64).
     """
+    dt = g.dtype
+    tiny = torch.finfo(dt).tiny
     s = torch.zeros_like(rg)
     quad = 0.0
     for rows, idx, valid in _row_blocks(mask):
         a = g[idx[:, :, None], idx[:, None, :]] * (valid[:, :, None] & valid[:, None, :])
-        pre = torch.where(valid, diag[idx], 1.0)
-        b = torch.where(valid, torch.gather(rg[rows], 1, idx), 0.0)
-        x = torch.where(valid, torch.gather(start[rows], 1, idx), 0.0) if start is not None else b / pre
+        pre = torch.where(valid, diag.to(dt)[idx], 1.0)
+        b = torch.where(valid, torch.gather(rg[rows].to(dt), 1, idx), 0.0)
+        x = torch.where(valid, torch.gather(start[rows].to(dt), 1, idx), 0.0) if start is not None else b / pre
         res = b - torch.bmm(a, x.unsqueeze(2)).squeeze(2)
         z = res / pre
         p = z.clone()
         rz = (res * z).sum(1)
-        floor = 1e-28 * float((b * b / pre).sum().clamp_min(1e-300))
+        floor = 1e-28 * float((b.double() ** 2 / pre.double()).sum())
         for _ in range(min(iters, idx.shape[1])):
             ap = torch.bmm(a, p.unsqueeze(2)).squeeze(2)
             den = (p * ap).sum(1)
-            alpha = torch.where(den > 0, rz / den.clamp_min(1e-300), 0.0)
+            alpha = torch.where(den > 0, rz / den.clamp_min(tiny), 0.0)
             x += alpha[:, None] * p
             res -= alpha[:, None] * ap
             z = res / pre
             new = (res * z).sum(1)
-            if float(new.sum()) <= floor:
+            if float(new.double().sum()) <= floor:
                 break
-            p = z + torch.where(rz > 0, new / rz.clamp_min(1e-300), 0.0)[:, None] * p
+            p = z + torch.where(rz > 0, new / rz.clamp_min(tiny), 0.0)[:, None] * p
             rz = new
         x = x * valid
-        quad += float((x * torch.bmm(a, x.unsqueeze(2)).squeeze(2)).sum())
-        s[rows.unsqueeze(1).expand_as(idx)[valid], idx[valid]] = x[valid]
+        quad += float((x.double() * torch.bmm(a, x.unsqueeze(2)).squeeze(2).double()).sum())
+        s[rows.unsqueeze(1).expand_as(idx)[valid], idx[valid]] = x[valid].double()
     return s, quad
 
 
 class _State:
     """U, V, S and the products with G that the steps share (G = None: weight-only, G = I)."""
+
+    SMALL = 1 << 22  # Σ|Ω_i|² up to which the support's blocks are refitted in float64
 
     def __init__(self, t: torch.Tensor, gram: torch.Tensor | None, ridge: float, cg_iters: int) -> None:
         m, d = t.shape
@@ -162,12 +167,21 @@ class _State:
         self.tg = t if self.g is None else t @ self.g  # T G, the one m·d² product
         self.reference = float((self.tg * t).sum())  # tr(T G Tᵀ)
         self.cg_iters = cg_iters
+        self._g32: torch.Tensor | None = None
         self.u = t.new_zeros(m, 0)
         self.v = t.new_zeros(0, d)
         self.s = torch.zeros_like(t)
         self.mask = torch.zeros(m, d, dtype=torch.bool)
         self.quad = 0.0  # tr(S G Sᵀ) of the current S
         self.history: list[float] = []
+
+    def _blocks_source(self, mask: torch.Tensor) -> torch.Tensor:
+        """G, or a float32 copy of it when the support's blocks are large (memory traffic halves)."""
+        if int((mask.sum(1) ** 2).sum()) <= self.SMALL:
+            return self.g
+        if self._g32 is None:
+            self._g32 = self.g.float()
+        return self._g32
 
     def gmul(self, a: torch.Tensor) -> torch.Tensor:
         """A G for a thin A (rows × d)."""
@@ -203,7 +217,7 @@ class _State:
         base = float((rg * r).sum())
         best = (base - 2 * float((self.s * rg).sum()) + self.quad, self.s, self.mask, self.quad)
         new = _top_mask(r.abs() * self.diag.sqrt(), c)  # largest entries of the dense minimiser, G-scaled
-        s, quad = _refit(self.g, self.diag, rg, new, self.s, self.cg_iters)
+        s, quad = _refit(self._blocks_source(new), self.diag, rg, new, self.s, self.cg_iters)
         f = base - 2 * float((s * rg).sum()) + quad
         if f < best[0] or not self.mask.any():
             best = (f, s, new, quad)
@@ -236,7 +250,7 @@ class _State:
 
 
 def decompose(target: torch.Tensor, rank: int, nnz: int, gram: torch.Tensor | None = None, *, stages: int = 4,
-              sweeps: int = 2, final_sweeps: int = 6, power_iters: int = 2, ridge: float = 1e-6, cg_iters: int = 12,
+              sweeps: int = 2, final_sweeps: int = 4, power_iters: int = 2, ridge: float = 1e-6, cg_iters: int = 12,
               seed: int = 0) -> Decomposition:
     """Minimise tr((T − U V − S) G (T − U V − S)ᵀ) over rank(U V) ≤ rank and ‖S‖₀ ≤ nnz (G=None: G = I).
 
@@ -244,7 +258,7 @@ def decompose(target: torch.Tensor, rank: int, nnz: int, gram: torch.Tensor | No
     while the rank grows: a sparse part fitted to a too-small low-rank part locks in a wrong support),
     then `final_sweeps` sweeps of U-, V- and S-steps fit all three.
     """
-    t = target.reshape(target.shape[0], -1).double().cpu()
+    t = target.detach().reshape(target.shape[0], -1).double().cpu()
     m, d = t.shape
     rank, nnz = min(int(rank), m, d), min(int(nnz), m * d)
     st = _State(t, None if gram is None else gram.cpu(), ridge, cg_iters)
@@ -255,10 +269,12 @@ def decompose(target: torch.Tensor, rank: int, nnz: int, gram: torch.Tensor | No
         for _ in range(sweeps):
             st.u_step()
             st.v_step()
-    for _ in range(final_sweeps if nnz else (1 if goals else 0)):
+    for _ in range(final_sweeps if nnz or goals else 0):
         st.u_step()
         st.v_step()
         st.s_step(nnz)
+        if not nnz:
+            st.history.append(st.objective())
         h = st.history
         if len(h) > 1 and h[-2] - h[-1] <= 1e-5 * abs(h[-2]):
             break  # S kept and U, V settled: nothing moves any more
@@ -267,8 +283,8 @@ def decompose(target: torch.Tensor, rank: int, nnz: int, gram: torch.Tensor | No
 
 def weighted_error(w_hat: torch.Tensor, weight: torch.Tensor, mom: Moments | None) -> float:
     """Relative feature-map error ‖Y − Ŵ X̂‖ / ‖Y‖ on the calibration patches (weights: ‖W − Ŵ‖ / ‖W‖)."""
-    w = weight.reshape(weight.shape[0], -1).double()
-    wh = w_hat.reshape(w.shape).double()
+    w = weight.detach().reshape(weight.shape[0], -1).double()
+    wh = w_hat.detach().reshape(w.shape).double()
     if mom is None:
         return float((w - wh).norm() / w.norm().clamp_min(1e-30))
     g = mom.gram.double()
