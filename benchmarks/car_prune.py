@@ -10,8 +10,8 @@ For one layer (features.0 = conv1 or features.3 = conv2), in one process:
 3. Test accuracy without retraining after removing half of the layer's filters by CAR, by L1 magnitude
    of the filter (sum |w|, Li et al.) and at random (several seeds), through real surgery (apply_plan).
 
-    python benchmarks/car_prune.py --layer features.0 --eval-size 256 --test-images 5000
-    python benchmarks/car_prune.py --layer features.3 --eval-size 256 --test-images 5000
+    python benchmarks/car_prune.py --layer features.0 --eval-size 500 --test-images 5000
+    python benchmarks/car_prune.py --layer features.3 --eval-size 500 --test-images 5000
 
 On a shared two-core CPU, small settings (256-500 evaluation images, re-ranking every 8 removals) keep
 a layer near half an hour of CPU time; `--eval-size 2000 --per-step 1` is the paper's exact reading
@@ -29,6 +29,7 @@ import fcntl
 import json
 import shlex
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,7 +47,7 @@ def merge_result(path: Path, key: str, value: dict) -> None:
     from netslim.io import atomic_write_text
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
+    with open(Path(tempfile.gettempdir()) / f"{path.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         data = json.loads(path.read_text()) if path.exists() else {}
         data[key] = value
@@ -57,6 +58,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layer", default="features.0")
     ap.add_argument("--eval-size", type=int, default=500)
+    ap.add_argument("--fixed-blocks", action="store_true", help="re-rank every K removals exactly (not adaptive)")
     ap.add_argument("--per-step", type=int, default=8)
     ap.add_argument("--keep-fraction", type=float, default=0.5)
     ap.add_argument("--naive-ablations", type=int, default=3, help="ablations timed on the naive path")
@@ -81,7 +83,7 @@ def main() -> None:
         test = calibration_subset(test, args.test_images, seed=0)
     model, arch, _ = load_trained(WEIGHTS, "vgg16_bn", n_classes)
     options = {"layers": args.layer, "eval_size": args.eval_size, "per_step": args.per_step,
-               "keep_fraction": args.keep_fraction, "precision": args.precision}
+               "keep_fraction": args.keep_fraction, "precision": args.precision, "adaptive": not args.fixed_blocks}
     t0 = time.perf_counter()
     plan, ctx, seconds = analyse(model, arch, train, "car", None, options, "cpu")
     run = ctx.cache["car_runs"][0]
@@ -137,15 +139,23 @@ def main() -> None:
 
     car_acc = test_acc(run.kept)
     l1_acc = test_acc(l1_keep)
-    rand = []
+    rand, rand_keeps = [], []
     for seed in range(args.random_seeds):
         g = torch.Generator().manual_seed(seed)
-        rand.append(test_acc(sorted(torch.randperm(width, generator=g)[:k].tolist())))
+        rand_keeps.append(sorted(torch.randperm(width, generator=g)[:k].tolist()))
+        rand.append(test_acc(rand_keeps[-1]))
+    # the same kept sets on CAR's own objective: accuracy on the evaluation images
+    masks = torch.zeros(2 + len(rand_keeps), width)
+    for row, keep in enumerate([run.kept, l1_keep, *rand_keeps]):
+        masks[row, keep] = 1
+    on_eval = (naive.correct(masks) / len(y)).tolist()
     acc = {"test_images": len(test), "base": base_acc, "car": car_acc, "l1": l1_acc, "random": rand,
            "random_mean": sum(rand) / len(rand), "kept": k, "width": width,
            "car_kept": run.kept, "l1_kept": l1_keep, "car_removed_in_order": run.removed,
            "car_of_removal": run.car, "eval_accuracy_curve": [run.base_accuracy, *run.accuracy],
-           "overlap_car_l1": len(set(run.kept) & set(l1_keep))}
+           "overlap_car_l1": len(set(run.kept) & set(l1_keep)),
+           "eval_set_accuracy": {"car": on_eval[0], "l1": on_eval[1], "random": on_eval[2:]},
+           "rankings": run.rankings, "mode": run.mode}
     print(json.dumps({k: v for k, v in acc.items() if not isinstance(v, list) or k == "random"}, indent=1))
     merge_result(args.out, args.layer, {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),

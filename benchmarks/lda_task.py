@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--val-images", type=int, default=0, help="cap on the validation images (0: all held out)")
     ap.add_argument("--min-accuracy", type=float, default=0.85, help="validation accuracy floor")
     ap.add_argument("--max-iters", type=int, default=5)
+    ap.add_argument("--patience", type=int, default=1, help="iterations below the floor tolerated in a row")
     ap.add_argument("--eta-start", type=float, default=0.2)
     ap.add_argument("--eta-step", type=float, default=0.2)
     ap.add_argument("--ft-images", type=int, default=2000, help="training images per fine-tuning round")
@@ -74,7 +75,8 @@ def main() -> None:
     train = calibration_subset(train, args.train_per_class * k, seed=0)
     test = calibration_subset(test, args.test_per_class * k, seed=0)
     base, arch, _ = load_trained(WEIGHTS, "vgg16_bn", 10)
-    options = {"min_accuracy": args.min_accuracy, "max_iters": args.max_iters, "eta_start": args.eta_start,
+    options = {"min_accuracy": args.min_accuracy, "max_iters": args.max_iters, "patience": args.patience,
+               "eta_start": args.eta_start,
                "eta_step": args.eta_step, "ft_images": args.ft_images, "ft_epochs": args.ft_epochs,
                "ft_lr": args.ft_lr, "trace_images": args.trace_images, "val_images": args.val_images}
 
@@ -124,7 +126,8 @@ def main() -> None:
         "task": {"classes": train.classes, "base_class_indices": idx},
         "data": {"train_images": len(train), "fine_tune_part": len(fit_part), "validation": len(val),
                  "test_images": len(test), "calibration": args.calib},
-        "schedule": {"min_accuracy": args.min_accuracy, "max_iters": args.max_iters, "eta_start": args.eta_start,
+        "schedule": {"min_accuracy": args.min_accuracy, "max_iters": args.max_iters, "patience": args.patience,
+                     "eta_start": args.eta_start,
                      "eta_step": args.eta_step, "ft_rounds_used": rounds, "ft_images_per_round": args.ft_images,
                      "ft_epochs_per_round": args.ft_epochs, "ft_lr": args.ft_lr, "ft_schedule": ft.ft_schedule},
         "base": {"params": before["params"], "macs": before["macs"], "test_accuracy": before["accuracy"],

@@ -7,7 +7,7 @@ Reported per layer: relative feature-map error ‖Y − Ŷ‖/‖Y‖ on the cal
 training images, relative weight error, bytes (CSR index overhead included); then the test accuracy
 of the whole network with every layer replaced, before any fine-tuning.
 
-    python benchmarks/lrs_layers.py [--fraction 0.1] [--share 0.5] [--threads 2]
+    python benchmarks/lrs_layers.py [--fraction 0.1] [--share 0.5] [--threads 1]
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=512, help="held-out training images for generalisation")
     ap.add_argument("--positions", type=int, default=8, help="output positions sampled per image and layer")
     ap.add_argument("--test-images", type=int, default=2000, help="test images for accuracy (0: all)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the shared CPU is oversubscribed)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "lrs_layers_cpu.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -113,9 +113,13 @@ def random_input(shape: Sequence[int], cond: Conditions, seed: int = 0) -> torch
     return x.contiguous(memory_format=torch.channels_last) if cond.cuda and x.dim() == 4 else x
 
 
-def interleaved_times(models: Sequence[nn.Module], x: torch.Tensor, *, min_rounds: int = 5, max_rounds: int = 50,
+def interleaved_times(models: Sequence[nn.Module], x: torch.Tensor, *, min_rounds: int = 5, max_rounds: int = 1000,
                       max_seconds: float = 20.0, warmup: int = 2) -> list[list[float]]:
-    """Seconds per forward of each model, timed in turns (rotating order) so load changes hit all alike."""
+    """Seconds per forward of each model, timed in turns (rotating order) so load changes hit all alike.
+
+    Rounds go on until `max_seconds` have passed (at least `min_rounds`): fast models get hundreds of
+    rounds, which a busy machine's bursts need before their median settles.
+    """
     dev = x.device
     times: list[list[float]] = [[] for _ in models]
     with torch.inference_mode():
@@ -143,7 +147,7 @@ def ratio_of(times: list[list[float]], i: int, base: int = 0) -> float:
 
 def compare_speed(base: nn.Module, small: nn.Module, input_size: Sequence[int], device: str = "cpu",
                   batches: Sequence[int] | None = None, threads: int | None = None,
-                  dtypes: Sequence[str] | None = None, max_seconds: float = 15.0) -> list[dict[str, Any]]:
+                  dtypes: Sequence[str] | None = None, max_seconds: float = 8.0) -> list[dict[str, Any]]:
     """Latency and throughput of `small` next to `base`, timed interleaved in this process.
 
     One row per (dtype, batch): medians in ms, images/s, and speedup = median of per-round
@@ -429,7 +433,7 @@ class LatencyModel:
     def predicted_ratio(self, plan: Plan) -> float:
         return (self.rest_ms + self.table.predict(self.units(plan))) / (self.rest_ms + self.base_units_ms)
 
-    def measured_ratio(self, plan: Plan, max_seconds: float = 20.0) -> tuple[float, float]:
+    def measured_ratio(self, plan: Plan, max_seconds: float = 10.0) -> tuple[float, float]:
         """(candidate/base latency ratio, candidate ms): interleaved with the base, median of per-round ratios."""
         with _threads(self.cond.threads):
             small = timing_model(self.template, plan, self.cond)
@@ -439,7 +443,7 @@ class LatencyModel:
 
 def latency_bisect(make_plan: Callable[[float], Plan], target: Any, template: nn.Module | None,
                    lo: float, hi: float, iters: int = 24, timings: int = 8,
-                   cache_dir: Path | None = None) -> Plan:
+                   cache_dir: Path | None = None, seconds_per_timing: float = 10.0) -> Plan:
     """Largest knob whose Plan runs at `target.fraction` of the base's latency, measured on this device.
 
     First guess: bisect the knob on the table's predicted latency. Then every candidate is timed
@@ -478,7 +482,7 @@ def latency_bisect(make_plan: Callable[[float], Plan], target: Any, template: nn
         key = _shape_key(plan)
         if key in plans:
             break  # the correction leads back to a network already timed: the knob cannot resolve finer
-        measured, ms = lat.measured_ratio(plan)
+        measured, ms = lat.measured_ratio(plan, seconds_per_timing)
         lat.table.save()
         plans[key] = plan
         tried.append({"knob": round(knob, 6), "goal": round(goal, 4),
@@ -491,6 +495,8 @@ def latency_bisect(make_plan: Callable[[float], Plan], target: Any, template: nn
         if below and above:  # bracketed: regula falsi on the knob between the closest timings
             a = max(below, key=lambda t: t["measured_ratio"])
             b = min(above, key=lambda t: t["measured_ratio"])
+            if abs(b["knob"] - a["knob"]) < 1e-3 * (hi - lo):
+                break  # neighbours in the knob: what is left between them is timing noise
             fa, fb = fraction - a["measured_ratio"], b["measured_ratio"] - fraction
             # Illinois: while new timings keep landing on one side, halve the pull of the other, stuck end
             side = [t["measured_ratio"] < fraction for t in tried]

@@ -147,8 +147,9 @@ def test_greedy_exact_and_reranked(small: nn.Module, trained: tuple) -> None:
     # the first removal is the smallest CAR of the unpruned layer
     assert exact.car[0] == min(exact.first_car)
     assert fast.stats.evaluations == 1 + sum(32 - k for k in range(6))
-    coarse = greedy(AblationEngine(small, [("features.4",)], x, y, 10, batch_size=64), 0, 6, per_step=3)
-    assert len(coarse.removed) == 6 and coarse.mode == "re-ranked every 3 removals"
+    coarse = greedy(AblationEngine(small, [("features.4",)], x, y, 10, batch_size=64), 0, 6, per_step=3,
+                    adaptive=False)
+    assert len(coarse.removed) == 6 and coarse.mode == "re-ranked every 3 removals" and coarse.rankings == 2
     assert sorted(coarse.first_car[f] for f in coarse.removed[:3]) == sorted(coarse.first_car)[:3]
     # accuracy after each removal is the real accuracy of that mask
     mask = fast.full_mask()
@@ -212,3 +213,18 @@ def test_global_target_bisects_one_fraction(trained: tuple) -> None:
     assert set(plan.keep) == {"features.4", "features.8"} and plan.meta["target"] == "params=0.8"
     ratios = [len(plan.keep["features.4"]) / 32, len(plan.keep["features.8"]) / 64]
     assert abs(ratios[0] - ratios[1]) < 0.05  # one kept fraction shared by the chosen layers
+
+
+def test_adaptive_blocks_stop_at_interacting_removals(small: nn.Module, trained: tuple) -> None:
+    x, y = trained[1][:64], trained[2][:64]
+    engine = AblationEngine(small, [("features.0",)], x, y, 10, batch_size=64)
+    run = greedy(engine, 0, 12, per_step=4, adaptive=True)
+    assert len(run.removed) == 12 and run.adaptive and "adaptive" in run.mode
+    # every removal inside a block cost at most what its CAR predicted when it was ranked
+    accs = [run.base_accuracy, *run.accuracy]
+    n = engine.n
+    fixed = greedy(AblationEngine(small, [("features.0",)], x, y, 10, batch_size=64), 0, 12, per_step=4,
+                   adaptive=False)
+    assert run.rankings >= fixed.rankings == 3
+    # (one image of slack: the block's masks run in other batch shapes than the ranking's)
+    assert all(round((accs[j] - accs[j + 1]) * n) <= round(run.car[j] * n) + 1 for j in range(12))

@@ -114,7 +114,8 @@ def test_latency_search_times_its_result(ctx: Context, tmp_path: Path) -> None:
     target = Target("latency", 0.5, batch=8, threads=1)
     from netslim.latency_table import latency_bisect
 
-    plan = latency_bisect(make, target, ctx.template(), 0.0, 1.0, timings=3, cache_dir=tmp_path)
+    plan = latency_bisect(make, target, ctx.template(), 0.0, 1.0, timings=3, cache_dir=tmp_path,
+                          seconds_per_timing=1.0)
     lat = plan.meta["latency"]
     assert lat["batch"] == 8 and lat["threads"] == 1 and lat["target"] == 0.5
     assert 1 <= len(lat["attempts"]) <= 3
@@ -155,9 +156,14 @@ def test_cli_sets_round_to_per_device_and_the_latency_batch() -> None:
         _for_device(None, {"round_to": 0}, "cpu", 1)
 
 
-def test_pipeline_reports_speed_of_base_and_result_timed_together(tmp_path: Path) -> None:
+def test_pipeline_reports_speed_of_base_and_result_timed_together(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import netslim.latency_table as lt
     from netslim.data import load_dataset
     from netslim.pipeline import compress
+
+    timed = lt.interleaved_times
+    monkeypatch.setattr(lt, "interleaved_times", lambda *a, **k: timed(*a, **(k | {"max_seconds": 0.3})))
 
     train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
     res = compress(build("small_cnn", 10, 1), "small_cnn", train, test, "l1", Target("params", 0.3),
@@ -186,7 +192,7 @@ class FakeLatency:
     def predicted_ratio(self, plan) -> float:
         return self.knob(plan)
 
-    def measured_ratio(self, plan) -> tuple[float, float]:
+    def measured_ratio(self, plan, max_seconds: float = 10.0) -> tuple[float, float]:
         self.timed.append(self.knob(plan))
         return self.knob(plan) ** 4, 100.0 * self.knob(plan) ** 4
 

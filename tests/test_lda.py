@@ -315,7 +315,7 @@ def digits_net() -> tuple[nn.Module, object, object]:
     torch.manual_seed(0)
     train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
     net = build("small_cnn", num_classes=10, in_channels=1)
-    finetune(net, train, Schedule(epochs=3, lr=0.1, batch_size=64), "cpu")
+    finetune(net, train, Schedule(epochs=2, lr=0.1, batch_size=64), "cpu")
     return net.eval(), train, test
 
 
@@ -394,7 +394,8 @@ def test_bad_inputs_are_clear_errors(digits_net: tuple) -> None:
 
     net, train, _ = digits_net
     for opts, message in (({"min_accuracy": 1.5}, "min-accuracy"), ({"fisher": "full"}, "fisher"),
-                          ({"min_accuracy": 1.0}, "already below"), ({"select": "any"}, "select")):
+                          ({"min_accuracy": 1.0}, "already below"), ({"select": "any"}, "select"),
+                          ({"patience": -1}, "patience")):
         with pytest.raises(NetslimError, match=message):
             analyse(copy.deepcopy(net), "small_cnn", train, "lda", None, {**FAST, **opts}, "cpu", 200)
 

@@ -250,6 +250,25 @@ def test_target_is_met_and_split_by_error() -> None:
     assert ranks and all(r >= 1 for r in ranks.values())
 
 
+def test_compressed_inputs_fit_each_layer_to_what_the_compressed_network_feeds_it() -> None:
+    from netslim.data import batches
+
+    model, train = _small_setup()
+    opts = {"rank_ratio": 0.25, "sparsity": 0.9, "images": 48}
+    _, ctx_orig, _ = _compress(model, train, opts)
+    plan, ctx, _ = _compress(model, train, opts | {"inputs": "compressed"})
+    rows = {r["layer"]: r for r in plan.meta["layers"]}
+    assert "feature_error_chained" in rows["features.8"] and "feature_error_chained" not in rows["features.0"]
+    # judged on what the compressed network really computes, the chained fit is closer to the original output
+    data = train.subset(list(range(200)))
+
+    def out_error(net: nn.Module) -> float:
+        with torch.no_grad():
+            return sum(float((net(x) - model(x)).pow(2).sum()) for x, _ in batches(data, 100))
+
+    assert out_error(ctx.cache["model"]) < out_error(ctx_orig.cache["model"])
+
+
 def test_bad_options_are_clear_errors() -> None:
     model, train = _small_setup()
     with pytest.raises(NetslimError, match="--rank or --rank-ratio"):
@@ -272,3 +291,27 @@ def test_plan_replayed_on_the_base_gives_a_working_weight_only_network() -> None
     x = torch.randn(2, 1, 16, 16)
     with torch.no_grad():
         assert torch.allclose(out(x), model(x), atol=1e-4)
+
+
+def test_cli_compress_with_rank_and_sparsity(tmp_path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from netslim.cli import app
+
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["compress", "--model", "small_cnn", "--data", "digits", "--method", "lrs",
+                                   "--rank-ratio", "0.25", "--sparsity", "0.9", "--epochs", "1", "--calib-size",
+                                   "100", "--no-latency", "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.stderr
+    metrics = json.loads(res.stdout)
+    assert metrics["after"]["params"] < 0.5 * metrics["before"]["params"]
+    assert metrics["after"]["accuracy_before_finetune"] is not None
+    model, plan = load_model(out)
+    assert plan.method == "lrs" and set(plan.factorize) == {"features.0", "features.4", "features.8"}
+    assert "GreBdec" in (out / "report.md").read_text()
+    bad = CliRunner().invoke(app, ["compress", "--model", "small_cnn", "--data", "digits", "--method", "lrs",
+                                   "--rank", "2", "--target", "params=0.5", "--no-latency", "--out",
+                                   str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "--target splits the budget" in bad.stderr

@@ -57,6 +57,8 @@ class GreedyRun:
     first_car: list[float] = field(default_factory=list)  # CAR of every filter of the unpruned layer
     classwise: list[list[float]] = field(default_factory=list)  # [filter][class] accuracy change
     stopped: str = "target width reached"
+    adaptive: bool = False
+    rankings: int = 0  # full rankings of the remaining filters
     engine: dict[str, Any] = field(default_factory=dict)
     ranking: dict[str, Any] = field(default_factory=dict)  # the first full ranking alone (time, evaluations)
     path: str = ""
@@ -68,8 +70,12 @@ class GreedyRun:
 
     @property
     def mode(self) -> str:
-        return ("exact greedy: CAR recomputed after every removal" if self.per_step == 1
-                else f"re-ranked every {self.per_step} removals")
+        if self.per_step == 1:
+            return "exact greedy: CAR recomputed after every removal"
+        if self.adaptive:
+            return (f"re-ranked every {self.per_step} removals or sooner (adaptive: a block stops at a removal "
+                    "costing more than its CAR)")
+        return f"re-ranked every {self.per_step} removals"
 
 
 def eval_set(ctx: Context) -> tuple[torch.Tensor, torch.Tensor, ImageSet]:
@@ -106,11 +112,14 @@ def chosen_groups(ctx: Context) -> list[ChannelGroup]:
 
 
 def greedy(engine: AblationEngine, slot: int, remove: int, per_step: int = 1, max_drop: float | None = None,
-           root: str = "") -> GreedyRun:
+           root: str = "", adaptive: bool = True) -> GreedyRun:
     """Remove `remove` channels of one slot greedily by smallest CAR.
 
     Ties in CAR (frequent on training images a network fits perfectly) go to the filter whose removal
-    raises the evaluation cross-entropy least, then to the lower index.
+    raises the evaluation cross-entropy least, then to the lower index. With `per_step=K > 1` the K best
+    of a ranking are removed before the next ranking; `adaptive` cuts such a block short at the first
+    removal that costs more (on top of the ones before it) than its own CAR predicted, and halves the
+    next block, so interacting removals fall back to one-at-a-time re-ranking where the layer is fragile.
     """
     if per_step < 1:
         raise NetslimError(f"--per-step must be at least 1, got {per_step}")
@@ -122,7 +131,9 @@ def greedy(engine: AblationEngine, slot: int, remove: int, per_step: int = 1, ma
     counts, losses = engine.evaluate(torch.cat([mask[None], _without(mask, [sl.start + c for c in alive])]))
     current, cur_loss = float(counts[0].sum()), float(losses[0])
     totals = engine.class_totals().clamp_min(1)
-    run = GreedyRun(root, engine.slots[slot].layers, width, n, per_step, current / n, path=engine.path)
+    run = GreedyRun(root, engine.slots[slot].layers, width, n, per_step, current / n, path=engine.path,
+                    adaptive=adaptive and per_step > 1, rankings=1)
+    block = per_step
     run.ranking = {"evaluations": engine.stats.evaluations, "seconds": round(engine.stats.seconds, 3),
                    "cpu_seconds": round(engine.stats.cpu_seconds, 3),
                    "cache_seconds": round(engine.stats.cache_seconds, 3)}
@@ -135,10 +146,11 @@ def greedy(engine: AblationEngine, slot: int, remove: int, per_step: int = 1, ma
         if ablated is None:
             c, abl_loss = engine.evaluate(_without(mask, [sl.start + c for c in alive]))
             ablated = c.sum(1)
+            run.rankings += 1
         car = (current - ablated) / n
         rise = (abl_loss - cur_loss) / n
         order = sorted(range(len(alive)), key=lambda i: (float(car[i]), float(rise[i]), alive[i]))
-        take = order[:min(per_step, remove - len(run.removed), len(alive) - 1)]
+        take = order[:min(block, remove - len(run.removed), len(alive) - 1)]
         if not take:
             run.stopped = "one filter left"
             break
@@ -150,10 +162,15 @@ def greedy(engine: AblationEngine, slot: int, remove: int, per_step: int = 1, ma
                 steps[j:, sl.start + alive[i]] = 0
             c, step_loss = engine.evaluate(steps)
             after, after_loss = c.sum(1).tolist(), step_loss.tolist()
+        at_ranking = current
+        accepted = 0
         for j, i in enumerate(take):
             if floor is not None and after[j] < floor:
                 run.stopped = f"accuracy floor reached (max drop {max_drop})"
                 break
+            if run.adaptive and j > 0 and after[j - 1] - after[j] > at_ranking - float(ablated[i]):
+                break  # interacts with the removals before it: re-rank now
+            accepted += 1
             mask[sl.start + alive[i]] = 0
             run.removed.append(alive[i])
             run.car.append(float(car[i]))
@@ -162,6 +179,8 @@ def greedy(engine: AblationEngine, slot: int, remove: int, per_step: int = 1, ma
             current, cur_loss = after[j], after_loss[j]
         if run.stopped.startswith("accuracy floor"):
             break
+        if run.adaptive:
+            block = min(per_step, 2 * block) if accepted == len(take) else max(1, block // 2)
         alive = [c for c in alive if mask[sl.start + c] > 0]
         ablated = None
     run.engine = engine.stats.as_dict()
@@ -215,7 +234,8 @@ def run_car(ctx: Context, groups: list[ChannelGroup], widths: dict[str, int]) ->
     for g in groups:
         remove = g.width - widths.get(g.root, g.width)
         engine = _engine(ctx, work, [g], x, y)
-        run = greedy(engine, 0, max(0, remove), per_step, None if max_drop is None else float(max_drop), g.root)
+        run = greedy(engine, 0, max(0, remove), per_step, None if max_drop is None else float(max_drop), g.root,
+                     adaptive=bool(ctx.option("adaptive", True)))
         del engine
         zero_channels(work, g.layers, run.removed, ctx.example())
         runs.append(run)
@@ -286,11 +306,12 @@ def _add_report(ctx: Context, runs: list[GreedyRun], seconds: float, classwise: 
              f"{evals:,} evaluations in {engine_s:.1f} s of ablation time "
              f"({evals / engine_s if engine_s else 0:.2f} evaluations/s, "
              f"{evals * runs[0].eval_images / engine_s if engine_s else 0:,.0f} images/s); {seconds:.1f} s in all.",
-             table(["layer (group root)", "filters", "kept", "base acc %", "final acc %", "evaluations", "evals/s",
-                    "stopped", "evaluation path"],
+             table(["layer (group root)", "filters", "kept", "base acc %", "final acc %", "rankings", "evaluations",
+                    "evals/s", "stopped", "evaluation path"],
                    [[r.root, r.width, len(r.kept), 100 * r.base_accuracy,
-                     100 * (r.accuracy[-1] if r.accuracy else r.base_accuracy), r.engine.get("evaluations"),
-                     r.engine.get("evals_per_second"), r.stopped, r.path] for r in runs]),
+                     100 * (r.accuracy[-1] if r.accuracy else r.base_accuracy), r.rankings,
+                     r.engine.get("evaluations"), r.engine.get("evals_per_second"), r.stopped, r.path]
+                    for r in runs]),
              "Accuracy on the evaluation set after each removal, and the CAR of each removed filter:\n\n"
              "![CAR curve](car_curve.png)"]
     for r in runs:

@@ -11,10 +11,12 @@ at their mean, as when M′ was judged, instead of at zero. The cut network is f
 (options ft_*) and scored on ctx.val.
 
 Stopping: with --min-accuracy A (option min_accuracy) the loop stops at the first iterate whose
-validation accuracy falls below A, and keeps (select=smallest, the default) the smallest iterate at or
-above A, or (select=best) the most accurate one; without any rule the floor is the unpruned validation
-accuracy minus max_drop. With --target params=F / flops=F the step that would cross the target is
-bisected on η so the result just fits, and the loop stops there. The test split is never looked at.
+validation accuracy falls below A (with patience=p, at the (p+1)-th in a row: short fine-tuning rounds
+are noisy and the next one may recover; an iterate below A is never kept), and keeps (select=smallest,
+the default) the smallest iterate at or above A, or (select=best) the most accurate one; without any
+rule the floor is the unpruned validation accuracy minus max_drop. With --target params=F / flops=F the
+step that would cross the target is bisected on η so the result just fits, and the loop stops there.
+The test split is never looked at.
 
 Keeps are composed across iterations into the base model's channel numbering, so the returned Plan
 applies to the base; the pruned and fine-tuned network itself is handed to the pipeline in
@@ -66,6 +68,7 @@ class LoopOptions:
     trace_images: int = 10  # per class
     min_keep: int = 1
     select: str = "smallest"  # or "best" (highest validation accuracy at or above the floor)
+    patience: int = 0  # iterations in a row below the floor tolerated before stopping (never selected)
     val_images: int = 0  # 0: all of ctx.val
     ft_epochs: int = 1
     ft_lr: float = 0.01
@@ -102,8 +105,8 @@ class LoopOptions:
             raise NetslimError(f"lda option fisher must be diag or eig, not {self.fisher!r}")
         if self.select not in ("smallest", "best"):
             raise NetslimError(f"lda option select must be smallest or best, not {self.select!r}")
-        if self.trace_images < 1 or self.min_keep < 1:
-            raise NetslimError("lda needs trace_images >= 1 and min_keep >= 1")
+        if self.trace_images < 1 or self.min_keep < 1 or self.patience < 0:
+            raise NetslimError("lda needs trace_images >= 1, min_keep >= 1 and patience >= 0")
 
 
 def _flag(value: Any) -> bool:
@@ -300,7 +303,7 @@ def run_loop(ctx: Context) -> Plan:
     console.print(f"lda: unpruned {start.params:,} params, validation accuracy {acc0:.4f}"
                   + (f", floor {floor:.4f}" if floor is not None else "") + (f", target {target}" if target else ""))
     best: tuple[Iterate, nn.Module] | None = (start, base) if target is None else None
-    cur, keep_base, rounds, stop = base, {}, 0, ""
+    cur, keep_base, rounds, misses, stop = base, {}, 0, 0, ""
     analyses: list[Analysis] = []
     for t in range(1, o.max_iters + 1):
         began = time.perf_counter()
@@ -332,11 +335,14 @@ def run_loop(ctx: Context) -> Plan:
         console.print(f"lda: iteration {t} (η={eta:.3f}, M′={a.mprime}/{a.scores.numel()}): {it.params:,} params "
                       f"({it.params / base_size['params']:.4f}), {it.macs:,} MACs, val acc {acc_cut:.4f} after the "
                       f"cut and recalibration, {acc:.4f} after fine-tuning, {it.seconds:.0f} s")
-        if floor is not None and acc < floor:
-            stop = f"validation accuracy {acc:.4f} fell below the floor {floor:.4f}"
-            break
-        if target is None or final:
+        below = floor is not None and acc < floor
+        if not below and (target is None or final):
             best = _better(best, (it, new), o.select)
+        misses = misses + 1 if below else 0
+        if below and (misses > o.patience or final):
+            stop = f"validation accuracy {acc:.4f} fell below the floor {floor:.4f}" + (
+                f" ({misses} iterations in a row)" if misses > 1 else "")
+            break
         cur = new
         if final:
             stop = f"target {target} reached"

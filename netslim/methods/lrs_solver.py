@@ -278,7 +278,19 @@ def decompose(target: torch.Tensor, rank: int, nnz: int, gram: torch.Tensor | No
         h = st.history
         if len(h) > 1 and h[-2] - h[-1] <= 1e-5 * abs(h[-2]):
             break  # S kept and U, V settled: nothing moves any more
-    return Decomposition(st.u, st.v, st.s, st.mask, st.history, st.objective(), st.reference)
+    u, v = _balanced(st.u, st.v)
+    return Decomposition(u, v, st.s, st.mask, st.history, st.objective(), st.reference)
+
+
+def _balanced(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same U V with both factors carrying √σ of each direction (an r × r SVD), so that SGD
+    fine-tuning moves U and V at comparable rates (the solver leaves U orthonormal and V large)."""
+    if u.shape[1] == 0:
+        return u, v
+    qv, rv = torch.linalg.qr(v.T)  # V = Rvᵀ Qvᵀ
+    a, sig, bt = torch.linalg.svd(rv.T)  # U V = U a Σ bt Qvᵀ
+    root = sig.sqrt()
+    return u @ a * root, root[:, None] * (bt @ qv.T)
 
 
 def weighted_error(w_hat: torch.Tensor, weight: torch.Tensor, mom: Moments | None) -> float:
