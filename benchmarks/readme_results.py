@@ -24,17 +24,21 @@ def section(result: dict, name: str) -> str:
     base, s = result["base"], result["schedule"]
     lines = [f"### {result['arch']} — `{name}`", "",
              f"{result['date'][:10]}, {result['machine']['processor']}, torch {result['machine']['torch']}; "
-             f"every method fine-tuned {s['epochs']} epochs (lr {s['lr']}, batch {s['batch_size']}, {s['schedule']}).",
-             "", "| target | method | acc. after surgery | acc. after fine-tune | params | MACs | CPU ms b=1 "
-             "| CPU ms b=64 |",
-             "|---|---|---|---|---|---|---|---|",
-             f"| – | base | {base['accuracy']:.4f} | {base['accuracy']:.4f} | {base['params']:,} | {base['macs']:,} | "
-             f"{_ms(base, 1)} | {_ms(base, 64)} |"]
+             f"every method fine-tuned {s['epochs']} epoch{'s' if s['epochs'] != 1 else ''} "
+             f"(lr {s['lr']}, batch {s['batch_size']}, {s['schedule']}).",
+             "", "| target | method | acc. after surgery | after BN recal. | acc. after fine-tune | params | MACs "
+             "| CPU ms b=1 | CPU ms b=64 | analysis s |",
+             "|---|---|---|---|---|---|---|---|---|---|",
+             f"| – | base | {base['accuracy']:.4f} | – | {base['accuracy']:.4f} | {base['params']:,} | "
+             f"{base['macs']:,} | "
+             f"{_ms(base, 1)} | {_ms(base, 64)} | – |"]
     for r in result["rows"]:
         own = "" if r["met_target"] else " (own size)"
+        recal = r.get("accuracy_after_bn_recalibration")
         lines.append(f"| {r['target']}{own} | {r['method']} | {r['accuracy_after_surgery']:.4f} | "
+                     f"{'–' if recal is None else f'{recal:.4f}'} | "
                      f"{r['accuracy']:.4f} | {r['params']:,} ({r['params_kept']:.3f}) | {r['macs']:,} | "
-                     f"{_ms(r, 1)} | {_ms(r, 64)} |")
+                     f"{_ms(r, 1)} | {_ms(r, 64)} | {r.get('analysis_seconds', 0):.0f} |")
     lines += ["", f"Reproduce: `{result['command']}`", ""]
     return "\n".join(lines)
 

@@ -20,8 +20,9 @@ from netslim.plan import Plan
 def resolve_device(device: str = "auto") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise NetslimError(f"device {device!r} requested but CUDA is not available")
+    from netslim.train.distributed import resolve_device as check  # fails clearly without a GPU
+
+    check(device)
     return device
 
 

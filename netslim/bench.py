@@ -43,6 +43,13 @@ def shared_view(cache: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cache.items() if k not in PER_METHOD}
 
 
+def method_options(options: dict[str, Any], method: str) -> dict[str, Any]:
+    """The options one method sees: the unscoped ones, overridden by `METHOD.key` ones (e.g. car.eval_size)."""
+    mine = method.replace("-", "_") + "."
+    scoped = {k[len(mine):]: v for k, v in options.items() if k.replace("-", "_").startswith(mine)}
+    return {k: v for k, v in options.items() if "." not in k} | scoped
+
+
 def run_bench(model: nn.Module, arch: str, train: ImageSet, test: ImageSet, methods: list[str],
               targets: list[Target], schedule: Schedule, out: Path, device: str = "cpu", calib_size: int = 5000,
               options: dict[str, Any] | None = None, measure_latency: bool = True, resume: bool = False,
@@ -90,6 +97,7 @@ def _one(model: nn.Module, arch: str, train: ImageSet, test: ImageSet, method: s
          schedule: Schedule, device: str, calib_size: int, options: dict[str, Any], cache: dict[str, Any],
          measure_latency: bool) -> dict[str, Any]:
     spec = get_method(method)
+    options = method_options(options, method)
     knob_target: Target | None = target if method != "pfa-kl" else None  # pfa-kl has no knob to bisect
     mine = shared_view(cache)
     passes_before = len(cache.get("stats_passes", []))
@@ -126,6 +134,10 @@ def _latency(row: dict[str, Any], batch: int) -> float | None:
     return latency_of(row, batch)
 
 
+def _ms(value: float | None) -> str | None:
+    return None if value is None else f"{value:.1f}"
+
+
 def write_results(out: Path, result: dict[str, Any]) -> None:
     """results.json, report.md (the comparison table) and accuracy_vs_macs.png."""
     atomic_write_text(out / "results.json", json.dumps(result, indent=1, default=str))
@@ -133,16 +145,17 @@ def write_results(out: Path, result: dict[str, Any]) -> None:
     header = ["target", "method", "acc after surgery", "after BN recal.", "acc after fine-tune", "params", "kept",
               "MACs", "CPU ms (b=1)", "CPU ms (b=64)", "bytes", "analysis s"]
     rows = [["base", "–", base["accuracy"], None, base["accuracy"], base["params"], "1.000", base["macs"],
-             _latency(base, 1), _latency(base, 64), base["bytes"], None]]
+             _ms(_latency(base, 1)), _ms(_latency(base, 64)), base["bytes"], None]]
     for r in result["rows"]:
         rows.append([r["target"] + ("" if r["met_target"] else " (own size)"), r["method"],
                      r["accuracy_after_surgery"], r.get("accuracy_after_bn_recalibration"), r["accuracy"],
                      r["params"], f"{r['params_kept']:.3f}", r["macs"],
-                     _latency(r, 1), _latency(r, 64), r["bytes"], r["analysis_seconds"]])
+                     _ms(_latency(r, 1)), _ms(_latency(r, 64)), r["bytes"], f"{r['analysis_seconds']:.1f}"])
     s = result["schedule"]
     write_markdown(out / "report.md", [
         f"# netslim bench: {result['arch']}",
-        f"Fine-tuning for every method: {s['epochs']} epochs, lr {s['lr']}, batch {s['batch_size']}, "
+        f"Fine-tuning for every method: {s['epochs']} epoch{'s' if s['epochs'] != 1 else ''}, lr {s['lr']}, "
+        f"batch {s['batch_size']}, "
         f"{s['schedule']} schedule, label smoothing {s['label_smoothing']}. Calibration: "
         f"{result['calibration_images']} training images. Statistics passes run: "
         f"{', '.join(result['statistics_passes']) or 'none'}. {result['date']} · torch {result['machine']['torch']}",

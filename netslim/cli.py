@@ -170,7 +170,8 @@ def train(model: ModelOpt = "small_cnn", data: DataOpt = "digits", out: OutOpt =
 
 TargetOpt = Annotated[str | None, typer.Option("--target", "-t", help="params=F | flops=F | latency=F (kept)")]
 MethodOpt = Annotated[str, typer.Option("--method", help="compression method (netslim methods list)")]
-OptOpt = Annotated[list[str] | None, typer.Option("--opt", help="method option key=value (repeatable)")]
+OptOpt = Annotated[list[str] | None, typer.Option("--opt", help="method option key=value (repeatable; in bench, "
+                                                                 "METHOD.key=value applies to one method)")]
 MinAccOpt = Annotated[float | None, typer.Option(help="lda: keep pruning while validation accuracy stays >= this")]
 VarianceOpt = Annotated[float | None, typer.Option(help="pca: fraction of each layer's response variance kept "
                                                         "(significant dimensions; default 0.999)")]

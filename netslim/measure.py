@@ -99,16 +99,6 @@ def storage_bytes(model: nn.Module, bits: int = 32, *, buffers: bool = True, spa
     return math.ceil(total / 8)
 
 
-def _device(device: str | torch.device) -> torch.device:
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise NetslimError(f"device '{device}' was requested but no CUDA GPU is available")
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
-
-
 def _time_one(net: nn.Module, x: torch.Tensor, warmup: int, repeats: int, max_seconds: float) -> list[float]:
     """Seconds per forward pass; stops early once `max_seconds` (warm-up included) is spent."""
     cuda = x.device.type == "cuda"
@@ -152,7 +142,9 @@ def measure_latency(
     memory is reported with `error` instead of times.
     """
     shape = _shape(input_shape)
-    dev = _device(device)
+    from netslim.train.distributed import resolve_device
+
+    dev = resolve_device(device)
     if _placement(model)[0].type == "meta":
         raise NetslimError("cannot time a model without weights (it lives on the meta device)")
     cuda = dev.type == "cuda"

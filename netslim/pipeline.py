@@ -92,11 +92,13 @@ def finetune(model: nn.Module, train: ImageSet, sched: Schedule, device: str, va
 
 def recalibrated_accuracy(model: nn.Module, train: ImageSet, test: ImageSet | None, sched: Schedule,
                           device: str) -> float | None:
-    """Re-estimate BatchNorm statistics on training images after surgery; test accuracy after it."""
-    from netslim.train import recalibrate_bn
+    """Re-estimate BatchNorm statistics on training images after surgery, each layer scaled back to its
+    trained pre-BN variance (netslim.train.bn.restore_scale); test accuracy after it."""
+    from netslim.train import restore_scale
 
-    if sched.bn_recal <= 0 or not recalibrate_bn(
-            model, batches(train, sched.batch_size, shuffle=True, device=device, seed=7), device, sched.bn_recal):
+    if sched.bn_recal <= 0 or not restore_scale(
+            model, lambda: batches(train, sched.batch_size, shuffle=True, device=device, seed=7), device,
+            sched.bn_recal)["images"]:
         return None
     return accuracy(model, test, device)
 

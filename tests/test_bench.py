@@ -66,3 +66,12 @@ def test_bench_resumes_after_interruption(trained, tmp_path: Path, monkeypatch: 
     assert len(res["rows"]) == 4
     assert len(calls) == 4  # two before the interruption, only the two missing ones after
     assert json.loads((tmp_path / "b" / "results.json").read_text())["rows"][0]["method"] == "tp-l1"
+
+
+def test_scoped_options_reach_only_their_method() -> None:
+    from netslim.bench import method_options
+
+    opts = {"min_keep": 2, "car.eval_size": 64, "tp_l1.x": 1, "pfa_en.min_keep": 4}
+    assert method_options(opts, "car") == {"min_keep": 2, "eval_size": 64}
+    assert method_options(opts, "tp-l1") == {"min_keep": 2, "x": 1}
+    assert method_options(opts, "pfa-en") == {"min_keep": 4}

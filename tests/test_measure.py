@@ -100,3 +100,16 @@ def test_summary_combines_everything() -> None:
     assert out["storage_bytes"] > 4 * out["params"] - 1
     assert len(out["latency"]) == 1 and out["latency"][0]["median_ms"] > 0
     assert summary(tiny_vgg(), (3, 16, 16), latency=False)["latency"] == []
+
+
+def test_a_gpu_device_without_a_gpu_is_a_clear_error() -> None:
+    from netslim.api import resolve_device
+    from netslim.measure import measure_latency
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert resolve_device("auto") == "cpu"
+    with pytest.raises(NetslimError, match="no CUDA GPU"):
+        resolve_device("cuda")
+    with pytest.raises(NetslimError, match="no CUDA GPU"):
+        measure_latency(nn.Linear(2, 2), (2,), device="cuda")

@@ -102,3 +102,14 @@ def test_budget_bisection_meets_params_within_one_filter() -> None:
     for names in (g.layers for g in ctx.groups() if len(g.layers) > 1):
         kept = [plan.keep.get(n) for n in names]
         assert all(k == kept[0] for k in kept)
+
+
+def test_floor_keeps_a_fraction_of_every_layer() -> None:
+    model, data = mixing_net(3, 32), images(400, 3)
+    for fraction, want in ((0.0, 3), (0.25, 8), (0.5, 16)):
+        plan = get_method("pfa-en").fn(context(model, data, energy=0.999999, reduce="mean", min_fraction=fraction))
+        assert len(plan.keep["0"]) == want
+    # the default floor is 1/8 of the width; the paper's rule (no floor) is min_fraction=0
+    assert len(get_method("pfa-en").fn(context(model, data, energy=0.999999, reduce="mean")).keep["0"]) == 4
+    with pytest.raises(Exception, match="min_fraction"):
+        get_method("pfa-en").fn(context(model, data, min_fraction=2))

@@ -223,12 +223,13 @@ def match_mean_logits(new: nn.Module, classifier: str, target: torch.Tensor, dat
 
 def recalibrate(new: nn.Module, old: nn.Module, classifier: str, mean: torch.Tensor, calib: ImageSet,
                 o: LoopOptions, device: str, batch_size: int) -> None:
-    """Repair a fresh cut before fine-tuning: BatchNorm statistics re-estimated on calibration images
-    (o.bn_recal), then the classifier bias reset to the uncut network's mean logits (o.bias_correction)."""
-    from netslim.train import recalibrate_bn
+    """Repair a fresh cut before fine-tuning: BatchNorm statistics re-estimated on calibration images,
+    layers scaled back to their pre-cut variance (o.bn_recal; netslim.train.restore_scale), then the
+    classifier bias reset to the uncut network's mean logits (o.bias_correction)."""
+    from netslim.train import restore_scale
 
     if o.bn_recal > 0:
-        recalibrate_bn(new, batches(calib, batch_size, shuffle=True, device=device, seed=7), device, o.bn_recal)
+        restore_scale(new, lambda: batches(calib, batch_size, shuffle=True, device=device, seed=7), device, o.bn_recal)
     if o.bias_correction:
         images = calibration_subset(calib, min(o.bias_images, len(calib)), seed=3)
         match_mean_logits(new, classifier, _mean_logits(old, classifier, mean), images, device, batch_size)

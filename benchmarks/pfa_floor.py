@@ -1,0 +1,84 @@
+"""PFA-En at 1/8 of VGG-16's parameters: how the per-layer floor (option min_fraction) changes the result.
+
+One τ shared by all layers leaves the last three VGG-16 layers ~10 filters at this budget (their
+responses span about as many directions as there are classes). Same budget, same statistics, same
+BN recalibration and fine-tuning for every row, with torch-pruning's uniform L1 alongside.
+
+    python benchmarks/pfa_floor.py [--fractions 0,0.0625,0.125,0.25] [--train-images 20000] [--epochs 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from netslim.api import load_data, load_trained
+from netslim.budget import parse_target
+from netslim.data import calibration_subset
+from netslim.measure import count_params
+from netslim.pipeline import Schedule, accuracy, analyse, finetune, machine, recalibrated_accuracy
+from netslim.surgery import apply_plan
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--fractions", default="0,0.0625,0.125,0.25")
+    ap.add_argument("--target", default="params=0.125")
+    ap.add_argument("--calib", type=int, default=2000)
+    ap.add_argument("--train-images", type=int, default=20000)
+    ap.add_argument("--test-images", type=int, default=5000)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=0.02)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "pfa_floor_cpu.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model, arch, _ = load_trained(SHARED / "models" / "vgg16_bn_cifar10.safetensors", "vgg16_bn", 10)
+    train, test, _, _ = load_data(str(SHARED / "data" / "cifar10-jpeg.tar.gz"))
+    test = calibration_subset(test, args.test_images, seed=2)
+    tune = calibration_subset(train, args.train_images, seed=1)
+    sched = Schedule(args.epochs, args.lr, 128)
+    target = parse_target(args.target)
+    cache: dict = {}
+    rows = []
+    runs = [("pfa-en", {"min_fraction": float(f)}) for f in args.fractions.split(",")] + [("tp-l1", {})]
+    for method, opts in runs:
+        cache.pop("pfa_spectra", None)
+        plan, _, seconds = analyse(model, arch, tune, method, target, opts, "cpu", args.calib, cache=cache)
+        net = apply_plan(copy.deepcopy(model), plan)
+        cut = accuracy(net, test, "cpu")
+        recal = recalibrated_accuracy(net, tune, test, sched, "cpu")
+        t0 = time.perf_counter()
+        finetune(net, tune, sched, "cpu")
+        row = {"method": method, "options": opts, "params": count_params(net),
+               "params_kept": count_params(net) / count_params(model), "widths": plan.widths(),
+               "accuracy_after_surgery": cut, "accuracy_after_bn_recalibration": recal,
+               "accuracy_after_finetune": accuracy(net, test, "cpu"), "analysis_seconds": round(seconds, 1),
+               "finetune_seconds": round(time.perf_counter() - t0, 1)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    out = {"benchmark": "pfa_floor", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "machine": machine(), "torch": torch.__version__, "threads": args.threads,
+           "command": shlex.join(["python", *sys.argv]), "target": args.target,
+           "schedule": {"epochs": args.epochs, "lr": args.lr, "train_images": len(tune.labels), "batch": 128,
+                        "bn_recalibration_images": sched.bn_recal},
+           "test_images": len(test.labels), "calibration_images": args.calib,
+           "base_accuracy": accuracy(model, test, "cpu"),
+           "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
