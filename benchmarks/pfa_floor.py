@@ -4,7 +4,7 @@ One τ shared by all layers leaves the last three VGG-16 layers ~10 filters at t
 responses span about as many directions as there are classes). Same budget, same statistics, same
 BN recalibration and fine-tuning for every row, with torch-pruning's uniform L1 alongside.
 
-    python benchmarks/pfa_floor.py [--fractions 0,0.0625,0.125,0.25] [--train-images 20000] [--epochs 1]
+    python benchmarks/pfa_floor.py [--fractions 0,0.125,0.25] [--train-images 20000] [--epochs 1]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ SHARED = REPO.parent / "shared"
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--fractions", default="0,0.0625,0.125,0.25")
+    ap.add_argument("--fractions", default="0,0.125,0.25")
     ap.add_argument("--target", default="params=0.125")
     ap.add_argument("--calib", type=int, default=2000)
     ap.add_argument("--train-images", type=int, default=20000)

@@ -8,11 +8,12 @@ largest any member asks for, and one selection, made on the members' mean |corre
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from netslim.budget import bisect
+from netslim.budget import bisect, fits, plan_size
 from netslim.errors import NetslimError
 from netslim.methods.base import Context, register
 from netslim.methods.pfa_select import elimination_order
@@ -121,8 +122,41 @@ def pfa_en(ctx: Context) -> Plan:
 
     plan = bisect(make, ctx.target, ctx.template(), 0.0, 1.0)
     tau = plan.meta["energy"]
-    _add_report(ctx, specs, widths(tau), {"energy": tau, "target": str(ctx.target)})
+    w, plan = _top_up(ctx, specs, widths(tau), lambda w: plan_from_widths(ctx, "pfa-en", scores, w, plan.meta))
+    _add_report(ctx, specs, w, {"energy": tau, "target": str(ctx.target)})
     return plan
+
+
+def _top_up(ctx: Context, specs: list[GroupSpectrum], widths: dict[str, int],
+            make: Callable[[dict[str, int]], Plan]) -> tuple[dict[str, int], Plan]:
+    """Spend what one shared τ leaves of the budget: add a filter (a `round_to` step) where the next
+    eigenvalue holds the most energy, as long as the network still fits. One τ step can move several
+    layers at once, so the bisection alone may stop short by more than a filter's worth."""
+    assert ctx.target is not None
+    step = max(1, int(ctx.option("round_to", 1)))
+    template = ctx.template()
+    base = plan_size(ctx.base_plan("pfa-en"), template)
+    plan = make(widths)
+    open_ = {s.root: s for s in specs if s.analysable}
+    added = 0
+
+    def gain(s: GroupSpectrum, k: int) -> float:
+        return max(float(e[k:k + step].sum() / e.sum()) if float(e.sum()) > 0 else 0.0 for e in s.eigs)
+
+    while open_:
+        for s in sorted(open_.values(), key=lambda s: gain(s, widths[s.root]), reverse=True):
+            if widths[s.root] + step > s.width:
+                del open_[s.root]
+                continue
+            trial = make({**widths, s.root: widths[s.root] + step})
+            if fits(trial, ctx.target, base, template):
+                widths, plan, added = {**widths, s.root: widths[s.root] + step}, trial, added + step
+                break
+            del open_[s.root]  # the budget only shrinks from here: this layer's next step never fits
+        else:
+            break
+    plan.meta["topped_up_filters"] = added
+    return widths, plan
 
 
 def _add_report(ctx: Context, specs: list[GroupSpectrum], widths: dict[str, int], meta: dict) -> None:
