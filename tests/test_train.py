@@ -229,6 +229,7 @@ WORKER = textwrap.dedent(
     acc = evaluate(model, batches)
     assert acc["n"] == 96, acc
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / f"rank{rank}.safetensors"))
+    dist.barrier()  # no rank tears gloo down while the other still talks to it (aborts under load)
     dist.destroy_process_group()
     """
 )

@@ -121,8 +121,10 @@ def pfa_en(ctx: Context) -> Plan:
         return plan_from_widths(ctx, "pfa-en", scores, widths(tau), {"energy": round(tau, 8)})
 
     plan = bisect(make, ctx.target, ctx.template(), 0.0, 1.0)
-    tau = plan.meta["energy"]
-    w, plan = _top_up(ctx, specs, widths(tau), lambda w: plan_from_widths(ctx, "pfa-en", scores, w, plan.meta))
+    tau = plan.meta["energy"]  # rounded for the record: the widths come from the plan itself
+    kept = plan.widths()
+    w, plan = _top_up(ctx, specs, {s.root: kept.get(s.root, s.width) for s in specs},
+                      lambda w: plan_from_widths(ctx, "pfa-en", scores, w, plan.meta))
     _add_report(ctx, specs, w, {"energy": tau, "target": str(ctx.target)})
     return plan
 
