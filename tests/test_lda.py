@@ -427,3 +427,25 @@ def test_residual_groups_combine_member_utilities_by_max() -> None:
     torch.testing.assert_close(a.utility[stream.root], want)
     small = apply_plan(copy.deepcopy(net), plan_at(ctx, a, 0.5, o))
     assert small(torch.randn(2, 3, 16, 16)).shape == (2, 3)
+
+
+def test_a_fine_tuning_round_that_hurts_is_undone(digits_net: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    import netslim.methods.lda_loop as loop
+    from netslim.pipeline import analyse
+
+    def ruin(model: nn.Module, *_args, **_kw) -> list[dict]:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()  # a round that destroys the network: validation falls to chance
+        return []
+
+    monkeypatch.setattr(loop, "finetune_round", ruin)
+    net, train, _ = digits_net
+    opts = {**FAST, "max_iters": 1, "eta_start": 0.2, "max_drop": 0.5}
+    plan, ctx, _ = analyse(copy.deepcopy(net), "small_cnn", train, "lda", None, opts, "cpu", 400)
+    it = plan.meta["iterations"][1]
+    assert it["val"] == it["val_cut"] > 0.5  # the repaired cut was kept, not the ruined network
+    assert any(float(p.detach().abs().sum()) > 0 for p in ctx.cache["model"].parameters())
+    undone = analyse(copy.deepcopy(net), "small_cnn", train, "lda", None, {**opts, "keep_unless_better": False},
+                     "cpu", 400)[0].meta["iterations"]
+    assert len(undone) == 2 and undone[1]["val"] < 0.2

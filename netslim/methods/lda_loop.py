@@ -8,7 +8,9 @@ it needs it). The cut is then repaired before fine-tuning: BatchNorm statistics 
 calibration images (option bn_recal), and the classifier bias is reset so that the cut network's mean
 logits equal the uncut network's (option bias_correction): the removed pre-decision neurons then count
 at their mean, as when M′ was judged, instead of at zero. The cut network is fine-tuned for a short round
-(options ft_*) and scored on ctx.val.
+(options ft_*) and scored on ctx.val; a round that lowers the validation accuracy is undone
+(keep_unless_better): the base was trained on the whole training split, so a short high-lr round on
+part of it can cost more than it repairs.
 
 Stopping: with --min-accuracy A (option min_accuracy) the loop stops at the first iterate whose
 validation accuracy falls below A (with patience=p, at the (p+1)-th in a row: short fine-tuning rounds
@@ -78,6 +80,7 @@ class LoopOptions:
     ft_weight_decay: float = 5e-4
     bn_recal: int = 1000  # after a cut, re-estimate BatchNorm statistics on this many calibration images
     bias_correction: bool = True  # after a cut, reset the classifier bias to keep the mean logits
+    keep_unless_better: bool = True  # a fine-tuning round that lowers validation accuracy is undone
     bias_images: int = 256  # calibration images that measure the cut network's mean features
     verbose: bool = True
 
@@ -324,11 +327,16 @@ def run_loop(ctx: Context) -> Plan:
         new = apply_plan(copy.deepcopy(cur), plan) if plan.keep else copy.deepcopy(cur)
         recalibrate(new, cur, classifier, a.mean, ctx.calib, o, ctx.device, ctx.batch_size)
         keep_base = compose(keep_base, plan.keep, base_widths)
-        acc_cut, _ = validate(new, val, classifier, ctx.device, ctx.batch_size)
+        acc_cut, feats_cut = validate(new, val, classifier, ctx.device, ctx.batch_size)
         rounds += 1
+        before = copy.deepcopy(new.state_dict()) if o.keep_unless_better else None
         finetune_round(new, ctx.train, o, rounds, ctx.device)
         new.eval()
         acc, feats = validate(new, val, classifier, ctx.device, ctx.batch_size)
+        if before is not None and acc < acc_cut:  # a short, high-lr round can cost more than it repairs
+            console.print(f"lda: fine-tuning lowered validation accuracy to {acc:.4f}: kept the repaired cut")
+            new.load_state_dict(before)
+            acc, feats = acc_cut, feats_cut
         size = model_size(new, ctx.input_size)
         it = Iterate(t, round(eta, 6), a.mprime, a.scores.numel(), size["params"], size["macs"], acc_cut, acc,
                      removed, time.perf_counter() - began, keep_base)
