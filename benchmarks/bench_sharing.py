@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--target", default="params=0.125")
     ap.add_argument("--calib", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_sharing_cpu.json")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "stats_sharing_cpu.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, arch, _ = load_trained(SHARED / "models" / "vgg16_bn_cifar10.safetensors", "vgg16_bn", 10)
