@@ -14,10 +14,10 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def _ms(row: dict, batch: int) -> str:
-    for r in row.get("latency", []):
-        if r["batch"] == batch and r["device"] == "cpu" and r.get("dtype") in ("float32", "fp32"):
-            return f"{r['median_ms']:.1f}"
-    return "–"
+    from netslim.report import latency_of
+
+    ms = latency_of(row, batch)
+    return "–" if ms is None else f"{ms:.1f}"
 
 
 def section(result: dict, name: str) -> str:

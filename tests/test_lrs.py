@@ -21,13 +21,7 @@ from netslim.methods.lrs import original_moments, patches
 from netslim.methods.lrs_solver import allocate, decompose, lowrank_curve, weighted_error
 from netslim.plan import Plan
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _low_rank_plus_sparse(m: int = 40, d: int = 60, r: int = 4, c: int = 100) -> tuple[torch.Tensor, torch.Tensor]:

@@ -68,12 +68,7 @@ def tiny_net(classes: int = 3, seed: int = 0) -> nn.Module:
     )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_fit_learns_a_separable_problem() -> None:

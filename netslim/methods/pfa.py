@@ -24,7 +24,7 @@ from netslim.plan import Plan
 
 # PFA-En's default floor, a fraction of each layer's width. The last layers of a CIFAR network respond
 # in about as many directions as there are classes, so at a tight budget one shared τ leaves them ~10
-# filters: VGG-16 at 1/8 of its parameters then reaches 0.25 after a short fine-tune, against 0.80
+# filters: VGG-16 at 1/8 of its parameters then reaches 0.50 after a short fine-tune, against 0.83
 # with this floor (benchmarks/results/pfa_floor_cpu.json). `--opt min_fraction=0` is the paper's rule.
 MIN_FRACTION = 0.125
 
