@@ -6,12 +6,16 @@ One 64-filter layer, a fixed subset of the training split (default 2,000 images)
 2. the same engine with one mask per forward pass, on a few ablations (the effect of batching alone);
 3. naive: the full network per ablation, one per forward pass, on a few ablations (estimated for the
    rest; the JSON says so), with its correct counts checked against the fast engine's.
-The whole greedy halving is then estimated from the measured time per evaluation for re-ranking every
-K removals (its evaluation count is fixed by K) and for the exact reading (K = 1); the measured greedy
-halvings (fewer images) are in car_prune_cpu.json. Times are process CPU seconds, all threads summed
-(the machine is shared, so wall clock, also recorded, mostly measures the other users).
+Step 1 runs once per --precisions entry: bf16 autocast (the engine's `precision=bf16`) is compared with
+fp32 on speed and on agreement (per-filter correct counts, and the lowest-CAR half of the filters).
+With --halving P the whole greedy halving (re-ranked every 8 removals, adaptive) is run and timed with
+the fast engine at precision P. Without it, or for the other readings, the halving is estimated from the
+measured time per evaluation for re-ranking every K removals (its evaluation count is fixed by K) and for
+the exact reading (K = 1); the measured greedy halvings on fewer images are in car_prune_cpu.json.
+Times are process CPU seconds, all threads summed (the machine is shared, so wall clock, also recorded,
+mostly measures the other users).
 
-    python benchmarks/car_throughput.py --layer features.0 --threads 2
+    python benchmarks/car_throughput.py --layer features.0 --threads 2 --halving bf16
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -44,6 +49,23 @@ def greedy_evaluations(width: int, remove: int, per_step: int) -> int:
     return total
 
 
+def ranking_summary(r: Any, ref: Any, naive_eval: float, half: int) -> dict[str, Any]:
+    """Speed of one precision's full ranking and its agreement with the reference (fp32) ranking."""
+    per_eval = r.ranking["cpu_seconds"] / r.ranking["evaluations"]
+    counts = [round((r.base_accuracy - c) * r.eval_images) for c in r.first_car]
+    ref_counts = [round((ref.base_accuracy - c) * ref.eval_images) for c in ref.first_car]
+    diff = [abs(a - b) for a, b in zip(counts, ref_counts, strict=True)]
+    lowest = set(sorted(range(r.width), key=lambda f: (r.first_car[f], f))[:half])
+    ref_lowest = set(sorted(range(ref.width), key=lambda f: (ref.first_car[f], f))[:half])
+    return {"evaluations": r.ranking["evaluations"], "cpu_seconds": r.ranking["cpu_seconds"],
+            "seconds_wall": r.ranking["seconds"], "evals_per_cpu_second": round(1 / per_eval, 4),
+            "speedup_vs_naive_fp32": round(naive_eval / per_eval, 3),
+            "base_correct": round(r.base_accuracy * r.eval_images), "reference_base_correct":
+                round(ref.base_accuracy * ref.eval_images),
+            "filters_with_other_counts": sum(d > 0 for d in diff), "max_count_difference_images": max(diff),
+            "lowest_half_overlap": len(lowest & ref_lowest), "half": half}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layer", default="features.0")
@@ -51,6 +73,8 @@ def main() -> None:
     ap.add_argument("--naive-ablations", type=int, default=3)
     ap.add_argument("--unbatched-ablations", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--precisions", default="fp32,bf16", help="fast-engine precisions for the full ranking")
+    ap.add_argument("--halving", default="", help="also run and time the whole greedy halving at this precision")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "car_throughput_cpu.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -70,10 +94,14 @@ def main() -> None:
                   options={"eval_size": args.eval_size})
     x, y, _ = eval_set(ctx)
     t0 = time.perf_counter()
-    fast = AblationEngine(model, [(args.layer,)], x, y, n_classes, batch_size=256, masks_per_pass=32)
-    run = greedy(fast, 0, 0, root=args.layer)  # the first step alone: the full ranking
+    rankings = {}
+    for precision in args.precisions.split(","):
+        engine = AblationEngine(model, [(args.layer,)], x, y, n_classes, batch_size=256, masks_per_pass=32,
+                                precision=precision)
+        rankings[precision] = (engine, greedy(engine, 0, 0, root=args.layer))  # the first step: full ranking
+        print(f"fast ranking, {precision}: {rankings[precision][1].ranking}", flush=True)
+    fast, run = rankings.get("fp32", next(iter(rankings.values())))
     width = run.width
-    print(f"fast ranking: {run.ranking}", flush=True)
 
     probe = list(range(min(args.naive_ablations, width)))
     unbatched = AblationEngine(model, [(args.layer,)], x, y, n_classes, batch_size=256, masks_per_pass=1)
@@ -86,6 +114,19 @@ def main() -> None:
     unbatched_eval = unbatched.stats.cpu_seconds / unbatched.stats.evaluations
     naive_eval = naive.stats.cpu_seconds / naive.stats.evaluations
     half = width // 2
+    by_precision = {p: ranking_summary(r, run, naive_eval, half) for p, (_, r) in rankings.items()}
+    halving = None
+    if args.halving:
+        engine = AblationEngine(model, [(args.layer,)], x, y, n_classes, batch_size=256, masks_per_pass=32,
+                                precision=args.halving)
+        h = greedy(engine, 0, half, per_step=8, root=args.layer)
+        halving = {"precision": args.halving, "mode": h.mode, "evaluations": h.engine["evaluations"],
+                   "rankings": h.rankings, "cpu_seconds": h.engine["cpu_seconds"],
+                   "seconds_wall": h.engine["seconds"], "kept": h.kept, "removed": h.removed,
+                   "eval_accuracy_after": h.accuracy[-1] if h.accuracy else None,
+                   "naive_fp32_cpu_seconds_estimated": round(h.engine["evaluations"] * naive_eval, 1),
+                   "speedup_vs_naive_fp32": round(h.engine["evaluations"] * naive_eval / h.engine["cpu_seconds"], 3)}
+        print(f"greedy halving ({args.halving}): {halving}", flush=True)
     estimates = {}
     for k in (1, 8):
         n = greedy_evaluations(width, half, k)
@@ -114,6 +155,8 @@ def main() -> None:
                           "ablations and extrapolated"},
         "speedup_full_ranking": round(naive_eval / fast_eval, 3),
         "speedup_from_batching": round(unbatched_eval / fast_eval, 3),
+        "fast_full_ranking_by_precision": by_precision,
+        "greedy_halving_measured": halving,
         "greedy_halving_estimated": estimates,
         "base_accuracy_eval": run.base_accuracy, "first_car": run.first_car,
         "wall_seconds": round(time.perf_counter() - t0, 1),

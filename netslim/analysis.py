@@ -22,13 +22,14 @@ from netslim.surgery import apply_plan
 
 def analyse_to_dir(model: nn.Module, arch: str, train: ImageSet, method: str, target: Target | None,
                    options: dict[str, Any], device: str, calib_size: int, classes: list[int] | None,
-                   out: Path | None, overwrite: bool = False, command: str = "") -> dict[str, Any]:
+                   out: Path | None, overwrite: bool = False, command: str = "",
+                   val: ImageSet | None = None) -> dict[str, Any]:
     model = model.to(device).eval()
     base_classes = model.get_submodule(_classifier(model)).out_features
     if classes is not None:
         model = apply_plan(copy.deepcopy(model), Plan(arch=arch, num_classes=base_classes,
                                                       input_size=tuple(train.images.shape[1:]), classes=classes))
-    plan, ctx, seconds = analyse(model, arch, train, method, target, options, device, calib_size)
+    plan, ctx, seconds = analyse(model, arch, train, method, target, options, device, calib_size, val=val)
     template = ctx.template()
     planned = plan_size(plan, template)
     base = plan_size(ctx.base_plan(method), template)

@@ -83,6 +83,20 @@ def _setup(data: str, classes: str | None, cache_dir: Path | None, weights: Path
     return train, test, idx, net, arch, plan, resolve_device(device)
 
 
+def _validation(val_from: str, test: Any) -> tuple[Any, Any]:
+    """(val, test): None and the test split, or two disjoint stratified halves of the test split."""
+    if val_from == "train":
+        return None, test
+    if val_from != "test":
+        raise NetslimError(f"--val-from must be train or test, not {val_from!r}")
+    if test is None or len(test) < 2:
+        raise NetslimError("--val-from test needs a test split of at least two images")
+    from netslim.data import split_holdout
+
+    val, report = split_holdout(test, 0.5, seed=0)
+    return val, report
+
+
 def before_after_table(metrics: dict[str, Any]) -> Table:
     from netslim.report import comparison_rows
 
@@ -173,6 +187,10 @@ MethodOpt = Annotated[str, typer.Option("--method", help="compression method (ne
 OptOpt = Annotated[list[str] | None, typer.Option("--opt", help="method option key=value (repeatable; in bench, "
                                                                  "METHOD.key=value applies to one method)")]
 MinAccOpt = Annotated[float | None, typer.Option(help="lda: keep pruning while validation accuracy stays >= this")]
+ValFromOpt = Annotated[str, typer.Option("--val-from", help="validation images for accuracy decisions (lda): "
+                                         "train (10% held out of it) | test (half of the test split, stratified; "
+                                         "the other half is reported). Use test when the model was trained on the "
+                                         "whole training split, whose held-out part it has memorised")]
 VarianceOpt = Annotated[float | None, typer.Option(help="pca: fraction of each layer's response variance kept "
                                                         "(significant dimensions; default 0.999)")]
 RoundOpt = Annotated[int | None, typer.Option("--round-to", help="round kept widths to a multiple of this "
@@ -236,7 +254,7 @@ def compress(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt =
              train_subset: Annotated[int | None, typer.Option(help="fine-tune on this many training images")] = None,
              classes: ClassesOpt = None, opt: OptOpt = None, device: DeviceOpt = "auto",
              cache_dir: CacheOpt = None, no_latency: bool = False, overwrite: OverwriteOpt = False,
-             as_json: JsonOpt = False) -> None:
+             val_from: ValFromOpt = "train", as_json: JsonOpt = False) -> None:
     """Analyse, cut, fine-tune, measure: writes plan.json, model.safetensors, metrics.json, report.md."""
     from netslim.budget import parse_target
     from netslim.methods import get_method
@@ -248,6 +266,7 @@ def compress(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt =
     if out is not None and out.exists() and not overwrite:
         raise NetslimError(f"output directory {out} already exists; pass --overwrite to replace it")
     train_set, test, idx, net, arch, plan, dev = _setup(data, classes, cache_dir, weights, model, device)
+    val, test = _validation(val_from, test)
     if plan is not None and (plan.keep or plan.drop or plan.factorize):
         raise NetslimError(f"{weights} is already compressed; compress its base network instead")
     options = _options(opt) | ({"energy": energy} if energy is not None else {})
@@ -267,7 +286,8 @@ def compress(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt =
         train_set = calibration_subset(train_set, train_subset, seed=1)
     res = run(net, arch, train_set, test, method, tgt, options,
               Schedule(finetune_epochs, lr, batch_size, label_smoothing=label_smoothing), dev, calib_size, init,
-              idx, out, overwrite, command=shlex.join(["netslim", *sys.argv[1:]]), measure_latency=not no_latency)
+              idx, out, overwrite, command=shlex.join(["netslim", *sys.argv[1:]]), measure_latency=not no_latency,
+              val=val)
     console.print(before_after_table(res.metrics))
     console.print(f"run directory: {out}")
     _emit(res.metrics, as_json)
@@ -285,14 +305,15 @@ def analyze(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt = 
             classwise: Annotated[bool, typer.Option("--classwise", help="car: per-class accuracy change per "
                                                                         "filter (heat map)")] = False,
             calib_size: int = 5000, classes: ClassesOpt = None, opt: OptOpt = None,
-            device: DeviceOpt = "auto",
-            cache_dir: CacheOpt = None, overwrite: OverwriteOpt = False, as_json: JsonOpt = False) -> None:
+            device: DeviceOpt = "auto", cache_dir: CacheOpt = None, overwrite: OverwriteOpt = False,
+            val_from: ValFromOpt = "train", as_json: JsonOpt = False) -> None:
     """Statistics + Plan only (no surgery): writes plan.json, report.md and the method's plots."""
     from netslim.analysis import analyse_to_dir
     from netslim.budget import parse_target
 
     tgt = parse_target(target) if target else None
-    train_set, _, idx, net, arch, _, dev = _setup(data, classes, cache_dir, weights, model, device)
+    train_set, test, idx, net, arch, _, dev = _setup(data, classes, cache_dir, weights, model, device)
+    val, _ = _validation(val_from, test)
     options = _options(opt) | ({"energy": energy} if energy is not None else {})
     options |= {"min_accuracy": min_accuracy} if min_accuracy is not None else {}
     options |= {k: v for k, v in (("variance", variance), ("round_to", round_to)) if v is not None}
@@ -300,7 +321,7 @@ def analyze(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt = 
     options |= _lrs_options(rank, rank_ratio, sparsity)
     tgt, options = _for_device(tgt, options, dev, batch)
     metrics = analyse_to_dir(net, arch, train_set, method, tgt, options, dev, calib_size, idx, out, overwrite,
-                             command=shlex.join(["netslim", *sys.argv[1:]]))
+                             command=shlex.join(["netslim", *sys.argv[1:]]), val=val)
     console.print(f"{method}: planned {metrics['planned']['params']:,} params "
                   f"({metrics['planned']['params'] / metrics['base']['params']:.3f} of the base), "
                   f"{metrics['planned']['macs']:,} MACs "

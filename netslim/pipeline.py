@@ -113,10 +113,18 @@ def reinitialise(model: nn.Module) -> None:
 def analyse(model: nn.Module, arch: str, train: ImageSet, method: str, target: Target | None,
             options: dict[str, Any], device: str, calib_size: int = 5000, val_fraction: float = 0.1,
             input_size: tuple[int, int, int] | None = None, cache: dict | None = None,
-            seed: int = 0) -> tuple[Plan, Context, float]:
-    """Run a method's analysis and return its Plan, the Context it saw, and the seconds it took."""
+            seed: int = 0, val: ImageSet | None = None) -> tuple[Plan, Context, float]:
+    """Run a method's analysis and return its Plan, the Context it saw, and the seconds it took.
+
+    Methods that need labels validate on `val` when it is given (images the model was not trained on) and
+    otherwise on a stratified `val_fraction` held out of `train`."""
     spec = get_method(method)
-    fit_part, val = split_holdout(train, val_fraction, seed=seed) if spec.needs_labels else (train, None)
+    if not spec.needs_labels:
+        fit_part, val = train, None
+    elif val is None:
+        fit_part, val = split_holdout(train, val_fraction, seed=seed)
+    else:
+        fit_part = train
     calib = calibration_subset(fit_part, min(calib_size, len(fit_part.labels)), seed=seed)
     shape = input_size or tuple(train.images.shape[1:])
     ctx = Context(model=model.eval(), arch=arch, num_classes=_outputs(model), input_size=shape,  # type: ignore[arg-type]
@@ -148,11 +156,13 @@ def compress(model: nn.Module, arch: str, train: ImageSet, test: ImageSet | None
              target: Target | None = None, options: dict[str, Any] | None = None,
              schedule: Schedule | None = None, device: str = "cpu", calib_size: int = 5000,
              init: str | None = None, classes: list[int] | None = None, out: Path | None = None,
-             overwrite: bool = False, command: str = "", measure_latency: bool = True) -> Result:
+             overwrite: bool = False, command: str = "", measure_latency: bool = True,
+             val: ImageSet | None = None) -> Result:
     """One call from a trained model to a smaller, fine-tuned, measured one (and a run directory).
 
     `init`: "fine" (alias "inherit": surviving weights), "scratch" (random init), or None for what the
-    method's paper does (its `retrain`)."""
+    method's paper does (its `retrain`). `val`: validation images for methods that decide on accuracy
+    (lda), instead of a part held out of `train`; disjoint from `test`."""
     schedule = schedule or Schedule()
     init = resolve_init(init, method)
     options = dict(options or {})
@@ -167,7 +177,7 @@ def compress(model: nn.Module, arch: str, train: ImageSet, test: ImageSet | None
     with _maybe_dir(out, overwrite) as tmp:
         before = measure_model(model, tuple(train.images.shape[1:]), device, latency=False)  # timed with `after`
         before["accuracy"] = accuracy(model, test, device)
-        plan, ctx, seconds = analyse(model, arch, train, method, target, options, device, calib_size)
+        plan, ctx, seconds = analyse(model, arch, train, method, target, options, device, calib_size, val=val)
         if classes is not None:  # the saved Plan is relative to the base model, classes included
             plan.num_classes, plan.classes = base_classes, list(classes)
         small = apply_plan(copy.deepcopy(base_model), plan)
@@ -200,6 +210,8 @@ def compress(model: nn.Module, arch: str, train: ImageSet, test: ImageSet | None
         metrics = {"method": method, "target": str(target) if target else None, "options": options,
                    "init": init, "classes": classes, "analysis_seconds": round(seconds, 3),
                    "calibration_images": len(ctx.calib.labels) if ctx.calib is not None else 0,
+                   "validation_images": len(ctx.val.labels) if ctx.val is not None else 0,
+                   "validation_from": None if ctx.val is None else "held out of train" if val is None else "given",
                    "schedule": schedule.__dict__, "history": history, "before": before, "after": after,
                    "speed": speed,
                    "widths": _widths(model, small, plan), "machine": machine(), "command": command,

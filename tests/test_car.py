@@ -99,6 +99,22 @@ def test_batched_ablation_equals_one_at_a_time(small: nn.Module, trained: tuple)
     assert batched.stats.evaluations == 48 and batched.stats.images == 48 * 50
 
 
+def test_bf16_engine_counts_stay_close_to_fp32(small: nn.Module, trained: tuple) -> None:
+    """precision=bf16 trades exactness for speed on CPUs with bf16 units: the counts may move by an image
+    or two on borderline predictions, not more, and the mask is still honoured."""
+    x, y = trained[1], trained[2]
+    fp32 = AblationEngine(small, [("features.4",)], x, y, 10, batch_size=96, masks_per_pass=8)
+    bf16 = AblationEngine(small, [("features.4",)], x, y, 10, batch_size=96, masks_per_pass=8, precision="bf16")
+    g = torch.Generator().manual_seed(5)
+    masks = torch.cat([fp32.full_mask()[None], torch.zeros(1, fp32.width),
+                       (torch.rand(14, fp32.width, generator=g) > 0.5).float()])
+    want, got = fp32.correct(masks), bf16.correct(masks)
+    assert (want - got).abs().max() <= 3
+    assert got[1] < got[0] - 20  # every filter ablated: the network is lost in bf16 too
+    with pytest.raises(NetslimError, match="precision must be fp32 or bf16"):
+        AblationEngine(small, [("features.4",)], x, y, 10, precision="fp16")
+
+
 def test_coupled_group_and_skip_connection_match_hooks() -> None:
     torch.manual_seed(0)
     model = build("resnet20").eval()

@@ -74,6 +74,8 @@ def test_bad_inputs_exit_2_with_one_message(base: Path, tmp_path: Path) -> None:
         (["compress", "--weights", str(base), "--method", "magic"], "unknown method"),
         (["evaluate", "--weights", str(base), "--classes", "cat"], "unknown class"),
         (["evaluate", "--weights", str(base), "--data", str(tmp_path / "nowhere")], "nowhere"),
+        (["compress", "--weights", str(base), "--method", "lda", "--val-from", "val", "--out", str(tmp_path / "v")],
+         "--val-from must be train or test"),
     ]
     for args, message in cases:
         code, _, err = run(*args)

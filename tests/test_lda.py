@@ -449,3 +449,20 @@ def test_a_fine_tuning_round_that_hurts_is_undone(digits_net: tuple, monkeypatch
     undone = analyse(copy.deepcopy(net), "small_cnn", train, "lda", None, {**opts, "keep_unless_better": False},
                      "cpu", 400)[0].meta["iterations"]
     assert len(undone) == 2 and undone[1]["val"] < 0.2
+
+
+def test_given_validation_images_decide_and_the_training_split_stays_whole(digits_net: tuple) -> None:
+    """--val-from test: a model trained on its whole training split is judged on images it has not seen,
+    and nothing is held out of the training images (fine-tuning and calibration see all of them)."""
+    from netslim.data import split_holdout
+    from netslim.pipeline import accuracy, analyse
+
+    net, train, test = digits_net
+    val, _ = split_holdout(test, 0.5, seed=0)
+    opts = {"max_iters": 1, "eta_start": 0.4, "ft_epochs": 0, "trace_images": 4, "max_drop": 0.3, "verbose": False}
+    plan, ctx, _ = analyse(copy.deepcopy(net), "small_cnn", train, "lda", None, opts, "cpu", 200, val=val)
+    assert ctx.val is val and len(ctx.train) == len(train)
+    assert plan.meta["iterations"][0]["val"] == pytest.approx(accuracy(net, val, "cpu"))
+    held, _ = split_holdout(train, 0.1, seed=0)
+    _, ctx_default, _ = analyse(copy.deepcopy(net), "small_cnn", train, "lda", None, opts, "cpu", 200)
+    assert len(ctx_default.train) == len(held) < len(train)
