@@ -2,7 +2,8 @@
 
 1. Take the CAR halvings of features.0 (conv1) and features.3 (conv2) from car_prune_cpu.json (each
    ranked on the unpruned network by `benchmarks/car_prune.py`) and cut both by surgery.
-2. Fine-tune briefly (reduced CPU schedule: a subset of the training split, one epoch).
+2. Repair BatchNorm (as compress does after every cut), then fine-tune (reduced CPU schedule), optionally
+   distilled from the original network (--distill).
 3. `netslim.pack.pack_model`: magnitude weight pruning + fine-tuning with the mask fixed, k-means weight
    sharing (8 bits conv, 5 bits Linear), Huffman coding; the packed bytes are decoded and checked
    (identical weights and predictions) before anything is reported.
@@ -45,6 +46,8 @@ def main() -> None:
     ap.add_argument("--conv-bits", type=int, default=8)
     ap.add_argument("--fc-bits", type=int, default=5)
     ap.add_argument("--pack-ft-epochs", type=int, default=1)
+    ap.add_argument("--distill", type=float, default=0.0, help="weight of the original network's softened "
+                    "outputs in both fine-tunes (knowledge distillation; 0: labels only)")
     ap.add_argument("--test-images", type=int, default=0, help="0: the whole test split")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out-dir", type=Path, default=REPO / "runs" / "car_pack", help="packed run directory")
@@ -56,7 +59,7 @@ def main() -> None:
     from netslim.data import calibration_subset, split_holdout
     from netslim.io import atomic_write_text
     from netslim.pack.run import PackConfig, pack_model, write_pack_dir
-    from netslim.pipeline import Schedule, accuracy, finetune, machine
+    from netslim.pipeline import Schedule, accuracy, finetune, machine, recalibrated_accuracy
     from netslim.plan import Plan
     from netslim.surgery import apply_plan
 
@@ -75,16 +78,18 @@ def main() -> None:
     acc_base = accuracy(base, test, "cpu")
     model = apply_plan(copy.deepcopy(base), plan)
     acc_cut = accuracy(model, test, "cpu")
-    print(f"base {acc_base:.4f}, CAR-cut {acc_cut:.4f}", flush=True)
-    sched = Schedule(epochs=args.ft_epochs, lr=args.lr, batch_size=128)
-    history = finetune(model, ft_data, sched, "cpu")
+    sched = Schedule(epochs=args.ft_epochs, lr=args.lr, batch_size=128, distill=args.distill)
+    acc_bn = recalibrated_accuracy(model, ft_data, test, sched, "cpu")  # what compress does after every cut
+    print(f"base {acc_base:.4f}, CAR-cut {acc_cut:.4f}, BN repaired {acc_bn}", flush=True)
+    history = finetune(model, ft_data, sched, "cpu", teacher=base)
     model.eval()
     acc_ft = accuracy(model, test, "cpu")
     print(f"fine-tuned {acc_ft:.4f}", flush=True)
     cfg = PackConfig(sparsity=args.sparsity, fc_sparsity=args.fc_sparsity,
                      layer_sparsity={"features.0": args.first_sparsity}, conv_bits=args.conv_bits,
-                     fc_bits=args.fc_bits, epochs=args.pack_ft_epochs, lr=args.lr / 2, batch_size=128)
-    blob, metrics, _ = pack_model(model, plan, ft_data, test, cfg, "cpu")
+                     fc_bits=args.fc_bits, epochs=args.pack_ft_epochs, lr=args.lr / 2, batch_size=128,
+                     distill=args.distill)
+    blob, metrics, _ = pack_model(model, plan, ft_data, test, cfg, "cpu", teacher=base)
     original = {f"{n}.weight": m.weight.numel() * 4 for n, m in base.named_modules() if hasattr(m, "weight")
                 and isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
     per_layer = []
@@ -107,12 +112,14 @@ def main() -> None:
         "car_layers": {n: {"kept": len(plan.keep[n]), "of": car[n]["accuracy_without_retraining"]["width"],
                            "car_options": car[n]["options"]} for n in layers},
         "test_images": len(test),
-        "accuracy": {"original": acc_base, "car_cut_no_retraining": acc_cut, "car_fine_tuned": acc_ft,
+        "accuracy": {"original": acc_base, "car_cut_no_retraining": acc_cut,
+                     "car_cut_bn_repaired": acc_bn, "car_fine_tuned": acc_ft,
                      "weight_pruned": acc["weight_pruned"], "weight_pruned_fine_tuned": acc.get("fine_tuned"),
                      "quantized": acc["quantized"], "decoded_from_packed_file": acc["unpacked"],
                      "drop_points": round(100 * (acc_base - acc["unpacked"]), 2)},
-        "fine_tune": {"images": len(ft_data), "epochs": args.ft_epochs, "lr": args.lr, "history": history,
-                      "pack_history": metrics["history"]},
+        "fine_tune": {"images": len(ft_data), "epochs": args.ft_epochs, "lr": args.lr, "distill": args.distill,
+                      "temperature": sched.temperature, "teacher": "the original (unpruned) network",
+                      "history": history, "pack_history": metrics["history"]},
         "verify": metrics["verify"], "sparsity": metrics["sparsity"], "bits": metrics["bits"],
         "bytes_per_layer": per_layer,
         "bytes": metrics["bytes"] | {"conv_layers_original_dense_fp32": conv_original,

@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--ft-images", type=int, default=2000, help="training images per fine-tuning round")
     ap.add_argument("--ft-epochs", type=int, default=1)
     ap.add_argument("--ft-lr", type=float, default=0.01)
+    ap.add_argument("--ft-distill", type=float, default=0.0, help="weight of the unpruned task network's softened "
+                    "outputs in every round (both networks; 0: labels only)")
     ap.add_argument("--trace-images", type=int, default=10, help="per class")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None)
@@ -93,7 +95,7 @@ def main() -> None:
     options = {"min_accuracy": args.min_accuracy, "max_drop": args.max_drop, "max_iters": args.max_iters,
                "patience": args.patience, "eta_start": args.eta_start,
                "eta_step": args.eta_step, "ft_images": args.ft_images, "ft_epochs": args.ft_epochs,
-               "ft_lr": args.ft_lr, "trace_images": args.trace_images,
+               "ft_lr": args.ft_lr, "ft_distill": args.ft_distill, "trace_images": args.trace_images,
                "val_images": args.val_images if given_val is None else 0}  # compress caps its own hold-out
 
     t0 = time.perf_counter()
@@ -114,13 +116,13 @@ def main() -> None:
     l1_model = apply_plan(copy.deepcopy(task_model), l1_plan).eval()
     l1_cut = accuracy(l1_model, test, "cpu")
     calib = calibration_subset(fit_part, min(args.calib, len(fit_part)), seed=0)  # LDA's calibration images
-    ft = LoopOptions(ft_images=args.ft_images, ft_epochs=args.ft_epochs, ft_lr=args.ft_lr)
+    ft = LoopOptions(ft_images=args.ft_images, ft_epochs=args.ft_epochs, ft_lr=args.ft_lr, ft_distill=args.ft_distill)
     head = find_classifier(task_model)
     mean = predecision_moments(task_model, batches(calib, 256), head, k).mean
     recalibrate(l1_model, task_model, head, mean, calib, ft, "cpu", 256)  # the repair LDA gives its cuts
     l1_recal = accuracy(l1_model, test, "cpu")
     for r in range(1, rounds + 1):
-        finetune_round(l1_model, fit_part, ft, r, "cpu")
+        finetune_round(l1_model, fit_part, ft, r, "cpu", teacher=task_model)
     l1_model.eval()
     l1_size = model_size(l1_model, (3, 32, 32))
     l1_seconds = time.perf_counter() - t0
@@ -144,7 +146,8 @@ def main() -> None:
                      "floor": meta["floor"], "max_iters": args.max_iters, "patience": args.patience,
                      "eta_start": args.eta_start,
                      "eta_step": args.eta_step, "ft_rounds_used": rounds, "ft_images_per_round": args.ft_images,
-                     "ft_epochs_per_round": args.ft_epochs, "ft_lr": args.ft_lr, "ft_schedule": ft.ft_schedule},
+                     "ft_epochs_per_round": args.ft_epochs, "ft_lr": args.ft_lr, "ft_schedule": ft.ft_schedule,
+                     "ft_distill": args.ft_distill, "ft_temperature": ft.ft_temperature},
         "base": {"params": before["params"], "macs": before["macs"], "test_accuracy": before["accuracy"],
                  "val_accuracy": meta["iterations"][0]["val"]},
         "lda": {**summary(after, after["accuracy_after_surgery"], after["accuracy"], chosen["val"],

@@ -111,7 +111,7 @@ def _one(model: nn.Module, arch: str, train: ImageSet, test: ImageSet, method: s
     t0 = time.perf_counter()
     acc_cut = accuracy(small, test, device)
     acc_bn = recalibrated_accuracy(small, train, test, schedule, device) if tuned is None and not scratch else None
-    history = finetune(small, train, schedule, device)
+    history = finetune(small, train, schedule, device, teacher=model)  # teacher used when schedule.distill > 0
     size = measure_model(small, tuple(train.images.shape[1:]), device, measure_latency)
     base_params = sum(p.numel() for p in model.parameters())
     return {"method": method, "target": str(target), "met_target": knob_target is not None,

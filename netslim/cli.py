@@ -187,6 +187,8 @@ MethodOpt = Annotated[str, typer.Option("--method", help="compression method (ne
 OptOpt = Annotated[list[str] | None, typer.Option("--opt", help="method option key=value (repeatable; in bench, "
                                                                  "METHOD.key=value applies to one method)")]
 MinAccOpt = Annotated[float | None, typer.Option(help="lda: keep pruning while validation accuracy stays >= this")]
+DistillOpt = Annotated[float, typer.Option("--distill", help="weight of the unpruned network's softened outputs in "
+                                           "the fine-tuning loss, 0..1 (knowledge distillation; 0: labels only)")]
 ValFromOpt = Annotated[str, typer.Option("--val-from", help="validation images for accuracy decisions (lda): "
                                          "train (10% held out of it) | test (half of the test split, stratified; "
                                          "the other half is reported). Use test when the model was trained on the "
@@ -254,7 +256,7 @@ def compress(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt =
              train_subset: Annotated[int | None, typer.Option(help="fine-tune on this many training images")] = None,
              classes: ClassesOpt = None, opt: OptOpt = None, device: DeviceOpt = "auto",
              cache_dir: CacheOpt = None, no_latency: bool = False, overwrite: OverwriteOpt = False,
-             val_from: ValFromOpt = "train", as_json: JsonOpt = False) -> None:
+             val_from: ValFromOpt = "train", distill: DistillOpt = 0.0, as_json: JsonOpt = False) -> None:
     """Analyse, cut, fine-tune, measure: writes plan.json, model.safetensors, metrics.json, report.md."""
     from netslim.budget import parse_target
     from netslim.methods import get_method
@@ -285,7 +287,8 @@ def compress(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt =
 
         train_set = calibration_subset(train_set, train_subset, seed=1)
     res = run(net, arch, train_set, test, method, tgt, options,
-              Schedule(finetune_epochs, lr, batch_size, label_smoothing=label_smoothing), dev, calib_size, init,
+              Schedule(finetune_epochs, lr, batch_size, label_smoothing=label_smoothing, distill=distill), dev,
+              calib_size, init,
               idx, out, overwrite, command=shlex.join(["netslim", *sys.argv[1:]]), measure_latency=not no_latency,
               val=val)
     console.print(before_after_table(res.metrics))
@@ -371,7 +374,7 @@ def bench(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt = "d
           classes: ClassesOpt = None, opt: OptOpt = None, out: OutOpt = Path("runs/bench"),
           resume: Annotated[bool, typer.Option(help="continue a killed bench in --out")] = False,
           no_latency: bool = False, device: DeviceOpt = "auto", cache_dir: CacheOpt = None,
-          as_json: JsonOpt = False) -> None:
+          distill: DistillOpt = 0.0, as_json: JsonOpt = False) -> None:
     """Every method and torch-pruning's criteria at the same budget and fine-tuning schedule, one table."""
     from netslim.bench import run_bench
     from netslim.budget import parse_target
@@ -387,7 +390,8 @@ def bench(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt = "d
     test = calibration_subset(test, test_subset, seed=2) if test_subset else test
     assert out is not None
     res = run_bench(net, arch, train_set if not train_subset else tune, test, names, tgts,
-                    Schedule(finetune_epochs, lr, batch_size, label_smoothing=label_smoothing, schedule=schedule),
+                    Schedule(finetune_epochs, lr, batch_size, label_smoothing=label_smoothing, schedule=schedule,
+                             distill=distill),
                     out, dev, calib_size, _options(opt), not no_latency, resume,
                     shlex.join(["netslim", *sys.argv[1:]]), log=console.print)
     console.print((out / "report.md").read_text())
@@ -449,6 +453,8 @@ def pack(run: Annotated[Path, typer.Argument(help="run directory (or model.safet
          lr: float = 0.005, batch_size: int = 128,
          train_subset: Annotated[int | None, typer.Option(help="fine-tune on this many training images")] = None,
          device: DeviceOpt = "auto", cache_dir: CacheOpt = None, overwrite: OverwriteOpt = False,
+         distill: Annotated[float, typer.Option("--distill", help="weight of the unpacked network's softened "
+                                                "outputs in the fine-tuning loss, 0..1 (0: labels only)")] = 0.0,
          as_json: JsonOpt = False) -> None:
     """Storage compression: weight pruning + fine-tuning, k-means sharing, Huffman coding -> packed file."""
     from netslim.api import resolve_device
@@ -464,7 +470,7 @@ def pack(run: Annotated[Path, typer.Argument(help="run directory (or model.safet
     train_set, test = load_run_data(data, plan_of(meta), cache_dir)
     cfg = PackConfig([n.strip() for n in layers.split(",") if n.strip()] if layers else None, sparsity, fc_sparsity,
                      _per_layer(layer_sparsity, float), conv_bits, fc_bits, _per_layer(layer_bits, int),
-                     finetune_epochs, lr, batch_size, train_subset)
+                     finetune_epochs, lr, batch_size, train_subset, distill)
     m = pack_run_dir(run, train_set, test, cfg, out, resolve_device(device), overwrite,
                      command=shlex.join(["netslim", *sys.argv[1:]]))
     b, acc = m["bytes"], m["accuracy"]

@@ -37,6 +37,15 @@ class Schedule:
     schedule: str = "onecycle"
     augment: bool = True
     bn_recal: int = 2000  # training images to re-estimate BatchNorm statistics after surgery (0: off)
+    distill: float = 0.0  # weight of the unpruned network's softened outputs in the loss (0: labels only)
+    temperature: float = 4.0  # distillation temperature
+
+    def __post_init__(self) -> None:  # refused before any analysis runs, not after it
+        from netslim.errors import NetslimError
+
+        if not 0.0 <= self.distill <= 1.0 or not self.temperature > 0:
+            raise NetslimError(f"--distill must be in [0, 1] and its temperature positive, got {self.distill} "
+                               f"and {self.temperature}")
 
 
 @dataclass
@@ -78,7 +87,9 @@ def accuracy(model: nn.Module, data: ImageSet | None, device: str, batch_size: i
 
 
 def finetune(model: nn.Module, train: ImageSet, sched: Schedule, device: str, val: ImageSet | None = None,
-             checkpoint_dir: Path | None = None, resume: bool = False, mask_hook: Any = None) -> list[dict]:
+             checkpoint_dir: Path | None = None, resume: bool = False, mask_hook: Any = None,
+             teacher: nn.Module | None = None) -> list[dict]:
+    """`sched.epochs` of SGD on `train`; with sched.distill > 0 the `teacher`'s outputs join the labels."""
     from netslim.train import fit
 
     if sched.epochs <= 0:
@@ -87,7 +98,9 @@ def finetune(model: nn.Module, train: ImageSet, sched: Schedule, device: str, va
     val_loader = batches(val, 256, device=device) if val is not None else None
     return fit(model, loader, epochs=sched.epochs, lr=sched.lr, weight_decay=sched.weight_decay,
                schedule=sched.schedule, label_smoothing=sched.label_smoothing, val_batches=val_loader,
-               checkpoint_dir=checkpoint_dir, resume=resume, device=device, mask_hook=mask_hook)
+               checkpoint_dir=checkpoint_dir, resume=resume, device=device, mask_hook=mask_hook,
+               teacher=teacher if sched.distill > 0 else None, distill=sched.distill,
+               temperature=sched.temperature)
 
 
 def recalibrated_accuracy(model: nn.Module, train: ImageSet, test: ImageSet | None, sched: Schedule,
@@ -193,7 +206,8 @@ def compress(model: nn.Module, arch: str, train: ImageSet, test: ImageSet | None
             acc_method = accuracy(small, test, device) if schedule.epochs > 0 else None
         acc_bn = recalibrated_accuracy(small, train, test, schedule, device) if tuned is None and init != "scratch" \
             else None
-        history = finetune(small, train, schedule, device, checkpoint_dir=(tmp / ".train") if tmp else None)
+        history = finetune(small, train, schedule, device, checkpoint_dir=(tmp / ".train") if tmp else None,
+                           teacher=model)  # the unpruned network, when schedule.distill > 0
         after = measure_model(small, tuple(train.images.shape[1:]), device, latency=False)
         speed = measure_speed(model, small, tuple(train.images.shape[1:]), device, target) if measure_latency else []
         if speed:  # base and result timed in turns in this process, so their ratio is one measurement

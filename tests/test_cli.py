@@ -67,6 +67,25 @@ def test_impossible_targets(base: Path, tmp_path: Path, target: str, message: st
     assert not out.exists()
 
 
+def test_compress_distils_from_the_unpruned_network(base: Path, tmp_path: Path) -> None:
+    out = tmp_path / "kd"
+    code, stdout, err = run("compress", "--weights", str(base), "--method", "l1", "--target", "params=0.25",
+                            "--finetune-epochs", "2", "--distill", "0.7", "--out", str(out), "--no-latency", "--json")
+    assert code == 0, err
+    metrics = json.loads(stdout)
+    assert metrics["schedule"]["distill"] == 0.7 and metrics["schedule"]["temperature"] == 4.0
+    assert len(metrics["history"]) == 2
+    assert metrics["after"]["accuracy"] > metrics["after"]["accuracy_after_surgery"] + 0.05
+    code, stdout, err = run("compress", "--weights", str(base), "--method", "l1", "--target", "params=0.25",
+                            "--finetune-epochs", "2", "--out", str(tmp_path / "plain"), "--no-latency", "--json")
+    assert code == 0, err
+    plain = json.loads(stdout)
+    assert plain["schedule"]["distill"] == 0.0
+    # same data, seeds and cut: only the teacher's term can make the two losses differ
+    assert plain["after"]["accuracy_after_surgery"] == metrics["after"]["accuracy_after_surgery"]
+    assert abs(plain["history"][0]["train_loss"] - metrics["history"][0]["train_loss"]) > 1e-3
+
+
 def test_bad_inputs_exit_2_with_one_message(base: Path, tmp_path: Path) -> None:
     cases = [
         (["evaluate", "--weights", str(tmp_path / "missing.safetensors"), "--model", "small_cnn"], "does not exist"),
@@ -76,6 +95,8 @@ def test_bad_inputs_exit_2_with_one_message(base: Path, tmp_path: Path) -> None:
         (["evaluate", "--weights", str(base), "--data", str(tmp_path / "nowhere")], "nowhere"),
         (["compress", "--weights", str(base), "--method", "lda", "--val-from", "val", "--out", str(tmp_path / "v")],
          "--val-from must be train or test"),
+        (["compress", "--weights", str(base), "--method", "l1", "--distill", "1.5", "--out", str(tmp_path / "d")],
+         "--distill must be in [0, 1]"),
     ]
     for args, message in cases:
         code, _, err = run(*args)

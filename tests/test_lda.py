@@ -466,3 +466,29 @@ def test_given_validation_images_decide_and_the_training_split_stays_whole(digit
     held, _ = split_holdout(train, 0.1, seed=0)
     _, ctx_default, _ = analyse(copy.deepcopy(net), "small_cnn", train, "lda", None, opts, "cpu", 200)
     assert len(ctx_default.train) == len(held) < len(train)
+
+
+def test_rounds_distil_from_the_unpruned_network(digits_net: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ft_distill > 0: every round gets the unpruned network as its teacher, with the loop's weight."""
+    import netslim.methods.lda_loop as loop
+    from netslim.pipeline import analyse
+
+    seen: list[tuple] = []
+    real = loop.finetune_round
+
+    def spy(model: nn.Module, train, o, r, device, teacher=None) -> list[dict]:
+        seen.append((teacher, o.ft_distill, o.ft_temperature))
+        return real(model, train, o, r, device, teacher=teacher)
+
+    monkeypatch.setattr(loop, "finetune_round", spy)
+    net, train, _ = digits_net
+    opts = {**FAST, "max_iters": 1, "eta_start": 0.2, "max_drop": 0.5, "ft_epochs": 1, "ft_distill": 0.6}
+    plan, _, _ = analyse(copy.deepcopy(net), "small_cnn", train, "lda", None, opts, "cpu", 400)
+    (teacher, weight, temperature), = seen
+    assert weight == 0.6 and temperature == 4.0 and plan.meta["options"]["ft_distill"] == 0.6
+    from netslim.data import batches
+
+    x = next(iter(batches(train, 64)))[0]
+    with torch.no_grad():  # the teacher is the unpruned network (same widths and outputs), not the cut one
+        assert sum(p.numel() for p in teacher.parameters()) == sum(p.numel() for p in net.parameters())
+        assert torch.allclose(teacher.eval()(x), net.eval()(x))

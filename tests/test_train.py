@@ -245,3 +245,37 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
         if "running" not in key and "num_batches" not in key:  # BN statistics are per rank by design
             assert torch.allclose(value, r1[key]), key
     assert torch.allclose(r0["0.weight"], saved["model/0.weight"])
+
+
+def test_distill_loss_reduces_to_its_parts() -> None:
+    from netslim.train.loop import distill_loss
+
+    g = torch.Generator().manual_seed(0)
+    s, t, y = torch.randn(16, 5, generator=g), torch.randn(16, 5, generator=g), torch.arange(16) % 5
+    ce = nn.functional.cross_entropy(s, y)
+    assert distill_loss(s, t, y, 0.0, 4.0) == pytest.approx(float(ce))
+    kl = (torch.softmax(t / 2, 1) * (torch.log_softmax(t / 2, 1) - torch.log_softmax(s / 2, 1))).sum(1).mean()
+    assert distill_loss(s, t, y, 1.0, 2.0) == pytest.approx(4 * float(kl), rel=1e-5)
+    assert distill_loss(t, t, y, 1.0, 4.0) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(NetslimError, match="same classes"):
+        distill_loss(s, t[:, :3], y, 0.5, 4.0)
+
+
+def test_distillation_from_labels_alone_is_impossible_but_the_teacher_teaches() -> None:
+    """With α = 1 and wrong labels the student can only learn from the teacher: it must end up agreeing with
+    the teacher (and so be right), where the same run on the labels learns the wrong classes."""
+    x, y = separable()
+    teacher = tiny_net(seed=1)
+    fit(teacher, Batches(x, y, 32), epochs=4, lr=0.1, progress=False)
+    val = Batches(*separable(seed=1), 64, shuffle=False)
+    assert evaluate(teacher, val)["accuracy"] > 0.9
+    wrong = (y + 1) % 3
+    taught, plain = tiny_net(seed=2), tiny_net(seed=2)
+    fit(taught, Batches(x, wrong, 32), epochs=4, lr=0.1, progress=False, teacher=teacher, distill=1.0)
+    fit(plain, Batches(x, wrong, 32), epochs=4, lr=0.1, progress=False)
+    assert evaluate(taught, val)["accuracy"] > 0.9
+    assert evaluate(plain, val)["accuracy"] < 0.1
+    with pytest.raises(NetslimError, match="teacher"):
+        fit(tiny_net(), Batches(x, y, 32), epochs=1, lr=0.1, progress=False, distill=0.5)
+    with pytest.raises(NetslimError, match=r"\[0, 1\]"):
+        fit(tiny_net(), Batches(x, y, 32), epochs=1, lr=0.1, progress=False, teacher=teacher, distill=1.5)

@@ -78,6 +78,8 @@ class LoopOptions:
     ft_images: int = 0  # images per fine-tuning round (0: all of ctx.train)
     ft_schedule: str = "onecycle"
     ft_weight_decay: float = 5e-4
+    ft_distill: float = 0.0  # weight of the unpruned network's softened outputs in each round's loss
+    ft_temperature: float = 4.0
     bn_recal: int = 1000  # after a cut, re-estimate BatchNorm statistics on this many calibration images
     bias_correction: bool = True  # after a cut, reset the classifier bias to keep the mean logits
     keep_unless_better: bool = True  # a fine-tuning round that lowers validation accuracy is undone
@@ -249,8 +251,10 @@ def compose(base_keep: dict[str, list[int]], step: dict[str, list[int]], base_wi
 
 
 # ---------------------------------------------------------------- training and evaluation
-def finetune_round(model: nn.Module, train: ImageSet, o: LoopOptions, round_index: int, device: str) -> list[dict]:
-    """One short fine-tuning round (ft_epochs on ft_images random training images, seeded by the round)."""
+def finetune_round(model: nn.Module, train: ImageSet, o: LoopOptions, round_index: int, device: str,
+                   teacher: nn.Module | None = None) -> list[dict]:
+    """One short fine-tuning round (ft_epochs on ft_images random training images, seeded by the round),
+    distilled from `teacher` (the unpruned network) when ft_distill > 0."""
     from netslim.train import fit
 
     if o.ft_epochs <= 0:
@@ -261,7 +265,8 @@ def finetune_round(model: nn.Module, train: ImageSet, o: LoopOptions, round_inde
     size = min(o.ft_batch, len(data))
     loader = batches(data, size, shuffle=True, augment=True, device=device, seed=round_index, drop_last=True)
     return fit(model, loader, epochs=o.ft_epochs, lr=o.ft_lr, schedule=o.ft_schedule,
-               weight_decay=o.ft_weight_decay, device=device, progress=False, seed=round_index)
+               weight_decay=o.ft_weight_decay, device=device, progress=False, seed=round_index,
+               teacher=teacher if o.ft_distill > 0 else None, distill=o.ft_distill, temperature=o.ft_temperature)
 
 
 def validate(model: nn.Module, val: ImageSet, classifier: str, device: str, batch_size: int
@@ -330,7 +335,7 @@ def run_loop(ctx: Context) -> Plan:
         acc_cut, feats_cut = validate(new, val, classifier, ctx.device, ctx.batch_size)
         rounds += 1
         before = copy.deepcopy(new.state_dict()) if o.keep_unless_better else None
-        finetune_round(new, ctx.train, o, rounds, ctx.device)
+        finetune_round(new, ctx.train, o, rounds, ctx.device, teacher=base)
         new.eval()
         acc, feats = validate(new, val, classifier, ctx.device, ctx.batch_size)
         if before is not None and acc < acc_cut:  # a short, high-lr round can cost more than it repairs

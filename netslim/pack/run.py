@@ -41,6 +41,7 @@ class PackConfig:
     lr: float = 0.005
     batch_size: int = 128
     train_subset: int | None = None
+    distill: float = 0.0  # weight of the teacher's (the unpacked network's) softened outputs in fine-tuning
 
 
 def load_run_data(spec: str, plan: Plan | None, cache_dir: Path | None = None) -> tuple[ImageSet, ImageSet]:
@@ -66,8 +67,9 @@ def _acc(pred: torch.Tensor, data: ImageSet) -> float:
 
 
 def pack_model(model: nn.Module, plan: Plan, train: ImageSet | None, test: ImageSet | None, cfg: PackConfig,
-               device: str = "cpu") -> tuple[bytes, dict[str, Any], nn.Module]:
-    """Prune, fine-tune, quantize and pack a copy of `model`; returns the file bytes, metrics, quantized net."""
+               device: str = "cpu", teacher: nn.Module | None = None) -> tuple[bytes, dict[str, Any], nn.Module]:
+    """Prune, fine-tune, quantize and pack a copy of `model`; returns the file bytes, metrics, quantized net.
+    With cfg.distill > 0 fine-tuning also follows `teacher` (default: `model` itself, before weight pruning)."""
     from netslim.pipeline import Schedule, finetune
 
     net = copy.deepcopy(model).to(device).eval()
@@ -92,8 +94,9 @@ def pack_model(model: nn.Module, plan: Plan, train: ImageSet | None, test: Image
             from netslim.data import calibration_subset
 
             data = calibration_subset(train, cfg.train_subset, seed=1)
-        history = finetune(net, data, Schedule(cfg.epochs, cfg.lr, cfg.batch_size), device,
-                           mask_hook=mask_hook(masks))
+        sched = Schedule(cfg.epochs, cfg.lr, cfg.batch_size, distill=cfg.distill)
+        history = finetune(net, data, sched, device, mask_hook=mask_hook(masks),
+                           teacher=(teacher if teacher is not None else model) if cfg.distill > 0 else None)
         net.eval()
         acc["fine_tuned"] = _acc(predictions(net, test, device), test) if test else None
     books = quantize_model(net, bits)

@@ -41,6 +41,27 @@ def _check_args(epochs: int, lr: float, schedule: str, resume: bool, checkpoint_
         raise NetslimError("resume needs a checkpoint directory")
 
 
+def _check_distill(teacher: nn.Module | None, distill: float, temperature: float) -> None:
+    if not 0.0 <= distill <= 1.0:
+        raise NetslimError(f"distill weight must be in [0, 1], got {distill}")
+    if distill > 0 and teacher is None:
+        raise NetslimError("distillation needs a teacher network")
+    if not temperature > 0:
+        raise NetslimError(f"distillation temperature must be positive, got {temperature}")
+
+
+def distill_loss(logits: torch.Tensor, target: torch.Tensor, y: torch.Tensor, alpha: float, temperature: float,
+                 label_smoothing: float = 0.0) -> torch.Tensor:
+    """(1 − α)·CE(labels) + α·T²·KL(teacher ‖ student) at temperature T (T² keeps gradient scales equal)."""
+    if target.shape != logits.shape:
+        raise NetslimError(f"teacher outputs {tuple(target.shape[1:])} do not match the network's "
+                           f"{tuple(logits.shape[1:])}: distil from a teacher with the same classes")
+    ce = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    kl = F.kl_div(F.log_softmax(logits / temperature, 1), F.log_softmax(target / temperature, 1),
+                  reduction="batchmean", log_target=True)
+    return (1 - alpha) * ce + alpha * temperature**2 * kl
+
+
 def fit(
     model: nn.Module,
     train_batches: Iterable,
@@ -61,6 +82,9 @@ def fit(
     mask_hook: Callable[[nn.Module], None] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     seed: int = 0,
+    teacher: nn.Module | None = None,
+    distill: float = 0.0,
+    temperature: float = 4.0,
 ) -> list[dict[str, Any]]:
     """Train `model` in place with SGD and return one record per epoch (including resumed ones).
 
@@ -68,9 +92,13 @@ def fit(
     lr (of the epoch's last step), seconds. `amp=None` means bf16 autocast on CUDA only. `mask_hook(model)`
     runs after every optimizer step (e.g. to re-zero pruned weights); `on_epoch(record)` after each epoch's
     checkpoint, on every rank. Under torchrun every rank calls fit; only rank 0 writes and prints.
+    With a `teacher` (e.g. the unpruned network) and `distill` = α > 0 the loss is (1 − α)·CE + α·T²·KL of
+    the softened outputs (Hinton et al.): a pruned network recovers the function it was cut from faster
+    than from labels alone.
     """
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     _check_args(epochs, lr, schedule, resume, checkpoint_dir)
+    _check_distill(teacher, distill, temperature)
     dev = resolve_device(device)
     rank, world = dist_info()
     module = unwrap(model).to(dev)
@@ -121,6 +149,9 @@ def fit(
         label_smoothing=label_smoothing,
         amp=use_amp,
         mask_hook=mask_hook,
+        teacher=teacher.to(dev).eval() if teacher is not None and distill > 0 else None,
+        distill=distill,
+        temperature=temperature,
         console=console,
         show_bar=progress and rank == 0 and console.is_terminal,
     )
@@ -188,6 +219,9 @@ class _EpochLoop:
     label_smoothing: float
     amp: bool
     mask_hook: Callable[[nn.Module], None] | None
+    teacher: nn.Module | None
+    distill: float
+    temperature: float
     console: Console
     show_bar: bool
 
@@ -219,7 +253,14 @@ class _EpochLoop:
                 x, y = to_device_input(x, dev), y.to(dev, non_blocking=True)
                 with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=self.amp):
                     logits = self.net(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+                    if self.teacher is not None:
+                        with torch.no_grad():
+                            soft = self.teacher(x)
+                if self.teacher is not None:
+                    loss = distill_loss(logits.float(), soft.float(), y, self.distill, self.temperature,
+                                        self.label_smoothing)
+                else:
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
