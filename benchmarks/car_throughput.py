@@ -51,19 +51,21 @@ def greedy_evaluations(width: int, remove: int, per_step: int) -> int:
 
 def ranking_summary(r: Any, ref: Any, naive_eval: float, half: int) -> dict[str, Any]:
     """Speed of one precision's full ranking and its agreement with the reference (fp32) ranking."""
+    def lost(run: Any) -> list[int]:  # images each filter's removal costs
+        return [round((run.base_accuracy - c) * run.eval_images) for c in run.first_car]
+
+    def lowest(run: Any) -> set[int]:  # the half of the filters with the lowest CAR
+        return set(sorted(range(run.width), key=lambda f: (run.first_car[f], f))[:half])
+
     per_eval = r.ranking["cpu_seconds"] / r.ranking["evaluations"]
-    counts = [round((r.base_accuracy - c) * r.eval_images) for c in r.first_car]
-    ref_counts = [round((ref.base_accuracy - c) * ref.eval_images) for c in ref.first_car]
-    diff = [abs(a - b) for a, b in zip(counts, ref_counts, strict=True)]
-    lowest = set(sorted(range(r.width), key=lambda f: (r.first_car[f], f))[:half])
-    ref_lowest = set(sorted(range(ref.width), key=lambda f: (ref.first_car[f], f))[:half])
+    diff = [abs(a - b) for a, b in zip(lost(r), lost(ref), strict=True)]
     return {"evaluations": r.ranking["evaluations"], "cpu_seconds": r.ranking["cpu_seconds"],
             "seconds_wall": r.ranking["seconds"], "evals_per_cpu_second": round(1 / per_eval, 4),
             "speedup_vs_naive_fp32": round(naive_eval / per_eval, 3),
             "base_correct": round(r.base_accuracy * r.eval_images), "reference_base_correct":
                 round(ref.base_accuracy * ref.eval_images),
             "filters_with_other_counts": sum(d > 0 for d in diff), "max_count_difference_images": max(diff),
-            "lowest_half_overlap": len(lowest & ref_lowest), "half": half}
+            "lowest_half_overlap": len(lowest(r) & lowest(ref)), "half": half}
 
 
 def main() -> None:

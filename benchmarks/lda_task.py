@@ -82,11 +82,10 @@ def main() -> None:
     train, test, idx, _ = load_data(str(DATA), classes)
     k = len(train.classes)
     train = calibration_subset(train, min(args.train_per_class * k, len(train)), seed=0)
-    if args.val_from == "test":
-        given_val, test = split_holdout(test, 0.5, seed=0)
-        fit_part, val = train, given_val
+    from_test = args.val_from == "test"
+    if from_test:
+        (val, test), fit_part = split_holdout(test, 0.5, seed=0), train
     else:
-        given_val = None
         fit_part, val = split_holdout(train, 0.1, seed=0)  # the split compress() makes
     if 0 < args.val_images < len(val):
         val = calibration_subset(val, args.val_images, seed=1)
@@ -96,12 +95,12 @@ def main() -> None:
                "patience": args.patience, "eta_start": args.eta_start,
                "eta_step": args.eta_step, "ft_images": args.ft_images, "ft_epochs": args.ft_epochs,
                "ft_lr": args.ft_lr, "ft_distill": args.ft_distill, "trace_images": args.trace_images,
-               "val_images": args.val_images if given_val is None else 0}  # compress caps its own hold-out
+               "val_images": 0 if from_test else args.val_images}  # compress caps its own hold-out
 
     t0 = time.perf_counter()
     lda = compress(copy.deepcopy(base), arch, train, test, "lda", None, options, Schedule(epochs=0), "cpu",
                    args.calib, classes=idx, out=args.run_dir, overwrite=True, measure_latency=False,
-                   val=val if given_val is not None else None)
+                   val=val if from_test else None)
     lda_seconds = time.perf_counter() - t0
     before, after, meta = lda.metrics["before"], lda.metrics["after"], lda.plan.meta
     fraction = after["params"] / before["params"]

@@ -93,8 +93,7 @@ def _validation(val_from: str, test: Any) -> tuple[Any, Any]:
         raise NetslimError("--val-from test needs a test split of at least two images")
     from netslim.data import split_holdout
 
-    val, report = split_holdout(test, 0.5, seed=0)
-    return val, report
+    return split_holdout(test, 0.5, seed=0)
 
 
 def before_after_table(metrics: dict[str, Any]) -> Table:
@@ -288,9 +287,8 @@ def compress(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt =
         train_set = calibration_subset(train_set, train_subset, seed=1)
     res = run(net, arch, train_set, test, method, tgt, options,
               Schedule(finetune_epochs, lr, batch_size, label_smoothing=label_smoothing, distill=distill), dev,
-              calib_size, init,
-              idx, out, overwrite, command=shlex.join(["netslim", *sys.argv[1:]]), measure_latency=not no_latency,
-              val=val)
+              calib_size, init, idx, out, overwrite, command=shlex.join(["netslim", *sys.argv[1:]]),
+              measure_latency=not no_latency, val=val)
     console.print(before_after_table(res.metrics))
     console.print(f"run directory: {out}")
     _emit(res.metrics, as_json)

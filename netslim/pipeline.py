@@ -41,11 +41,9 @@ class Schedule:
     temperature: float = 4.0  # distillation temperature
 
     def __post_init__(self) -> None:  # refused before any analysis runs, not after it
-        from netslim.errors import NetslimError
+        from netslim.train.loop import check_distill
 
-        if not 0.0 <= self.distill <= 1.0 or not self.temperature > 0:
-            raise NetslimError(f"--distill must be in [0, 1] and its temperature positive, got {self.distill} "
-                               f"and {self.temperature}")
+        check_distill(self.distill, self.temperature)
 
 
 @dataclass
@@ -99,8 +97,7 @@ def finetune(model: nn.Module, train: ImageSet, sched: Schedule, device: str, va
     return fit(model, loader, epochs=sched.epochs, lr=sched.lr, weight_decay=sched.weight_decay,
                schedule=sched.schedule, label_smoothing=sched.label_smoothing, val_batches=val_loader,
                checkpoint_dir=checkpoint_dir, resume=resume, device=device, mask_hook=mask_hook,
-               teacher=teacher if sched.distill > 0 else None, distill=sched.distill,
-               temperature=sched.temperature)
+               teacher=teacher, distill=sched.distill, temperature=sched.temperature)
 
 
 def recalibrated_accuracy(model: nn.Module, train: ImageSet, test: ImageSet | None, sched: Schedule,

@@ -266,7 +266,7 @@ def finetune_round(model: nn.Module, train: ImageSet, o: LoopOptions, round_inde
     loader = batches(data, size, shuffle=True, augment=True, device=device, seed=round_index, drop_last=True)
     return fit(model, loader, epochs=o.ft_epochs, lr=o.ft_lr, schedule=o.ft_schedule,
                weight_decay=o.ft_weight_decay, device=device, progress=False, seed=round_index,
-               teacher=teacher if o.ft_distill > 0 else None, distill=o.ft_distill, temperature=o.ft_temperature)
+               teacher=teacher, distill=o.ft_distill, temperature=o.ft_temperature)
 
 
 def validate(model: nn.Module, val: ImageSet, classifier: str, device: str, batch_size: int

@@ -96,7 +96,7 @@ def pack_model(model: nn.Module, plan: Plan, train: ImageSet | None, test: Image
             data = calibration_subset(train, cfg.train_subset, seed=1)
         sched = Schedule(cfg.epochs, cfg.lr, cfg.batch_size, distill=cfg.distill)
         history = finetune(net, data, sched, device, mask_hook=mask_hook(masks),
-                           teacher=(teacher if teacher is not None else model) if cfg.distill > 0 else None)
+                           teacher=teacher if teacher is not None else model)
         net.eval()
         acc["fine_tuned"] = _acc(predictions(net, test, device), test) if test else None
     books = quantize_model(net, bits)

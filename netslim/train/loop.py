@@ -41,11 +41,10 @@ def _check_args(epochs: int, lr: float, schedule: str, resume: bool, checkpoint_
         raise NetslimError("resume needs a checkpoint directory")
 
 
-def _check_distill(teacher: nn.Module | None, distill: float, temperature: float) -> None:
+def check_distill(distill: float, temperature: float) -> None:
+    """The distillation settings on their own (Schedule checks them before any analysis runs)."""
     if not 0.0 <= distill <= 1.0:
-        raise NetslimError(f"distill weight must be in [0, 1], got {distill}")
-    if distill > 0 and teacher is None:
-        raise NetslimError("distillation needs a teacher network")
+        raise NetslimError(f"--distill must be in [0, 1], got {distill}")
     if not temperature > 0:
         raise NetslimError(f"distillation temperature must be positive, got {temperature}")
 
@@ -98,7 +97,9 @@ def fit(
     """
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     _check_args(epochs, lr, schedule, resume, checkpoint_dir)
-    _check_distill(teacher, distill, temperature)
+    check_distill(distill, temperature)
+    if distill > 0 and teacher is None:
+        raise NetslimError("distillation needs a teacher network")
     dev = resolve_device(device)
     rank, world = dist_info()
     module = unwrap(model).to(dev)
