@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from netslim.api import load_data, load_trained
-from netslim.bench import shared_view
-from netslim.budget import parse_target
-from netslim.pipeline import analyse, machine
+from netslim.cost.budget import parse_target
+from netslim.workflows.api import load_data, load_trained
+from netslim.workflows.bench import shared_view
+from netslim.workflows.compress import analyse, machine
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

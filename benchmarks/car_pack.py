@@ -55,13 +55,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from netslim.api import load_data, load_trained
     from netslim.data import calibration_subset, split_holdout
     from netslim.io import atomic_write_text
-    from netslim.pack.run import PackConfig, pack_model, write_pack_dir
-    from netslim.pipeline import Schedule, accuracy, finetune, machine, recalibrated_accuracy
     from netslim.plan import Plan
-    from netslim.surgery import apply_plan
+    from netslim.surgery.apply import apply_plan
+    from netslim.workflows.api import load_data, load_trained
+    from netslim.workflows.compress import Schedule, accuracy, finetune, machine, recalibrated_accuracy
+    from netslim.workflows.pack import PackConfig, pack_model, write_pack_dir
 
     t0 = time.perf_counter()
     layers = [n.strip() for n in args.layers.split(",")]

@@ -1,7 +1,7 @@
 """CAR on the shared VGG-16 (CIFAR-10): the paper's half-a-layer experiment and the ablation throughput.
 
 For one layer (features.0 = conv1 or features.3 = conv2), in one process:
-1. CAR greedy halving through `netslim.pipeline.analyse(method="car")` on a fixed subset of the training
+1. CAR greedy halving through `netslim.workflows.compress.analyse(method="car")` on a fixed subset of the training
    split (default 2,000 images): the same code path as `netslim compress --method car --layers L`.
    Its first step is the full ranking of all filters; its whole run is the greedy halving.
 2. The naive reference: the full network per ablation, one ablation per forward (mask by a hook), timed
@@ -70,13 +70,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from netslim.api import load_data, load_trained
     from netslim.data import calibration_subset
-    from netslim.methods.car import eval_set
-    from netslim.methods.car_eval import AblationEngine
-    from netslim.pipeline import accuracy, analyse, machine
+    from netslim.methods.car.core import eval_set
+    from netslim.methods.car.engine import AblationEngine
     from netslim.plan import Plan
-    from netslim.surgery import apply_plan
+    from netslim.surgery.apply import apply_plan
+    from netslim.workflows.api import load_data, load_trained
+    from netslim.workflows.compress import accuracy, analyse, machine
 
     train, test, _, n_classes = load_data(str(DATA))
     if args.test_images:

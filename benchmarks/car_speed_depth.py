@@ -36,14 +36,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from netslim.api import load_data, load_trained
+    from netslim.cost.measure import count_flops
     from netslim.data import split_holdout
     from netslim.io import atomic_write_text
-    from netslim.measure import count_flops
     from netslim.methods import Context
-    from netslim.methods.car import eval_set
-    from netslim.methods.car_eval import AblationEngine
-    from netslim.pipeline import machine
+    from netslim.methods.car.core import eval_set
+    from netslim.methods.car.engine import AblationEngine
+    from netslim.workflows.api import load_data, load_trained
+    from netslim.workflows.compress import machine
 
     train, _, _, n_classes = load_data(str(DATA))
     model, arch, _ = load_trained(WEIGHTS, "vgg16_bn", n_classes)

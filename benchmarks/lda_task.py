@@ -1,7 +1,7 @@
 """Task-dependent deep LDA on the shared VGG-16 (CIFAR-10), against torch-pruning L1 at the same size.
 
 One task per run (all ten classes, or a subset such as cat,dog,horse). In one process:
-1. `netslim.pipeline.compress(method="lda")`: iterative LDA prune / fine-tune under an accuracy floor on
+1. `netslim.workflows.compress.compress(method="lda")`: iterative LDA prune / fine-tune under an accuracy floor on
    validation data: with --val-from train, images held out of the training split; with --val-from test
    (the default), one stratified half of the test split, while the numbers reported here come from the
    other half. The shared checkpoint was trained on all 50,000 training images and scores 0.998-1.0 on any
@@ -65,15 +65,15 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from netslim.api import load_data, load_trained
-    from netslim.budget import Target, model_size
+    from netslim.cost.budget import Target, model_size
     from netslim.data import batches, calibration_subset, split_holdout
-    from netslim.graph import PRUNABLE, out_width
-    from netslim.methods.lda import predecision_moments
-    from netslim.methods.lda_loop import LoopOptions, finetune_round, recalibrate
-    from netslim.pipeline import Schedule, accuracy, analyse, compress, machine
+    from netslim.methods.lda.core import predecision_moments
+    from netslim.methods.lda.loop import LoopOptions, finetune_round, recalibrate
     from netslim.plan import Plan
-    from netslim.surgery import apply_plan, find_classifier
+    from netslim.surgery.apply import apply_plan, find_classifier
+    from netslim.surgery.graph import PRUNABLE, out_width
+    from netslim.workflows.api import load_data, load_trained
+    from netslim.workflows.compress import Schedule, accuracy, analyse, compress, machine
 
     classes = None if args.classes == "all" else [c.strip() for c in args.classes.split(",")]
     tag = "all" if classes is None else "-".join(classes)

@@ -42,12 +42,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from netslim.api import load_data, load_trained
     from netslim.data import batches, calibration_subset, split_holdout
-    from netslim.factorized import build_factorized, matrix_shape
-    from netslim.methods.lrs import original_moments
-    from netslim.methods.lrs_solver import decompose, weighted_error
-    from netslim.pipeline import accuracy, machine
+    from netslim.methods.lrs.core import original_moments
+    from netslim.methods.lrs.solver import decompose, weighted_error
+    from netslim.surgery.factorized import build_factorized, matrix_shape
+    from netslim.workflows.api import load_data, load_trained
+    from netslim.workflows.compress import accuracy, machine
 
     model, _, _ = load_trained(Path(args.weights), "vgg16_bn", 10)
     train, test, _, _ = load_data(args.data)
@@ -117,7 +117,7 @@ def main() -> None:
             layer.set_factors(uu.float(), vv.float(), sp[0].float() if sp else None, sp[1] if sp else None)
             net.set_submodule(n, layer.eval())
         nets[key] = net
-    from netslim.budget import stored_params
+    from netslim.cost.budget import stored_params
 
     networks = {}
     for key, net in nets.items():

@@ -4,7 +4,7 @@ fine-tune, storage (values and bytes with CSR indices), FLOPs and measured CPU l
 The global target (`--target`, a fraction of the stored parameters) is split across layers by the
 method; bytes count S's column indices too, so the default 0.075 of the values is about 0.095 of
 the bytes. Latency is timed for the base network, the factorized one as trained (S as a masked dense
-conv) and with S run as a CSR sparse matmul (netslim.factorized.use_sparse_kernel).
+conv) and with S run as a CSR sparse matmul (netslim.surgery.factorized.use_sparse_kernel).
 
     python benchmarks/lrs_network.py [--target 0.075] [--epochs 1] [--finetune-images 5000] [--threads 1]
 """
@@ -29,8 +29,8 @@ SHARED = REPO.parent / "shared"
 
 def sparse_kernel_macs(model: torch.nn.Module, input_size: tuple[int, int, int]) -> int:
     """MACs when S runs as a sparse kernel: the counted (dense) MACs minus S's zeros at every output position."""
-    from netslim.factorized import LowRankSparseConv2d, LowRankSparseLinear
-    from netslim.measure import count_flops
+    from netslim.cost.measure import count_flops
+    from netslim.surgery.factorized import LowRankSparseConv2d, LowRankSparseLinear
 
     saved, hooks = [], []
     for mod in model.modules():
@@ -48,8 +48,8 @@ def sparse_kernel_macs(model: torch.nn.Module, input_size: tuple[int, int, int])
 
 def storage(model: torch.nn.Module) -> dict[str, int]:
     """Values and bytes (float32; S in CSR with its indices) of everything inference needs."""
-    from netslim.budget import stored_params
-    from netslim.factorized import factorized_layers
+    from netslim.cost.budget import stored_params
+    from netslim.surgery.factorized import factorized_layers
 
     layers = factorized_layers(model)
     seen = {id(p) for lay in layers.values() for p in lay.parameters()}
@@ -78,13 +78,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from netslim.api import load_data, load_trained
-    from netslim.budget import Target
-    from netslim.checkpoint import load_model, save_model
+    from netslim.cost.budget import Target
+    from netslim.cost.measure import count_flops, measure_latency
     from netslim.data import calibration_subset
-    from netslim.factorized import factorized_layers, use_sparse_kernel
-    from netslim.measure import count_flops, measure_latency
-    from netslim.pipeline import Schedule, accuracy, analyse, finetune, machine
+    from netslim.surgery.checkpoint import load_model, save_model
+    from netslim.surgery.factorized import factorized_layers, use_sparse_kernel
+    from netslim.workflows.api import load_data, load_trained
+    from netslim.workflows.compress import Schedule, accuracy, analyse, finetune, machine
 
     model, arch, _ = load_trained(Path(args.weights), "vgg16_bn", 10)
     train, test, _, _ = load_data(args.data)

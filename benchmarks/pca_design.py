@@ -1,7 +1,7 @@
 """PCA-designed VGG-16 against the original VGG-16, both trained from scratch with the same schedule.
 
 The design comes from one PCA pass over the shared trained VGG-16 (CIFAR-10, --variance 0.999 by
-default). Both networks are then re-initialised the same way (netslim.pipeline.reinitialise) and
+default). Both networks are then re-initialised the same way (netslim.workflows.compress.reinitialise) and
 trained with the same recipe on the same images, in one run, and compared on test accuracy,
 parameters, MACs and measured CPU latency. Off a GPU the schedule is a reduced CPU one (a training
 subset and a few epochs), stated in the JSON: it compares the two designs under equal training,
@@ -52,10 +52,10 @@ def main() -> None:
     if args.latency_only:
         return remeasure(args)
 
-    from netslim.api import load_data, load_trained, resolve_device
     from netslim.data import calibration_subset
-    from netslim.pipeline import Schedule, accuracy, analyse, finetune, machine, measure_model, reinitialise
-    from netslim.surgery import apply_plan
+    from netslim.surgery.apply import apply_plan
+    from netslim.workflows.api import load_data, load_trained, resolve_device
+    from netslim.workflows.compress import Schedule, accuracy, analyse, finetune, machine, measure_model, reinitialise
     from netslim.zoo import build
 
     torch.set_num_threads(args.threads)
@@ -107,7 +107,7 @@ def main() -> None:
         "command": shlex.join([sys.executable, *sys.argv]),
         "data": {"archive": str(args.data.name), "train_images": len(fit_set.labels),
                  "test_images": len(test_set.labels)},
-        "schedule": {**sched.__dict__, "init": "scratch (netslim.pipeline.reinitialise, same for both)"},
+        "schedule": {**sched.__dict__, "init": "scratch (netslim.workflows.compress.reinitialise, same for both)"},
         "design": report,
         "original": o, "pca": p, "cpu_latency": latency,
         "ratios": {"params": round(o["params"] / p["params"], 3), "macs": round(o["macs"] / p["macs"], 3),
@@ -128,7 +128,7 @@ def interleaved_latency(models: dict, threads: int, rounds: int) -> dict:
     median of the per-round medians is kept, so load from other processes hits both alike."""
     import statistics
 
-    from netslim.measure import measure_latency
+    from netslim.cost.measure import measure_latency
 
     per: dict = {name: {1: [], 64: []} for name in models}
     for _ in range(rounds):
@@ -157,7 +157,7 @@ def notes(o: dict, p: dict, images: int, sched) -> str:
 def remeasure(args: argparse.Namespace) -> None:
     """Re-time the two recorded networks (weights do not change latency) and update the results file."""
     from netslim.plan import Plan
-    from netslim.surgery import apply_plan
+    from netslim.surgery.apply import apply_plan
     from netslim.zoo import build
 
     torch.set_num_threads(args.threads)

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from netslim.api import load_data, load_trained
-from netslim.budget import plan_size
+from netslim.cost.budget import plan_size
 from netslim.data import calibration_subset
-from netslim.pipeline import Schedule, accuracy, analyse, compress, finetune, machine
 from netslim.plan import Plan
-from netslim.surgery import apply_plan
+from netslim.surgery.apply import apply_plan
+from netslim.workflows.api import load_data, load_trained
+from netslim.workflows.compress import Schedule, accuracy, analyse, compress, finetune, machine
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from netslim.api import load_data, load_trained
-from netslim.budget import parse_target
+from netslim.cost.budget import parse_target
+from netslim.cost.measure import count_params
 from netslim.data import calibration_subset
-from netslim.measure import count_params
-from netslim.pipeline import Schedule, accuracy, analyse, finetune, machine, recalibrated_accuracy
-from netslim.surgery import apply_plan
+from netslim.surgery.apply import apply_plan
+from netslim.workflows.api import load_data, load_trained
+from netslim.workflows.compress import Schedule, accuracy, analyse, finetune, machine, recalibrated_accuracy
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

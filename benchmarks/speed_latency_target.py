@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from netslim.api import load_data, load_trained
-from netslim.budget import parse_target
+from netslim.cost.budget import parse_target
+from netslim.cost.latency_table import Conditions, interleaved_times, prepare_for, random_input, ratio_of
 from netslim.data import calibration_subset
-from netslim.latency_table import Conditions, interleaved_times, prepare_for, random_input, ratio_of
-from netslim.pipeline import Schedule, compress, machine
+from netslim.workflows.api import load_data, load_trained
+from netslim.workflows.compress import Schedule, compress, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

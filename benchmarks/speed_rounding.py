@@ -23,15 +23,15 @@ from pathlib import Path
 
 import torch
 
-from netslim.api import load_data, load_trained
-from netslim.bench import shared_view
-from netslim.budget import parse_target
+from netslim.cost.budget import parse_target
+from netslim.cost.latency_table import interleaved_times, ratio_of
+from netslim.cost.measure import count_flops, count_params
 from netslim.data import calibration_subset
 from netslim.errors import NetslimError
-from netslim.latency_table import interleaved_times, ratio_of
-from netslim.measure import count_flops, count_params
-from netslim.pipeline import accuracy, analyse, machine
-from netslim.surgery import apply_plan
+from netslim.surgery.apply import apply_plan
+from netslim.workflows.api import load_data, load_trained
+from netslim.workflows.bench import shared_view
+from netslim.workflows.compress import accuracy, analyse, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

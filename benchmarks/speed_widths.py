@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from netslim.pipeline import machine
+from netslim.workflows.compress import machine
 
 OUT = Path(__file__).parent / "results" / "speed_widths_cpu.json"
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import netslim.bench as bench_mod
-from netslim.budget import parse_target
+import netslim.workflows.bench as bench_mod
+from netslim.cost.budget import parse_target
 from netslim.data import load_dataset
-from netslim.pipeline import Schedule, finetune
+from netslim.workflows.compress import Schedule, finetune
 from netslim.zoo import build
 
 torch.set_num_threads(1)
@@ -69,7 +69,7 @@ def test_bench_resumes_after_interruption(trained, tmp_path: Path, monkeypatch: 
 
 
 def test_scoped_options_reach_only_their_method() -> None:
-    from netslim.bench import method_options
+    from netslim.workflows.bench import method_options
 
     opts = {"min_keep": 2, "car.eval_size": 64, "tp_l1.x": 1, "pfa_en.min_keep": 4}
     assert method_options(opts, "car") == {"min_keep": 2, "eval_size": 64}

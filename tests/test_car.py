@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from netslim.errors import NetslimError
-from netslim.methods.car import GreedyRun, greedy, zero_channels
-from netslim.methods.car_eval import AblationEngine
+from netslim.methods.car.core import GreedyRun, greedy, zero_channels
+from netslim.methods.car.engine import AblationEngine
 from netslim.zoo import build
 
 
@@ -38,7 +38,7 @@ def _self_labelled(model: nn.Module, n: int, shape: tuple[int, ...]) -> tuple[to
 def trained() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """A small CNN trained briefly on the embedded digits, and 96 of its training images (normalised)."""
     from netslim.data import batches, calibration_subset, load_dataset
-    from netslim.pipeline import Schedule, finetune
+    from netslim.workflows.compress import Schedule, finetune
 
     torch.manual_seed(0)
     train = load_dataset("digits", "train")
@@ -186,7 +186,7 @@ def test_accuracy_floor_stops_early(small: nn.Module, trained: tuple) -> None:
 
 def _context(model: nn.Module, options: dict) -> tuple:
     from netslim.data import load_dataset
-    from netslim.pipeline import analyse
+    from netslim.workflows.compress import analyse
 
     return analyse(copy.deepcopy(model), "small_cnn", load_dataset("digits", "train"), "car", None, options, "cpu")
 
@@ -217,9 +217,9 @@ def test_method_errors(trained: tuple) -> None:
 
 
 def test_global_target_bisects_one_fraction(trained: tuple) -> None:
-    from netslim.budget import parse_target, plan_size
+    from netslim.cost.budget import parse_target, plan_size
     from netslim.data import load_dataset
-    from netslim.pipeline import analyse
+    from netslim.workflows.compress import analyse
 
     train = load_dataset("digits", "train")
     plan, ctx, _ = analyse(copy.deepcopy(trained[0]), "small_cnn", train, "car", parse_target("params=0.8"),

@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from netslim.api import load_trained
-from netslim.checkpoint import load_model, save_model
 from netslim.errors import NetslimError
 from netslim.io import atomic_dir
 from netslim.plan import Plan
-from netslim.surgery import apply_plan
+from netslim.surgery.apply import apply_plan
+from netslim.surgery.checkpoint import load_model, save_model
+from netslim.workflows.api import load_trained
 from netslim.zoo import build
 
 torch.set_num_threads(1)

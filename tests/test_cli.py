@@ -9,8 +9,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from netslim.checkpoint import load_model
-from netslim.cli import app
+from netslim.cli.commands import app
+from netslim.surgery.checkpoint import load_model
 
 torch.set_num_threads(1)
 runner = CliRunner()

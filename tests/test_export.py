@@ -10,12 +10,12 @@ import torch
 from conftest import shared_path
 from typer.testing import CliRunner
 
-from netslim.checkpoint import save_model
-from netslim.cli import app
+from netslim.cli.commands import app
 from netslim.errors import NetslimError
-from netslim.export import RTOL, data_spec_of, export_run
 from netslim.plan import Plan
-from netslim.surgery import apply_plan
+from netslim.surgery.apply import apply_plan
+from netslim.surgery.checkpoint import save_model
+from netslim.workflows.export import RTOL, data_spec_of, export_run
 from netslim.zoo import build
 
 torch.set_num_threads(1)
@@ -78,7 +78,7 @@ def test_torch_export_format(digits_run: Path, tmp_path: Path) -> None:
 
 def test_a_wrong_export_is_refused_and_not_left_behind(digits_run: Path, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    import netslim.export as ex
+    import netslim.workflows.export as ex
 
     real = ex.OnnxRunner
 
@@ -116,7 +116,7 @@ def test_cli_export(digits_run: Path, tmp_path: Path) -> None:
 
 
 def test_pruned_resnet56_onnx_matches_on_cifar(tmp_path: Path) -> None:
-    from netslim.api import load_trained
+    from netslim.workflows.api import load_trained
 
     model, _, _ = load_trained(shared_path("models/resnet56_cifar10.safetensors"), "resnet56", 10, 3)
     data = shared_path("data/cifar10-jpeg.tar.gz")

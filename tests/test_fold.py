@@ -7,7 +7,7 @@ import torch
 from conftest import shared_path
 from torch import nn
 
-from netslim.fold import count_batchnorms, fold_batchnorm, foldable_pairs
+from netslim.surgery.fold import count_batchnorms, fold_batchnorm, foldable_pairs
 from netslim.zoo import build
 
 torch.set_num_threads(1)
@@ -92,8 +92,8 @@ def test_batchnorm_without_running_statistics_is_left() -> None:
 
 
 def test_fold_on_the_shared_resnet56_with_real_images() -> None:
-    from netslim.api import load_trained
     from netslim.data import batches, calibration_subset, load_dataset
+    from netslim.workflows.api import load_trained
 
     model, _, _ = load_trained(shared_path("models/resnet56_cifar10.safetensors"), "resnet56", 10, 3)
     test = calibration_subset(load_dataset(str(shared_path("data/cifar10-jpeg.tar.gz")), "test"), 256)

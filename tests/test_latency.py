@@ -10,9 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from netslim.budget import Target, bisect, parse_target
-from netslim.errors import NetslimError
-from netslim.latency_table import (
+from netslim.cost.budget import Target, bisect, parse_target
+from netslim.cost.latency_table import (
     Conditions,
     LatencyTable,
     compare_speed,
@@ -20,8 +19,9 @@ from netslim.latency_table import (
     network_units,
     round_to_default,
 )
+from netslim.errors import NetslimError
 from netslim.methods import Context
-from netslim.methods.ranking import plan_from_widths, uniform_widths
+from netslim.methods.common.ranking import plan_from_widths, uniform_widths
 from netslim.zoo import build
 
 torch.set_num_threads(1)
@@ -112,7 +112,7 @@ def test_latency_search_times_its_result(ctx: Context, tmp_path: Path) -> None:
         return plan_from_widths(ctx, "uniform", scores, uniform_widths(groups, r), {"ratio": round(r, 6)})
 
     target = Target("latency", 0.5, batch=8, threads=1)
-    from netslim.latency_table import latency_bisect
+    from netslim.cost.latency_table import latency_bisect
 
     plan = latency_bisect(make, target, ctx.template(), 0.0, 1.0, timings=3, cache_dir=tmp_path,
                           seconds_per_timing=1.0)
@@ -128,7 +128,7 @@ def test_latency_search_times_its_result(ctx: Context, tmp_path: Path) -> None:
 
 def test_budget_bisect_dispatches_latency_and_rejects_the_unreachable(ctx: Context, tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    import netslim.latency_table as lt
+    import netslim.cost.latency_table as lt
 
     monkeypatch.setattr(lt, "default_table_dir", lambda: tmp_path)
     groups = ctx.groups()
@@ -142,7 +142,7 @@ def test_budget_bisect_dispatches_latency_and_rejects_the_unreachable(ctx: Conte
 
 
 def test_cli_sets_round_to_per_device_and_the_latency_batch() -> None:
-    from netslim.cli import _for_device
+    from netslim.cli.commands import _for_device
 
     tgt, opts = _for_device(parse_target("latency=0.5"), {}, "cpu", 64)
     assert (tgt.batch, tgt.device, opts["round_to"]) == (64, "cpu", 1)
@@ -158,9 +158,9 @@ def test_cli_sets_round_to_per_device_and_the_latency_batch() -> None:
 
 def test_pipeline_reports_speed_of_base_and_result_timed_together(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    import netslim.latency_table as lt
+    import netslim.cost.latency_table as lt
     from netslim.data import load_dataset
-    from netslim.pipeline import compress
+    from netslim.workflows.compress import compress
 
     timed = lt.interleaved_times
     monkeypatch.setattr(lt, "interleaved_times", lambda *a, **k: timed(*a, **(k | {"max_seconds": 0.3})))
@@ -200,7 +200,7 @@ class FakeLatency:
 @pytest.mark.parametrize("fraction", [0.5, 0.2, 0.9])
 def test_latency_search_corrects_a_wrong_prediction_with_few_timings(fraction: float,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    import netslim.latency_table as lt
+    import netslim.cost.latency_table as lt
     from netslim.plan import Plan
 
     fake = FakeLatency()

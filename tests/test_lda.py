@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netslim.budget import Target
+from netslim.cost.budget import Target
 from netslim.data import batches, load_dataset
 from netslim.errors import NetslimError
-from netslim.methods.lda import (
+from netslim.methods.lda.core import (
     ClassMoments,
     choose_mprime,
     fisher_scores,
@@ -22,11 +22,11 @@ from netslim.methods.lda import (
     predecision_moments,
     ranking,
 )
-from netslim.methods.lda_loop import compose, threshold_keep
-from netslim.methods.lda_trace import trace
+from netslim.methods.lda.loop import compose, threshold_keep
+from netslim.methods.lda.trace import trace
 from netslim.plan import Plan
 from netslim.probe import LayerStats
-from netslim.surgery import apply_plan
+from netslim.surgery.apply import apply_plan
 
 INFORMATIVE = [2, 7, 13]
 
@@ -263,8 +263,8 @@ def test_removing_a_filter_removes_the_matching_input_channel_downstream() -> No
 
 def test_bias_correction_keeps_mean_logits_and_replaces_dropped_neurons_by_their_mean() -> None:
     from netslim.data import ImageSet
-    from netslim.methods.lda import predecision_features
-    from netslim.methods.lda_loop import _mean_logits, match_mean_logits
+    from netslim.methods.lda.core import predecision_features
+    from netslim.methods.lda.loop import _mean_logits, match_mean_logits
 
     base = Chain().eval()
     g = torch.Generator().manual_seed(0)
@@ -309,7 +309,7 @@ FAST = {"ft_epochs": 0, "trace_images": 4, "verbose": False}
 
 @pytest.fixture(scope="module")
 def digits_net() -> tuple[nn.Module, object, object]:
-    from netslim.pipeline import Schedule, finetune
+    from netslim.workflows.compress import Schedule, finetune
     from netslim.zoo import build
 
     torch.manual_seed(0)
@@ -320,8 +320,8 @@ def digits_net() -> tuple[nn.Module, object, object]:
 
 
 def test_loop_prunes_fine_tunes_and_hands_over_its_network(digits_net: tuple, tmp_path: Path) -> None:
-    from netslim.checkpoint import load_model
-    from netslim.pipeline import compress
+    from netslim.surgery.checkpoint import load_model
+    from netslim.workflows.compress import compress
 
     net, train, test = digits_net
     opts = {"max_iters": 2, "eta_start": 0.4, "eta_step": 0.4, "ft_epochs": 1, "ft_lr": 0.02, "ft_batch": 64,
@@ -349,7 +349,7 @@ def test_loop_prunes_fine_tunes_and_hands_over_its_network(digits_net: tuple, tm
 
 
 def test_loop_meets_a_parameter_target(digits_net: tuple) -> None:
-    from netslim.analysis import analyse_to_dir
+    from netslim.workflows.analyse import analyse_to_dir
 
     net, train, _ = digits_net
     m = analyse_to_dir(copy.deepcopy(net), "small_cnn", train, "lda", Target("params", 0.3),
@@ -359,7 +359,7 @@ def test_loop_meets_a_parameter_target(digits_net: tuple) -> None:
 
 
 def test_a_two_class_task_keeps_fewer_neurons_and_parameters(digits_net: tuple) -> None:
-    from netslim.analysis import analyse_to_dir
+    from netslim.workflows.analyse import analyse_to_dir
 
     net, train, _ = digits_net
     opts = {**FAST, "max_iters": 1, "max_drop": 1.0}
@@ -374,8 +374,8 @@ def test_cli_min_accuracy_reaches_the_method(digits_net: tuple, tmp_path: Path) 
 
     from typer.testing import CliRunner
 
-    from netslim.checkpoint import save_model
-    from netslim.cli import app
+    from netslim.cli.commands import app
+    from netslim.surgery.checkpoint import save_model
 
     net, _, _ = digits_net
     weights = tmp_path / "base.safetensors"
@@ -390,7 +390,7 @@ def test_cli_min_accuracy_reaches_the_method(digits_net: tuple, tmp_path: Path) 
 
 
 def test_bad_inputs_are_clear_errors(digits_net: tuple) -> None:
-    from netslim.pipeline import analyse
+    from netslim.workflows.compress import analyse
 
     net, train, _ = digits_net
     for opts, message in (({"min_accuracy": 1.5}, "min-accuracy"), ({"fisher": "full"}, "fisher"),
@@ -403,7 +403,7 @@ def test_bad_inputs_are_clear_errors(digits_net: tuple) -> None:
 def test_residual_groups_combine_member_utilities_by_max() -> None:
     from netslim.data import ImageSet
     from netslim.methods.base import Context
-    from netslim.methods.lda_loop import LoopOptions, analyse_model, plan_at, validate
+    from netslim.methods.lda.loop import LoopOptions, analyse_model, plan_at, validate
     from netslim.zoo import build
 
     g = torch.Generator().manual_seed(0)
@@ -416,8 +416,8 @@ def test_residual_groups_combine_member_utilities_by_max() -> None:
     a = analyse_model(ctx, o, validate(net, data, ctx.classifier, "cpu", 64)[1])
     stream = next(grp for grp in ctx.groups() if "layer3.0.conv2" in grp.layers)  # stage 3: adds tie 10 layers
     assert len(stream.layers) > 2 and stream.root in a.utility
-    from netslim.methods.lda import ranking
-    from netslim.methods.lda_trace import trace
+    from netslim.methods.lda.core import ranking
+    from netslim.methods.lda.trace import trace
 
     mask = torch.zeros(64)
     mask[ranking(a.scores)[:a.mprime]] = 1.0
@@ -430,8 +430,8 @@ def test_residual_groups_combine_member_utilities_by_max() -> None:
 
 
 def test_a_fine_tuning_round_that_hurts_is_undone(digits_net: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
-    import netslim.methods.lda_loop as loop
-    from netslim.pipeline import analyse
+    import netslim.methods.lda.loop as loop
+    from netslim.workflows.compress import analyse
 
     def ruin(model: nn.Module, *_args, **_kw) -> list[dict]:
         with torch.no_grad():
@@ -455,7 +455,7 @@ def test_given_validation_images_decide_and_the_training_split_stays_whole(digit
     """--val-from test: a model trained on its whole training split is judged on images it has not seen,
     and nothing is held out of the training images (fine-tuning and calibration see all of them)."""
     from netslim.data import split_holdout
-    from netslim.pipeline import accuracy, analyse
+    from netslim.workflows.compress import accuracy, analyse
 
     net, train, test = digits_net
     val, _ = split_holdout(test, 0.5, seed=0)
@@ -470,8 +470,8 @@ def test_given_validation_images_decide_and_the_training_split_stays_whole(digit
 
 def test_rounds_distil_from_the_unpruned_network(digits_net: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
     """ft_distill > 0: every round gets the unpruned network as its teacher, with the loop's weight."""
-    import netslim.methods.lda_loop as loop
-    from netslim.pipeline import analyse
+    import netslim.methods.lda.loop as loop
+    from netslim.workflows.compress import analyse
 
     seen: list[tuple] = []
     real = loop.finetune_round

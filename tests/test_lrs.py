@@ -8,18 +8,18 @@ import pytest
 import torch
 from torch import nn
 
-from netslim.budget import Target, plan_size, stored_params
-from netslim.checkpoint import load_model, save_model
+from netslim.cost.budget import Target, plan_size, stored_params
 from netslim.errors import NetslimError
-from netslim.factorized import (
+from netslim.methods.lrs.core import original_moments, patches
+from netslim.methods.lrs.solver import allocate, decompose, lowrank_curve, weighted_error
+from netslim.plan import Plan
+from netslim.surgery.checkpoint import load_model, save_model
+from netslim.surgery.factorized import (
     LowRankSparseConv2d,
     LowRankSparseLinear,
     factorize_layers,
     use_sparse_kernel,
 )
-from netslim.methods.lrs import original_moments, patches
-from netslim.methods.lrs_solver import allocate, decompose, lowrank_curve, weighted_error
-from netslim.plan import Plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -73,7 +73,7 @@ def test_rank_zero_with_features_refits_the_kept_weights() -> None:
 
 
 def _moments(gram: torch.Tensor, w: torch.Tensor):
-    from netslim.methods.lrs_solver import Moments
+    from netslim.methods.lrs.solver import Moments
 
     return Moments(gram, None, float(((w @ gram) * w).sum()), 0)
 
@@ -210,7 +210,7 @@ def test_moments_are_those_of_the_patches() -> None:
 
 
 def _compress(model, train, options, target=None):
-    from netslim.pipeline import analyse
+    from netslim.workflows.compress import analyse
 
     return analyse(model, "small_cnn", train, "lrs", target, options, "cpu", calib_size=200)
 
@@ -276,7 +276,7 @@ def test_bad_options_are_clear_errors() -> None:
 
 
 def test_plan_replayed_on_the_base_gives_a_working_weight_only_network() -> None:
-    from netslim.surgery import apply_plan
+    from netslim.surgery.apply import apply_plan
 
     model, _ = _small_setup()
     plan = Plan(arch="small_cnn", num_classes=10, input_size=(1, 16, 16),
@@ -292,7 +292,7 @@ def test_cli_compress_with_rank_and_sparsity(tmp_path) -> None:
 
     from typer.testing import CliRunner
 
-    from netslim.cli import app
+    from netslim.cli.commands import app
 
     out = tmp_path / "run"
     res = CliRunner().invoke(app, ["compress", "--model", "small_cnn", "--data", "digits", "--method", "lrs",

@@ -7,8 +7,8 @@ import torch
 import torchvision
 from torch import nn
 
+from netslim.cost.measure import count_flops, count_params, latency, storage_bytes, summary
 from netslim.errors import NetslimError
-from netslim.measure import count_flops, count_params, latency, storage_bytes, summary
 
 
 def tiny_vgg() -> nn.Module:
@@ -103,8 +103,8 @@ def test_summary_combines_everything() -> None:
 
 
 def test_a_gpu_device_without_a_gpu_is_a_clear_error() -> None:
-    from netslim.api import resolve_device
-    from netslim.measure import measure_latency
+    from netslim.cost.measure import measure_latency
+    from netslim.workflows.api import resolve_device
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")

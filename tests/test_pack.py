@@ -129,10 +129,10 @@ def test_quantize_layer_keeps_zeros() -> None:
 
 
 def test_mask_fixed_during_finetuning_and_pack_run_dir(tmp_path) -> None:
-    from netslim.checkpoint import save_model
     from netslim.data import calibration_subset, load_dataset
-    from netslim.pack.run import PACKED_NAME, PackConfig, pack_run_dir
-    from netslim.pipeline import Schedule, finetune
+    from netslim.surgery.checkpoint import save_model
+    from netslim.workflows.compress import Schedule, finetune
+    from netslim.workflows.pack import PACKED_NAME, PackConfig, pack_run_dir
 
     torch.manual_seed(0)
     train = calibration_subset(load_dataset("digits", "train"), 400, seed=0)

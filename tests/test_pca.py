@@ -10,13 +10,13 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from netslim.checkpoint import load_model, save_model
 from netslim.data import ImageSet
 from netslim.errors import NetslimError
 from netslim.methods import Context, get_method
-from netslim.methods.pca_depth import Unit, decide
-from netslim.pipeline import resolve_init
-from netslim.surgery import apply_plan
+from netslim.methods.pca.depth import Unit, decide
+from netslim.surgery.apply import apply_plan
+from netslim.surgery.checkpoint import load_model, save_model
+from netslim.workflows.compress import resolve_init
 from netslim.zoo import build
 
 torch.set_num_threads(1)
@@ -153,7 +153,7 @@ def test_init_defaults_to_the_methods_retrain() -> None:
 
 
 def test_cli_analyze_and_compress(tmp_path: Path) -> None:
-    from netslim.cli import app
+    from netslim.cli.commands import app
 
     runner = CliRunner()
     res = runner.invoke(app, ["analyze", "--model", "small_cnn", "--data", "digits", "--method", "pca",
@@ -173,7 +173,7 @@ def test_cli_analyze_and_compress(tmp_path: Path) -> None:
 
 
 def test_target_bisects_the_variance() -> None:
-    from netslim.budget import Target, plan_size
+    from netslim.cost.budget import Target, plan_size
 
     ctx = context(Stack())
     ctx.target = Target("params", 0.2)

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from netslim.budget import Target, plan_size
+from netslim.cost.budget import Target, plan_size
 from netslim.data import ImageSet
 from netslim.methods import Context, get_method
-from netslim.methods.pfa_select import elimination_order, select_filters
-from netslim.methods.spectral import eigenvalues, energy_width, kl_divergence, kl_width
+from netslim.methods.common.selection import elimination_order, select_filters
+from netslim.methods.common.spectral import eigenvalues, energy_width, kl_divergence, kl_width
 from netslim.zoo import build
 
 torch.set_num_threads(1)

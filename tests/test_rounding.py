@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from netslim.budget import Target, plan_size
+from netslim.cost.budget import Target, plan_size
 from netslim.methods import Context, get_method
-from netslim.methods.ranking import plan_from_widths, round_width, top_k
+from netslim.methods.common.ranking import plan_from_widths, round_width, top_k
 from netslim.zoo import build
 
 torch.set_num_threads(1)
@@ -58,7 +58,7 @@ def test_rounded_plan_is_coupled_capped_and_extends_the_ranking(resnet_ctx: Cont
 
 
 def test_rounding_applies_on_the_real_network(resnet_ctx: Context) -> None:
-    from netslim.surgery import apply_plan
+    from netslim.surgery.apply import apply_plan
 
     ctx = resnet_ctx
     plan = plan_from_widths(ctx, "test", scores_for(ctx), {g.root: 5 for g in ctx.groups()})

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from netslim.budget import plan_size
+from netslim.cost.budget import plan_size
 from netslim.errors import NetslimError
-from netslim.graph import channel_groups, out_width
 from netslim.plan import Plan
-from netslim.surgery import apply_plan, find_classifier
+from netslim.surgery.apply import apply_plan, find_classifier
+from netslim.surgery.graph import channel_groups, out_width
 from netslim.zoo import arch_info, build, list_archs
 
 torch.set_num_threads(1)

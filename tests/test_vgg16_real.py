@@ -6,11 +6,11 @@ import pytest
 import torch
 from conftest import shared_path
 
-from netslim.api import load_data, load_trained
-from netslim.budget import parse_target
-from netslim.checkpoint import load_model
+from netslim.cost.budget import parse_target
 from netslim.data import calibration_subset
-from netslim.pipeline import accuracy, compress
+from netslim.surgery.checkpoint import load_model
+from netslim.workflows.api import load_data, load_trained
+from netslim.workflows.compress import accuracy, compress
 
 torch.set_num_threads(2)
 

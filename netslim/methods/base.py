@@ -9,12 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from netslim.budget import Target
+from netslim.cost.budget import Target
 from netslim.data import ImageSet
 from netslim.errors import NetslimError
-from netslim.graph import ChannelGroup, channel_groups
 from netslim.plan import Plan
-from netslim.surgery import find_classifier
+from netslim.surgery.apply import find_classifier
+from netslim.surgery.graph import ChannelGroup, channel_groups
 
 
 @dataclass
@@ -54,7 +54,7 @@ class Context:
     def template(self) -> nn.Module:
         """A weightless (meta) copy of the model, to size candidate Plans."""
         if "template" not in self.cache:
-            from netslim.budget import meta_template
+            from netslim.cost.budget import meta_template
 
             self.cache["template"] = meta_template(self.model)
         return self.cache["template"]

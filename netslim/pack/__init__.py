@@ -2,8 +2,6 @@
 
 from netslim.pack.codec import LayerBytes, load_packed, pack_bytes, unpack_bytes
 from netslim.pack.quantize import apply_masks, kmeans_1d, magnitude_masks, mask_hook, quantize_layer, quantize_model
-from netslim.pack.run import PackConfig, pack_model, pack_run_dir, verify_packed
 
-__all__ = ["LayerBytes", "PackConfig", "apply_masks", "kmeans_1d", "load_packed", "magnitude_masks", "mask_hook",
-           "pack_bytes", "pack_model", "pack_run_dir", "quantize_layer", "quantize_model", "unpack_bytes",
-           "verify_packed"]
+__all__ = ["LayerBytes", "apply_masks", "kmeans_1d", "load_packed", "magnitude_masks", "mask_hook",
+           "pack_bytes", "quantize_layer", "quantize_model", "unpack_bytes"]

@@ -24,10 +24,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import nn
 
-from netslim.checkpoint import PLAN_KEY, build_from_plan, load_state
 from netslim.errors import NetslimError
 from netslim.pack.huffman import Encoded, decode, encode
 from netslim.plan import Plan
+from netslim.surgery.checkpoint import PLAN_KEY, build_from_plan, load_state
 
 META_KEY = "netslim_pack"
 VERSION = 1

@@ -46,7 +46,7 @@ class PackConfig:
 
 def load_run_data(spec: str, plan: Plan | None, cache_dir: Path | None = None) -> tuple[ImageSet, ImageSet]:
     """Train and test splits in the model's own label order (a class-subset run sees only its classes)."""
-    from netslim.api import load_data
+    from netslim.workflows.api import load_data
 
     train, test, _, _ = load_data(spec, None, cache_dir)
     if plan is None or plan.classes is None:
@@ -70,7 +70,7 @@ def pack_model(model: nn.Module, plan: Plan, train: ImageSet | None, test: Image
                device: str = "cpu", teacher: nn.Module | None = None) -> tuple[bytes, dict[str, Any], nn.Module]:
     """Prune, fine-tune, quantize and pack a copy of `model`; returns the file bytes, metrics, quantized net.
     With cfg.distill > 0 fine-tuning also follows `teacher` (default: `model` itself, before weight pruning)."""
-    from netslim.pipeline import Schedule, finetune
+    from netslim.workflows.compress import Schedule, finetune
 
     net = copy.deepcopy(model).to(device).eval()
     layers = packable_layers(net, cfg.layers)
@@ -120,7 +120,7 @@ def pack_model(model: nn.Module, plan: Plan, train: ImageSet | None, test: Image
 def verify_packed(blob: bytes, quantized: nn.Module, plan: Plan, test: ImageSet | None,
                   pred_q: torch.Tensor | None, device: str) -> dict[str, Any]:
     """Decode the bytes, rebuild the network, and check weights and predictions against the quantized net."""
-    from netslim.checkpoint import build_from_plan, load_state
+    from netslim.surgery.checkpoint import build_from_plan, load_state
 
     state, plan2 = unpack_bytes(blob)
     ref = {k: v.detach().cpu() for k, v in quantized.state_dict().items()}
@@ -150,8 +150,8 @@ def write_pack_dir(out: Path, blob: bytes, metrics: dict[str, Any], overwrite: b
 
 def pack_run_dir(run: Path, train: ImageSet | None, test: ImageSet | None, cfg: PackConfig, out: Path,
                  device: str = "cpu", overwrite: bool = False, command: str = "") -> dict[str, Any]:
-    from netslim.checkpoint import load_model
-    from netslim.pipeline import machine
+    from netslim.surgery.checkpoint import load_model
+    from netslim.workflows.compress import machine
 
     if out.exists() and not overwrite:
         raise NetslimError(f"output directory {out} already exists; pass --overwrite to replace it")
@@ -164,7 +164,7 @@ def pack_run_dir(run: Path, train: ImageSet | None, test: ImageSet | None, cfg: 
 
 
 def write_report(path: Path, m: dict[str, Any]) -> None:
-    from netslim.report import table, write_markdown
+    from netslim.report.markdown import table, write_markdown
 
     b, acc, v = m["bytes"], m["accuracy"], m["verify"]
     rows = [[r["key"], "×".join(map(str, r["shape"])), r["weights"], f"{r['nonzero'] / max(1, r['weights']):.3f}",
@@ -203,7 +203,7 @@ def bytes_plot(path: Path, layers: list[dict[str, Any]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from netslim.report import save_figure
+    from netslim.report.markdown import save_figure
 
     names = [r["key"].removesuffix(".weight") for r in layers]
     fig, ax = plt.subplots(figsize=(max(6, 0.4 * len(names) + 2), 3.6))

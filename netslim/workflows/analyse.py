@@ -10,14 +10,14 @@ from typing import Any
 
 from torch import nn
 
-from netslim.budget import Target, plan_size
+from netslim.cost.budget import Target, plan_size
 from netslim.data import ImageSet
-from netslim.graph import PRUNABLE, out_width
 from netslim.io import atomic_dir, atomic_write_text
-from netslim.pipeline import analyse, machine
 from netslim.plan import Plan
-from netslim.report import table, write_markdown
-from netslim.surgery import apply_plan
+from netslim.report.markdown import table, write_markdown
+from netslim.surgery.apply import apply_plan
+from netslim.surgery.graph import PRUNABLE, out_width
+from netslim.workflows.compress import analyse, machine
 
 
 def analyse_to_dir(model: nn.Module, arch: str, train: ImageSet, method: str, target: Target | None,
@@ -62,6 +62,6 @@ def analyse_to_dir(model: nn.Module, arch: str, train: ImageSet, method: str, ta
 
 
 def _classifier(model: nn.Module) -> str:
-    from netslim.surgery import find_classifier
+    from netslim.surgery.apply import find_classifier
 
     return find_classifier(model)

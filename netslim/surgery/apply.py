@@ -11,10 +11,10 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from netslim.depth import drop_layers
 from netslim.errors import NetslimError
-from netslim.graph import PRUNABLE, ChannelGroup, build_graph, channel_groups, group_members, out_width
 from netslim.plan import Plan
+from netslim.surgery.depth import drop_layers
+from netslim.surgery.graph import PRUNABLE, ChannelGroup, build_graph, channel_groups, group_members, out_width
 
 
 def find_classifier(model: nn.Module) -> str:
@@ -90,7 +90,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
         drop = sorted(set(range(plan.num_classes)) - set(plan.classes))
         tp.prune_linear_out_channels(model.get_submodule(classifier), drop)
     if plan.factorize:
-        from netslim.factorized import factorize_layers  # lazy: only low-rank plans need it
+        from netslim.surgery.factorized import factorize_layers  # lazy: only low-rank plans need it
 
         factorize_layers(model, plan.factorize)
     _check_widths(model, plan)

@@ -4,7 +4,7 @@ A Conv2d(C→m, k×k) becomes `basis` (k×k conv C→r, V), `mix` (1×1 conv r�
 `sparse` (k×k conv C→m whose weight is multiplied by the fixed `mask` buffer in every forward, so
 fine-tuning moves only S's non-zeros and a checkpoint reloads the support). Linear layers likewise.
 `factorize_layers` gives layers these shapes (also on the meta device, for sizing and reloading);
-the values come from the solver (netslim.methods.lrs_solver) through `set_factors`.
+the values come from the solver (netslim.methods.lrs.solver) through `set_factors`.
 """
 
 from __future__ import annotations

@@ -227,6 +227,6 @@ def choose_mprime(curve: torch.Tensor, tol: float, usable: int) -> int:
 @register("lda", "Task-dependent deep LDA: Fisher utility at the pre-decision layer, traced back, pruned and "
           "fine-tuned iteratively (--min-accuracy or --target)", needs_labels=True)
 def lda(ctx: Context) -> Plan:
-    from netslim.methods.lda_loop import run_loop
+    from netslim.methods.lda.loop import run_loop
 
     return run_loop(ctx)

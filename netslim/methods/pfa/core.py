@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
-from netslim.budget import bisect, fits, plan_size
+from netslim.cost.budget import bisect, fits, plan_size
 from netslim.errors import NetslimError
 from netslim.methods.base import Context, register
-from netslim.methods.pfa_select import elimination_order
-from netslim.methods.ranking import plan_from_widths
-from netslim.methods.spectral import eigenvalues, energy_kept, energy_width, inactive, kl_divergence, kl_width
-from netslim.methods.stats import response_stats
+from netslim.methods.common.ranking import plan_from_widths
+from netslim.methods.common.selection import elimination_order
+from netslim.methods.common.spectral import eigenvalues, energy_kept, energy_width, inactive, kl_divergence, kl_width
+from netslim.methods.common.stats import response_stats
 from netslim.plan import Plan
 
 # PFA-En's default floor, a fraction of each layer's width. The last layers of a CIFAR network respond
@@ -162,7 +162,7 @@ def _top_up(ctx: Context, specs: list[GroupSpectrum], widths: dict[str, int],
 
 
 def _add_report(ctx: Context, specs: list[GroupSpectrum], widths: dict[str, int], meta: dict) -> None:
-    from netslim.report import table
+    from netslim.report.markdown import table
 
     rows = []
     for s in specs:
@@ -186,7 +186,7 @@ def spectra_plot(path, specs: list[GroupSpectrum], widths: dict[str, int]) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from netslim.report import save_figure
+    from netslim.report.markdown import save_figure
 
     n = len(specs)
     cols = min(4, n)

@@ -15,14 +15,14 @@ import torch
 from torch import nn
 
 from netslim import __version__
-from netslim.budget import Target, model_size
-from netslim.checkpoint import save_model
+from netslim.cost.budget import Target, model_size
 from netslim.data import ImageSet, batches, calibration_subset, split_holdout
 from netslim.io import atomic_dir, atomic_write_text
 from netslim.methods import Context, get_method
 from netslim.plan import Plan
-from netslim.report import comparison_rows, table, widths_plot, write_markdown
-from netslim.surgery import apply_plan
+from netslim.report.markdown import comparison_rows, table, widths_plot, write_markdown
+from netslim.surgery.apply import apply_plan
+from netslim.surgery.checkpoint import save_model
 
 
 @dataclass
@@ -64,7 +64,7 @@ def machine() -> dict[str, Any]:
 
 def measure_model(model: nn.Module, input_size: tuple[int, int, int], device: str,
                   latency: bool = True) -> dict[str, Any]:
-    from netslim.measure import measure_latency as time_model
+    from netslim.cost.measure import measure_latency as time_model
 
     size = model_size(model, input_size)
     size["bytes"] = 4 * size["params"]
@@ -146,7 +146,7 @@ def analyse(model: nn.Module, arch: str, train: ImageSet, method: str, target: T
 
 
 def _outputs(model: nn.Module) -> int:
-    from netslim.surgery import find_classifier
+    from netslim.surgery.apply import find_classifier
 
     return model.get_submodule(find_classifier(model)).out_features
 
@@ -208,7 +208,7 @@ def compress(model: nn.Module, arch: str, train: ImageSet, test: ImageSet | None
         after = measure_model(small, tuple(train.images.shape[1:]), device, latency=False)
         speed = measure_speed(model, small, tuple(train.images.shape[1:]), device, target) if measure_latency else []
         if speed:  # base and result timed in turns in this process, so their ratio is one measurement
-            from netslim.latency_table import latency_rows
+            from netslim.cost.latency_table import latency_rows
 
             before["latency"], after["latency"] = latency_rows(speed, "base"), latency_rows(speed, "small")
         after["accuracy_after_surgery"] = acc_cut
@@ -237,7 +237,7 @@ def measure_speed(base: nn.Module, small: nn.Module, input_size: tuple[int, int,
                   target: Target | None = None) -> list[dict[str, Any]]:
     """Latency and throughput of the result next to the base, timed in turns: CPU fp32 at batch 1 and 64,
     and on CUDA batch 1 and 1024 in fp32 and bf16 (plus a latency target's own batch and threads)."""
-    from netslim.latency_table import compare_speed
+    from netslim.cost.latency_table import compare_speed
 
     lat = target if target is not None and target.kind == "latency" else None
     threads = lat.threads if lat is not None and not str(lat.device).startswith("cuda") else None
@@ -265,7 +265,7 @@ def _speed_section(speed: list[dict[str, Any]]) -> str:
 
 
 def _widths(before: nn.Module, after: nn.Module, plan: Plan) -> list[dict[str, Any]]:
-    from netslim.graph import PRUNABLE, out_width
+    from netslim.surgery.graph import PRUNABLE, out_width
 
     rows = []
     after_mods = dict(after.named_modules())

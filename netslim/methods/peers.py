@@ -12,9 +12,9 @@ from torch import nn
 
 from netslim.data import batches
 from netslim.errors import NetslimError
-from netslim.graph import build_graph
 from netslim.methods.base import Context, register
-from netslim.methods.ranking import uniform_plan
+from netslim.methods.common.ranking import uniform_plan
+from netslim.surgery.graph import build_graph
 
 
 def _tp_scores(ctx: Context, importance: tp.importance.Importance) -> dict[str, torch.Tensor]:

@@ -3,8 +3,8 @@
 Every spatial position of a conv response is a sample, so a few hundred images give hundreds of
 thousands of samples per layer. A layer's width becomes its number of significant dimensions (the
 smallest k holding a fraction tau of the response variance, default 0.999); its depth follows from
-where those dimensions stop growing (netslim.methods.pca_depth). The covariance comes from the shared
-probe and the spectral arithmetic from netslim.methods.spectral, the same as PFA's.
+where those dimensions stop growing (netslim.methods.pca.depth). The covariance comes from the shared
+probe and the spectral arithmetic from netslim.methods.common.spectral, the same as PFA's.
 """
 
 from __future__ import annotations
@@ -15,19 +15,19 @@ from dataclasses import dataclass
 
 import torch
 
-from netslim.budget import bisect
+from netslim.cost.budget import bisect
 from netslim.data import batches, calibration_subset
 from netslim.errors import NetslimError
-from netslim.graph import ChannelGroup
 from netslim.methods.base import Context, register
-from netslim.methods.pca_depth import RULES, SATURATED, SCOPES, Unit, block_units, decide, sequential_units, structure
-from netslim.methods.pfa_select import elimination_order
-from netslim.methods.ranking import plan_from_widths, round_width
-from netslim.methods.spectral import eigenvalues, energy_kept, energy_width, inactive
-from netslim.methods.stats import response_stats
+from netslim.methods.common.ranking import plan_from_widths, round_width
+from netslim.methods.common.selection import elimination_order
+from netslim.methods.common.spectral import eigenvalues, energy_kept, energy_width, inactive
+from netslim.methods.common.stats import response_stats
+from netslim.methods.pca.depth import RULES, SATURATED, SCOPES, Unit, block_units, decide, sequential_units, structure
 from netslim.plan import Plan
 from netslim.probe import LayerStats, collect
 from netslim.probe.points import ResponsePoint
+from netslim.surgery.graph import ChannelGroup
 
 DEFAULT_VARIANCE = 0.999
 DEFAULT_IMAGES = 512
@@ -109,7 +109,7 @@ def analyse(ctx: Context) -> Analysis:
     key = f"pca:analysis:{_images(ctx)}"
     if key in ctx.cache:
         return ctx.cache[key]
-    from netslim.depth import call_order
+    from netslim.surgery.depth import call_order
 
     stats, sub = spatial_stats(ctx)
     assert sub.calib is not None
@@ -241,7 +241,7 @@ def _resolution(shape: tuple[int, ...]) -> str:
 
 
 def _add_report(ctx: Context, a: Analysis, d: Design, plan: Plan) -> None:
-    from netslim.report import table
+    from netslim.report.markdown import table
 
     step = int(ctx.option("round_to", 1))
     group_of = {n: g for g in ctx.groups() for n in g.layers}
@@ -304,7 +304,7 @@ def dims_plot(path, a: Analysis, d: Design) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from netslim.report import save_figure
+    from netslim.report.markdown import save_figure
 
     panels = [("layer responses", a.layers, d.tau)] + ([("residual block outputs", a.blocks, d.depth_tau)]
                                                        if a.blocks else [])

@@ -382,7 +382,7 @@ class LatencyTable:
 
 def timing_model(template: nn.Module, plan: Plan | None, cond: Conditions) -> nn.Module:
     """The planned network with fresh (random) weights on the device: latency does not depend on values."""
-    from netslim.surgery import apply_plan
+    from netslim.surgery.apply import apply_plan
 
     model = copy.deepcopy(template).to("meta")
     if plan is not None:
@@ -421,7 +421,7 @@ class LatencyModel:
         return random_input((self.cond.batch, *self.base_plan.input_size), self.cond)
 
     def units(self, plan: Plan) -> list[Unit]:
-        from netslim.surgery import apply_plan
+        from netslim.surgery.apply import apply_plan
 
         key = _shape_key(plan)
         if key not in self._units:

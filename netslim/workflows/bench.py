@@ -17,12 +17,14 @@ from typing import Any
 
 from torch import nn
 
-from netslim.budget import Target
+from netslim.cost.budget import Target
 from netslim.data import ImageSet
 from netslim.errors import NetslimError
 from netslim.io import atomic_write_text
 from netslim.methods import get_method
-from netslim.pipeline import (
+from netslim.report.markdown import save_figure, table, write_markdown
+from netslim.surgery.apply import apply_plan
+from netslim.workflows.compress import (
     Schedule,
     accuracy,
     analyse,
@@ -32,8 +34,6 @@ from netslim.pipeline import (
     recalibrated_accuracy,
     reinitialise,
 )
-from netslim.report import save_figure, table, write_markdown
-from netslim.surgery import apply_plan
 
 PER_METHOD = ("model", "report", "artifacts")  # cache entries that belong to one method's run
 
@@ -129,7 +129,7 @@ def _now() -> str:
 
 
 def _latency(row: dict[str, Any], batch: int) -> float | None:
-    from netslim.report import latency_of
+    from netslim.report.markdown import latency_of
 
     return latency_of(row, batch)
 

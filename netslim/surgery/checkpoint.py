@@ -69,7 +69,7 @@ def plan_of(meta: dict[str, str]) -> Plan | None:
 
 def build_from_plan(plan: Plan, device: str | torch.device = "cpu") -> nn.Module:
     """Base architecture + the Plan's structure, with uninitialised weights on `device`."""
-    from netslim.surgery import apply_plan
+    from netslim.surgery.apply import apply_plan
     from netslim.zoo import build
 
     with torch.device("meta"):

@@ -1,6 +1,6 @@
 """PCA design's depth rule: which conv layers or residual blocks add no new dimensions.
 
-Units are the things depth surgery (netslim.depth) can remove: convs of a plain sequential stack
+Units are the things depth surgery (netslim.surgery.depth) can remove: convs of a plain sequential stack
 (VGG, AlexNet) or residual blocks with an identity shortcut (ResNets). A *stage* is a run of units
 with the same output resolution. Within a stage, significant dimensions grow while layers add new
 directions; a unit whose dimension does not rise above the largest reached by the kept units before
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from netslim.depth import call_order, io_shapes
-from netslim.graph import ChannelGroup
+from netslim.surgery.depth import call_order, io_shapes
+from netslim.surgery.graph import ChannelGroup
 
 RULES = ("grow", "none")
 SCOPES = ("stage", "network")
@@ -75,7 +75,7 @@ def _stages(resolutions: list[tuple[int, ...]]) -> list[int]:
 
 
 def sequential_units(model: nn.Module, example: torch.Tensor) -> list[Unit]:
-    """Every conv in forward order; droppable when netslim.depth can remove it and rebuild its successor."""
+    """Every conv in forward order; droppable when netslim.surgery.depth can remove it and rebuild its successor."""
     order = call_order(model, example, (nn.Conv2d, nn.Linear))
     convs = [n for n in order if isinstance(model.get_submodule(n), nn.Conv2d)]
     shapes = io_shapes(model, example, convs)

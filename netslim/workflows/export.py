@@ -159,7 +159,7 @@ def _inputs(data: str | None, input_size: Sequence[int], images: int, cache_dir:
 
 def _time(models: dict[str, Callable], input_size: Sequence[int], batches: Sequence[int],
           threads: int, max_seconds: float) -> list[dict[str, Any]]:
-    from netslim.latency_table import interleaved_times
+    from netslim.cost.latency_table import interleaved_times
 
     rows = []
     saved = torch.get_num_threads()
@@ -183,9 +183,9 @@ def export_run(run_dir: Path, fmt: str = "onnx", out: Path | None = None, data: 
                images: int = 1000, batches: Sequence[int] = (1, 64), threads: int | None = None,
                cache_dir: Path | None = None, max_seconds: float = 10.0) -> dict[str, Any]:
     """Fold, export, verify and time a run's model; writes the file (and export.json beside a run)."""
-    from netslim.checkpoint import load_model
-    from netslim.fold import count_batchnorms, fold_batchnorm
     from netslim.io import atomic_write_text
+    from netslim.surgery.checkpoint import load_model
+    from netslim.surgery.fold import count_batchnorms, fold_batchnorm
 
     if fmt not in FORMATS:
         raise NetslimError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")

@@ -1,8 +1,8 @@
 """Low-rank + sparse decomposition (GreBdec): every Conv2d/Linear becomes U V + S fitted to its feature maps.
 
 Per layer, im2col patches of a small calibration sample give G = X Xᵀ and Y Xᵀ (accumulated from a
-forward pre-hook with a few random positions per image, never stored); netslim.methods.lrs_solver
-fits U, V and S; netslim.factorized executes them. Budgets: per layer (`rank`, `rank_ratio`,
+forward pre-hook with a few random positions per image, never stored); netslim.methods.lrs.solver
+fits U, V and S; netslim.surgery.factorized executes them. Budgets: per layer (`rank`, `rank_ratio`,
 `sparsity`, overrides in `per_layer`), or a global `--target params=F` split across layers greedily by how
 fast each layer's feature-map error falls per parameter spent (from the eigenvalues of T G Tᵀ: the
 error of the best rank-r fit in the feature-map metric), with a fixed share of each layer's budget
@@ -23,10 +23,10 @@ from torch import nn
 
 from netslim.data import batches, calibration_subset
 from netslim.errors import NetslimError
-from netslim.factorized import build_factorized, layer_kind, matrix_shape
 from netslim.methods.base import Context, register
-from netslim.methods.lrs_solver import Moments, allocate, decompose, lowrank_curve, weighted_error
+from netslim.methods.lrs.solver import Moments, allocate, decompose, lowrank_curve, weighted_error
 from netslim.plan import Plan
+from netslim.surgery.factorized import build_factorized, layer_kind, matrix_shape
 
 OBJECTIVES = ("features", "weights")
 INPUTS = ("original", "compressed")
@@ -299,7 +299,7 @@ def knob_budgets(ctx: Context, cfg: Config, names: list[str]) -> dict[str, dict[
 
 
 def _overrides(ctx: Context, cfg: Config) -> dict[str, dict[str, Any]]:
-    from netslim.factorized import nnz_of
+    from netslim.surgery.factorized import nnz_of
 
     mods = dict(ctx.model.named_modules())
     out = {}
@@ -318,7 +318,7 @@ def target_budgets(ctx: Context, cfg: Config, names: list[str], moments: dict[st
     A layer too small for one unit, or whose allocation reaches its dense size, stays dense; the few
     values that rounding leaves over the target come off the largest sparse parts.
     """
-    from netslim.budget import stored_params
+    from netslim.cost.budget import stored_params
 
     mods = dict(ctx.model.named_modules())
     size = {n: math.prod(matrix_shape(mods[n])) for n in names}
@@ -440,7 +440,7 @@ def _row(name: str, dense: nn.Module, layer: Any, dec: Any, mom: Moments | None,
 
 
 def _report(ctx: Context, cfg: Config, rows: list[dict[str, Any]], images: int) -> None:
-    from netslim.report import table
+    from netslim.report.markdown import table
 
     body = [[r["layer"], f"{r['m']}×{r['d']}", r["rank"], r["nnz"], r["params"],
              f"{r['params'] / r['dense_params']:.3f}", r["bytes"], f"{r['weight_error']:.4f}",
@@ -456,7 +456,7 @@ def _report(ctx: Context, cfg: Config, rows: list[dict[str, Any]], images: int) 
         f"(value + {2}-byte column index per non-zero, 4-byte row pointers); dense: {tot_db:,} bytes. Errors are "
         f"relative (‖W − Ŵ‖/‖W‖ and ‖Y − Ŷ‖/‖Y‖ on {images} calibration images × "
         f"{int(cfg.positions)} positions). The sparse part runs as a masked dense layer unless "
-        "netslim.factorized.use_sparse_kernel switches it to CSR.\n\n"
+        "netslim.surgery.factorized.use_sparse_kernel switches it to CSR.\n\n"
         + table(["layer", "m×d", "rank", "non-zeros", "params", "params/dense", "bytes", "weight err",
                  "feature-map err", "s"], body)]
 

@@ -29,15 +29,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from netslim.budget import bisect
+from netslim.cost.budget import bisect
 from netslim.data import ImageSet, batches, calibration_subset
 from netslim.errors import NetslimError
-from netslim.graph import ChannelGroup
 from netslim.methods.base import Context, register
-from netslim.methods.car_eval import AblationEngine
-from netslim.methods.ranking import round_width
+from netslim.methods.car.engine import AblationEngine
+from netslim.methods.common.ranking import round_width
 from netslim.plan import Plan
 from netslim.probe import response_modules
+from netslim.surgery.graph import ChannelGroup
 
 
 @dataclass
@@ -294,7 +294,7 @@ def car(ctx: Context) -> Plan:
 
 
 def _add_report(ctx: Context, runs: list[GreedyRun], seconds: float, classwise: bool) -> None:
-    from netslim.report import table
+    from netslim.report.markdown import table
 
     if not runs:
         return
@@ -357,7 +357,7 @@ def curve_plot(path, runs: list[GreedyRun]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from netslim.report import save_figure
+    from netslim.report.markdown import save_figure
 
     n = len(runs)
     cols = min(3, n)
@@ -387,7 +387,7 @@ def classwise_plot(path, runs: list[GreedyRun], classes: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from netslim.report import save_figure
+    from netslim.report.markdown import save_figure
 
     fig, axes = plt.subplots(len(runs), 1, figsize=(max(6.0, 0.12 * max(r.width for r in runs) + 2),
                                                      2.2 + 0.25 * len(classes) * len(runs)), squeeze=False)

@@ -76,7 +76,7 @@ def _options(pairs: list[str] | None) -> dict[str, Any]:
 
 def _setup(data: str, classes: str | None, cache_dir: Path | None, weights: Path | None, model: str | None,
            device: str) -> tuple[Any, ...]:
-    from netslim.api import load_data, load_trained, resolve_device
+    from netslim.workflows.api import load_data, load_trained, resolve_device
 
     train, test, idx, n = load_data(data, _classes(classes), cache_dir)
     net, arch, plan = load_trained(weights, model, n, int(train.images.shape[1]))
@@ -97,7 +97,7 @@ def _validation(val_from: str, test: Any) -> tuple[Any, Any]:
 
 
 def before_after_table(metrics: dict[str, Any]) -> Table:
-    from netslim.report import comparison_rows
+    from netslim.report.markdown import comparison_rows
 
     b, a = metrics["before"], metrics["after"]
     t = Table(title=f"{metrics['method']} · {metrics['target'] or 'method default'}")
@@ -123,13 +123,13 @@ def evaluate(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt =
              batch_size: int = 256, device: DeviceOpt = "auto", cache_dir: CacheOpt = None,
              as_json: JsonOpt = False) -> None:
     """Accuracy, parameters, MACs and latency of a trained (or compressed) network on a dataset."""
-    from netslim.pipeline import accuracy, measure_model
     from netslim.plan import Plan
-    from netslim.surgery import apply_plan
+    from netslim.surgery.apply import apply_plan
+    from netslim.workflows.compress import accuracy, measure_model
 
     train, test, idx, net, arch, plan, dev = _setup(data, classes, cache_dir, weights, model, device)
     if idx is not None and (plan is None or plan.classes is None):
-        from netslim.surgery import find_classifier
+        from netslim.surgery.apply import find_classifier
 
         outputs = net.get_submodule(find_classifier(net)).out_features
         net = apply_plan(net, Plan(arch=arch, num_classes=outputs, input_size=tuple(train.images.shape[1:]),
@@ -154,10 +154,10 @@ def train(model: ModelOpt = "small_cnn", data: DataOpt = "digits", out: OutOpt =
           classes: ClassesOpt = None, device: DeviceOpt = "auto", cache_dir: CacheOpt = None,
           overwrite: OverwriteOpt = False, as_json: JsonOpt = False) -> None:
     """Train a network (from scratch, or continue from --weights); checkpoints every epoch, --resume."""
-    from netslim.checkpoint import save_model
     from netslim.io import atomic_dir, atomic_write_text
-    from netslim.pipeline import Schedule, accuracy, finetune, measure_model
     from netslim.plan import Plan
+    from netslim.surgery.checkpoint import save_model
+    from netslim.workflows.compress import Schedule, accuracy, finetune, measure_model
 
     train_set, test, _, net, arch, plan, dev = _setup(data, classes, cache_dir, weights, model, device)
     assert out is not None
@@ -224,7 +224,7 @@ def _for_device(tgt: Any, options: dict[str, Any], device: str, batch: int) -> t
     """Width rounding by default for the device (unless given), and a latency target timed on it at `batch`."""
     from dataclasses import replace
 
-    from netslim.latency_table import round_to_default
+    from netslim.cost.latency_table import round_to_default
 
     if options.get("round_to") is None:
         options = options | {"round_to": round_to_default(device)}
@@ -257,10 +257,10 @@ def compress(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt =
              cache_dir: CacheOpt = None, no_latency: bool = False, overwrite: OverwriteOpt = False,
              val_from: ValFromOpt = "train", distill: DistillOpt = 0.0, as_json: JsonOpt = False) -> None:
     """Analyse, cut, fine-tune, measure: writes plan.json, model.safetensors, metrics.json, report.md."""
-    from netslim.budget import parse_target
+    from netslim.cost.budget import parse_target
     from netslim.methods import get_method
-    from netslim.pipeline import Schedule
-    from netslim.pipeline import compress as run
+    from netslim.workflows.compress import Schedule
+    from netslim.workflows.compress import compress as run
 
     get_method(method)
     tgt = parse_target(target) if target else None
@@ -275,7 +275,7 @@ def compress(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt =
     options |= {k: v for k, v in (("variance", variance), ("round_to", round_to)) if v is not None}
     options |= _car_options(layers, eval_size, per_step) | _lrs_options(rank, rank_ratio, sparsity)
     tgt, options = _for_device(tgt, options, dev, batch)
-    from netslim.pipeline import resolve_init
+    from netslim.workflows.compress import resolve_init
 
     init = resolve_init(init, method)
     if init == "scratch" and finetune_epochs <= 0:
@@ -309,8 +309,8 @@ def analyze(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt = 
             device: DeviceOpt = "auto", cache_dir: CacheOpt = None, overwrite: OverwriteOpt = False,
             val_from: ValFromOpt = "train", as_json: JsonOpt = False) -> None:
     """Statistics + Plan only (no surgery): writes plan.json, report.md and the method's plots."""
-    from netslim.analysis import analyse_to_dir
-    from netslim.budget import parse_target
+    from netslim.cost.budget import parse_target
+    from netslim.workflows.analyse import analyse_to_dir
 
     tgt = parse_target(target) if target else None
     train_set, test, idx, net, arch, _, dev = _setup(data, classes, cache_dir, weights, model, device)
@@ -351,7 +351,7 @@ def methods(as_json: JsonOpt = False) -> None:
 def demo(out: OutOpt = Path("runs/demo"), method: MethodOpt = "pfa-kl", epochs: int = 15,
          finetune_epochs: int = 8, as_json: JsonOpt = False) -> None:
     """The whole job offline on the embedded digits data: train a small CNN, compress, fine-tune, compare."""
-    from netslim.demo import run_demo
+    from netslim.workflows.demo import run_demo
 
     metrics = run_demo(out, method, epochs, finetune_epochs, console)
     console.print(before_after_table(metrics))
@@ -374,10 +374,10 @@ def bench(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt = "d
           no_latency: bool = False, device: DeviceOpt = "auto", cache_dir: CacheOpt = None,
           distill: DistillOpt = 0.0, as_json: JsonOpt = False) -> None:
     """Every method and torch-pruning's criteria at the same budget and fine-tuning schedule, one table."""
-    from netslim.bench import run_bench
-    from netslim.budget import parse_target
+    from netslim.cost.budget import parse_target
     from netslim.data import calibration_subset
-    from netslim.pipeline import Schedule
+    from netslim.workflows.bench import run_bench
+    from netslim.workflows.compress import Schedule
 
     tgts = [parse_target(t.strip()) for t in targets.split(",") if t.strip()]
     names = [m.strip() for m in methods.split(",") if m.strip()]
@@ -407,7 +407,7 @@ def export(run: Annotated[Path, typer.Argument(help="run directory (or model.saf
            threads: Annotated[int | None, typer.Option(help="CPU threads for the timings")] = None,
            cache_dir: CacheOpt = None, as_json: JsonOpt = False) -> None:
     """Fold BatchNorm, export (ONNX or torch.export), check predictions against PyTorch, time both."""
-    from netslim.export import export_run
+    from netslim.workflows.export import export_run
 
     rep = export_run(run, fmt, out, data, images, threads=threads, cache_dir=cache_dir)
     c = rep["check"]
@@ -455,9 +455,9 @@ def pack(run: Annotated[Path, typer.Argument(help="run directory (or model.safet
                                                 "outputs in the fine-tuning loss, 0..1 (0: labels only)")] = 0.0,
          as_json: JsonOpt = False) -> None:
     """Storage compression: weight pruning + fine-tuning, k-means sharing, Huffman coding -> packed file."""
-    from netslim.api import resolve_device
-    from netslim.checkpoint import plan_of, read_tensors
-    from netslim.pack.run import PackConfig, load_run_data, pack_run_dir
+    from netslim.surgery.checkpoint import plan_of, read_tensors
+    from netslim.workflows.api import resolve_device
+    from netslim.workflows.pack import PackConfig, load_run_data, pack_run_dir
 
     if not run.exists():
         raise NetslimError(f"{run} does not exist: give a run directory written by compress (or its model file)")

@@ -10,7 +10,7 @@ import torch
 from rich.console import Console
 
 from netslim.data import load_dataset
-from netslim.pipeline import Schedule, accuracy, compress, finetune
+from netslim.workflows.compress import Schedule, accuracy, compress, finetune
 from netslim.zoo import build
 
 

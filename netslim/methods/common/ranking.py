@@ -7,10 +7,10 @@ from collections.abc import Callable
 
 import torch
 
-from netslim.budget import bisect
-from netslim.graph import ChannelGroup
+from netslim.cost.budget import bisect
 from netslim.methods.base import Context
 from netslim.plan import Plan
+from netslim.surgery.graph import ChannelGroup
 
 
 def top_k(scores: torch.Tensor, k: int) -> list[int]:

@@ -36,11 +36,11 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from netslim.budget import model_size, plan_size
+from netslim.cost.budget import model_size, plan_size
 from netslim.data import ImageSet, batches, calibration_subset
 from netslim.errors import NetslimError
 from netslim.methods.base import Context
-from netslim.methods.lda import (
+from netslim.methods.lda.core import (
     ClassMoments,
     choose_mprime,
     fisher_scores,
@@ -49,10 +49,10 @@ from netslim.methods.lda import (
     predecision_moments,
     ranking,
 )
-from netslim.methods.lda_trace import trace
+from netslim.methods.lda.trace import trace
 from netslim.plan import Plan
 from netslim.probe import response_modules
-from netslim.surgery import apply_plan
+from netslim.surgery.apply import apply_plan
 
 
 @dataclass
@@ -446,7 +446,7 @@ def _fit_target(sub: Context, a: Analysis, eta: float, o: LoopOptions, target: A
 # ---------------------------------------------------------------- report
 def _add_report(ctx: Context, history: list[Iterate], chosen: Iterate, floor: float | None,
                 base: dict[str, int], stop: str, o: LoopOptions, analyses: list[Analysis]) -> None:
-    from netslim.report import table
+    from netslim.report.markdown import table
 
     rows = [[h.index, "–" if h.eta is None else f"{h.eta:.3f}", "–" if h.mprime is None else
              f"{h.mprime}/{h.predecision}", h.params, f"{h.params / base['params']:.4f}", h.macs,
@@ -474,7 +474,7 @@ def iterations_plot(path: Any, history: list[Iterate], chosen: Iterate, floor: f
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from netslim.report import save_figure
+    from netslim.report.markdown import save_figure
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     ax = axes[0]

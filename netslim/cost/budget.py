@@ -61,7 +61,7 @@ def stored_params(model: nn.Module) -> int:
 
 
 def model_size(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, int]:
-    from netslim.measure import count_flops
+    from netslim.cost.measure import count_flops
 
     fl = count_flops(model, tuple(input_size))
     return {"params": stored_params(model), "macs": int(fl["macs"]), "flops": int(fl["flops"])}
@@ -80,7 +80,7 @@ def plan_size(plan: Plan, template: nn.Module | None = None) -> dict[str, int]:
 
     `template` is the (meta) model the Plan applies to; without one the base is rebuilt from the zoo.
     """
-    from netslim.surgery import apply_plan
+    from netslim.surgery.apply import apply_plan
     from netslim.zoo import build
 
     key = (id(template), plan.to_json())
@@ -102,8 +102,8 @@ def fits(plan: Plan, target: Target, base: dict[str, int], template: nn.Module |
 def bisect(make_plan: Callable[[float], Plan], target: Target, template: nn.Module | None,
            lo: float, hi: float, iters: int = 40) -> Plan:
     """Largest knob in [lo, hi] whose Plan fits the target; size must grow with the knob."""
-    if target.kind == "latency":  # measured, not counted: netslim.latency_table times the candidates
-        from netslim.latency_table import latency_bisect
+    if target.kind == "latency":  # measured, not counted: netslim.cost.latency_table times the candidates
+        from netslim.cost.latency_table import latency_bisect
 
         return latency_bisect(make_plan, target, template, lo, hi)
     if target.kind not in ("params", "flops"):

@@ -8,13 +8,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from netslim.budget import Target, parse_target
-from netslim.checkpoint import build_from_plan, load_state, plan_of, read_tensors
+from netslim.cost.budget import Target, parse_target
 from netslim.data import ImageSet, load_dataset
 from netslim.errors import NetslimError
-from netslim.pipeline import Result, Schedule
-from netslim.pipeline import compress as _compress
 from netslim.plan import Plan
+from netslim.surgery.checkpoint import build_from_plan, load_state, plan_of, read_tensors
+from netslim.workflows.compress import Result, Schedule
+from netslim.workflows.compress import compress as _compress
 
 
 def resolve_device(device: str = "auto") -> str:

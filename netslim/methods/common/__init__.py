@@ -1,0 +1,1 @@
+"""Pieces several methods share: statistics passes, spectra, rankings, correlation selection."""

@@ -1,0 +1,3 @@
+"""Task-dependent deep LDA pruning; importing registers the method."""
+
+from netslim.methods.lda import core  # noqa: F401

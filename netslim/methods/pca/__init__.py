@@ -1,0 +1,3 @@
+"""PCA design: width and depth from significant dimensions; importing registers the method."""
+
+from netslim.methods.pca import core  # noqa: F401

@@ -1,0 +1,1 @@
+"""What a user reads: markdown tables, PNG plots, the run directory."""

@@ -1,0 +1,1 @@
+"""Structure: apply a Plan to a model (channels, depth, factorized layers), fold BN, save and reload."""
