@@ -98,8 +98,8 @@ def main() -> None:
                "val_images": 0 if from_test else args.val_images}  # compress caps its own hold-out
 
     t0 = time.perf_counter()
-    lda = compress(copy.deepcopy(base), arch, train, test, "lda", None, options, Schedule(epochs=0), "cpu",
-                   args.calib, classes=idx, out=args.run_dir, overwrite=True, measure_latency=False,
+    lda = compress(copy.deepcopy(base), arch, train, test, method="lda", options=options,
+                   schedule=Schedule(epochs=0), device="cpu", calib_size=args.calib, classes=idx, out=args.run_dir, overwrite=True, measure_latency=False,
                    val=val if from_test else None)
     lda_seconds = time.perf_counter() - t0
     before, after, meta = lda.metrics["before"], lda.metrics["after"], lda.plan.meta

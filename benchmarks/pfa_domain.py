@@ -53,7 +53,8 @@ def main() -> None:
     size10 = plan_size(plan10, ctx10.template())
     base_size = plan_size(ctx10.base_plan("pfa-kl"), ctx10.template())
 
-    res = compress(model, arch, tune, test, "pfa-kl", None, {}, sched, "cpu", args.calib_images, "fine", idx,
+    res = compress(model, arch, tune, test, method="pfa-kl", schedule=sched, device="cpu",
+                   calib_size=args.calib_images, init="fine", classes=idx,
                    measure_latency=False)
     task_full = apply_plan(copy.deepcopy(model), Plan(arch=arch, num_classes=n, classes=idx))
     acc_full_before = accuracy(task_full, test, "cpu")

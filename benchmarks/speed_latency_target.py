@@ -56,8 +56,9 @@ def main() -> None:
     base, arch, _ = load_trained(SHARED / "models" / WEIGHTS[args.arch], args.arch, 10, 3)
     target = replace(parse_target(f"latency={args.fraction}"), batch=args.batch, device="cpu", threads=args.threads)
     t0 = time.perf_counter()
-    res = compress(base, arch, tune, test, args.method, target, {"round_to": args.round_to},
-                   Schedule(epochs=args.epochs, lr=args.lr, batch_size=128), "cpu", args.calib, out=run_dir,
+    res = compress(base, arch, tune, test, method=args.method, target=target, options={"round_to": args.round_to},
+                   schedule=Schedule(epochs=args.epochs, lr=args.lr, batch_size=128), device="cpu",
+                   calib_size=args.calib, out=run_dir,
                    overwrite=True, command=" ".join(["python", *sys.argv]))
     seconds = time.perf_counter() - t0
     # one more check, at the target's batch: base and result in turns, many rounds

@@ -26,9 +26,9 @@ def trained():
 
 
 def run(model, train, test, out: Path, resume: bool = False) -> dict:
-    return bench_mod.run_bench(model, "small_cnn", train, test, ["tp-l1", "pfa-en"],
-                               [parse_target("params=0.5"), parse_target("params=0.25")],
-                               Schedule(epochs=1, lr=0.02, batch_size=64), out, calib_size=500,
+    return bench_mod.run_bench(model, "small_cnn", train, test, methods=["tp-l1", "pfa-en"],
+                               targets=[parse_target("params=0.5"), parse_target("params=0.25")],
+                               schedule=Schedule(epochs=1, lr=0.02, batch_size=64), out=out, calib_size=500,
                                measure_latency=False, resume=resume, log=lambda *_: None)
 
 

@@ -166,7 +166,7 @@ def test_pipeline_reports_speed_of_base_and_result_timed_together(tmp_path: Path
     monkeypatch.setattr(lt, "interleaved_times", lambda *a, **k: timed(*a, **(k | {"max_seconds": 0.3})))
 
     train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
-    res = compress(build("small_cnn", 10, 1), "small_cnn", train, test, "l1", Target("params", 0.3),
+    res = compress(build("small_cnn", 10, 1), "small_cnn", train, test, method="l1", target=Target("params", 0.3),
                    calib_size=200, out=tmp_path / "run")
     speed = res.metrics["speed"]
     assert [r["batch"] for r in speed] == [1, 64]

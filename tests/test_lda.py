@@ -326,7 +326,7 @@ def test_loop_prunes_fine_tunes_and_hands_over_its_network(digits_net: tuple, tm
     net, train, test = digits_net
     opts = {"max_iters": 2, "eta_start": 0.4, "eta_step": 0.4, "ft_epochs": 1, "ft_lr": 0.02, "ft_batch": 64,
             "ft_images": 400, "trace_images": 4, "max_drop": 0.3, "verbose": False}
-    res = compress(copy.deepcopy(net), "small_cnn", train, test, "lda", options=opts, calib_size=400,
+    res = compress(copy.deepcopy(net), "small_cnn", train, test, method="lda", options=opts, calib_size=400,
                    out=tmp_path / "run", measure_latency=False)
     meta = res.plan.meta
     iters = meta["iterations"]
@@ -352,8 +352,9 @@ def test_loop_meets_a_parameter_target(digits_net: tuple) -> None:
     from netslim.workflows.analyse import analyse_to_dir
 
     net, train, _ = digits_net
-    m = analyse_to_dir(copy.deepcopy(net), "small_cnn", train, "lda", Target("params", 0.3),
-                       {**FAST, "max_iters": 2, "eta_start": 0.2}, "cpu", 400, None, None)
+    m = analyse_to_dir(copy.deepcopy(net), "small_cnn", train, method="lda", target=Target("params", 0.3),
+                       options={**FAST, "max_iters": 2, "eta_start": 0.2}, device="cpu", calib_size=400,
+                       classes=None, out=None)
     kept = m["planned"]["params"] / m["base"]["params"]
     assert 0.2 < kept <= 0.3  # η bisected on the step that crosses the target, not overshot
 
@@ -363,9 +364,11 @@ def test_a_two_class_task_keeps_fewer_neurons_and_parameters(digits_net: tuple) 
 
     net, train, _ = digits_net
     opts = {**FAST, "max_iters": 1, "max_drop": 1.0}
-    ten = analyse_to_dir(copy.deepcopy(net), "small_cnn", train, "lda", None, opts, "cpu", 400, None, None)
+    ten = analyse_to_dir(copy.deepcopy(net), "small_cnn", train, method="lda", target=None, options=opts, device="cpu",
+                         calib_size=400, classes=None, out=None)
     two_train = load_dataset("digits", "train", classes=["0", "1"])
-    two = analyse_to_dir(copy.deepcopy(net), "small_cnn", two_train, "lda", None, opts, "cpu", 400, [0, 1], None)
+    two = analyse_to_dir(copy.deepcopy(net), "small_cnn", two_train, method="lda", target=None, options=opts,
+                         device="cpu", calib_size=400, classes=[0, 1], out=None)
     assert two["planned"]["params"] < ten["planned"]["params"]
 
 

@@ -29,7 +29,7 @@ def test_shared_vgg16_accuracy(vgg) -> None:
 
 def test_l1_to_one_eighth_reloads_with_identical_outputs(vgg, tmp_path) -> None:
     model, arch, train, test = vgg
-    res = compress(model, arch, train, test, "l1", parse_target("params=0.125"), calib_size=256,
+    res = compress(model, arch, train, test, method="l1", target=parse_target("params=0.125"), calib_size=256,
                    out=tmp_path / "run", measure_latency=False)
     base = sum(p.numel() for p in model.parameters())
     assert res.metrics["after"]["params"] <= 0.125 * base

@@ -166,7 +166,8 @@ def train(model: ModelOpt = "small_cnn", data: DataOpt = "digits", out: OutOpt =
         raise NetslimError(f"output directory {out} already exists; pass --overwrite to replace it")
     if state.exists() and not resume:
         raise NetslimError(f"{state} holds an interrupted run; pass --resume to continue it or delete it")
-    sched = Schedule(epochs, lr, batch_size, weight_decay, label_smoothing, schedule)
+    sched = Schedule(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
+                     label_smoothing=label_smoothing, schedule=schedule)
     history = finetune(net.to(dev), train_set, sched, dev, checkpoint_dir=state, resume=resume)
     acc = accuracy(net, test, dev)
     plan = plan or Plan(arch=arch, num_classes=len(train_set.classes), input_size=tuple(train_set.images.shape[1:]))
@@ -285,10 +286,11 @@ def compress(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt =
         from netslim.data import calibration_subset
 
         train_set = calibration_subset(train_set, train_subset, seed=1)
-    res = run(net, arch, train_set, test, method, tgt, options,
-              Schedule(finetune_epochs, lr, batch_size, label_smoothing=label_smoothing, distill=distill), dev,
-              calib_size, init, idx, out, overwrite, command=shlex.join(["netslim", *sys.argv[1:]]),
-              measure_latency=not no_latency, val=val)
+    res = run(net, arch, train_set, test, method=method, target=tgt, options=options,
+              schedule=Schedule(epochs=finetune_epochs, lr=lr, batch_size=batch_size,
+                                label_smoothing=label_smoothing, distill=distill),
+              device=dev, calib_size=calib_size, init=init, classes=idx, out=out, overwrite=overwrite,
+              command=shlex.join(["netslim", *sys.argv[1:]]), measure_latency=not no_latency, val=val)
     console.print(before_after_table(res.metrics))
     console.print(f"run directory: {out}")
     _emit(res.metrics, as_json)
@@ -321,8 +323,8 @@ def analyze(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt = 
     options |= _car_options(layers, eval_size, per_step) | ({"classwise": True} if classwise else {})
     options |= _lrs_options(rank, rank_ratio, sparsity)
     tgt, options = _for_device(tgt, options, dev, batch)
-    metrics = analyse_to_dir(net, arch, train_set, method, tgt, options, dev, calib_size, idx, out, overwrite,
-                             command=shlex.join(["netslim", *sys.argv[1:]]), val=val)
+    metrics = analyse_to_dir(net, arch, train_set, method=method, target=tgt, options=options, device=dev,
+                             calib_size=calib_size, classes=idx, out=out, overwrite=overwrite, command=shlex.join(["netslim", *sys.argv[1:]]), val=val)
     console.print(f"{method}: planned {metrics['planned']['params']:,} params "
                   f"({metrics['planned']['params'] / metrics['base']['params']:.3f} of the base), "
                   f"{metrics['planned']['macs']:,} MACs "
@@ -387,11 +389,12 @@ def bench(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt = "d
     tune = calibration_subset(train_set, train_subset, seed=1) if train_subset else train_set
     test = calibration_subset(test, test_subset, seed=2) if test_subset else test
     assert out is not None
-    res = run_bench(net, arch, train_set if not train_subset else tune, test, names, tgts,
-                    Schedule(finetune_epochs, lr, batch_size, label_smoothing=label_smoothing, schedule=schedule,
-                             distill=distill),
-                    out, dev, calib_size, _options(opt), not no_latency, resume,
-                    shlex.join(["netslim", *sys.argv[1:]]), log=console.print)
+    res = run_bench(net, arch, train_set if not train_subset else tune, test, methods=names, targets=tgts,
+                    schedule=Schedule(epochs=finetune_epochs, lr=lr, batch_size=batch_size,
+                                      label_smoothing=label_smoothing, schedule=schedule, distill=distill),
+                    out=out, device=dev, calib_size=calib_size, options=_options(opt),
+                    measure_latency=not no_latency, resume=resume, command=shlex.join(["netslim", *sys.argv[1:]]),
+                    log=console.print)
     console.print((out / "report.md").read_text())
     _emit(res, as_json)
 

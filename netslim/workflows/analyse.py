@@ -20,7 +20,7 @@ from netslim.surgery.graph import PRUNABLE, out_width
 from netslim.workflows.compress import analyse, machine
 
 
-def analyse_to_dir(model: nn.Module, arch: str, train: ImageSet, method: str, target: Target | None,
+def analyse_to_dir(model: nn.Module, arch: str, train: ImageSet, *, method: str, target: Target | None,
                    options: dict[str, Any], device: str, calib_size: int, classes: list[int] | None,
                    out: Path | None, overwrite: bool = False, command: str = "",
                    val: ImageSet | None = None) -> dict[str, Any]:
@@ -29,7 +29,7 @@ def analyse_to_dir(model: nn.Module, arch: str, train: ImageSet, method: str, ta
     if classes is not None:
         model = apply_plan(copy.deepcopy(model), Plan(arch=arch, num_classes=base_classes,
                                                       input_size=tuple(train.images.shape[1:]), classes=classes))
-    plan, ctx, seconds = analyse(model, arch, train, method, target, options, device, calib_size, val=val)
+    plan, ctx, seconds = analyse(model, arch, train, method, target, options, device, calib_size=calib_size, val=val)
     template = ctx.template()
     planned = plan_size(plan, template)
     base = plan_size(ctx.base_plan(method), template)

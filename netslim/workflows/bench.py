@@ -50,7 +50,7 @@ def method_options(options: dict[str, Any], method: str) -> dict[str, Any]:
     return {k: v for k, v in options.items() if "." not in k} | scoped
 
 
-def run_bench(model: nn.Module, arch: str, train: ImageSet, test: ImageSet, methods: list[str],
+def run_bench(model: nn.Module, arch: str, train: ImageSet, test: ImageSet, *, methods: list[str],
               targets: list[Target], schedule: Schedule, out: Path, device: str = "cpu", calib_size: int = 5000,
               options: dict[str, Any] | None = None, measure_latency: bool = True, resume: bool = False,
               command: str = "", log: Any = print) -> dict[str, Any]:
@@ -101,7 +101,7 @@ def _one(model: nn.Module, arch: str, train: ImageSet, test: ImageSet, method: s
     knob_target: Target | None = target if method != "pfa-kl" else None  # pfa-kl has no knob to bisect
     mine = shared_view(cache)
     passes_before = len(cache.get("stats_passes", []))
-    plan, ctx, seconds = analyse(model, arch, train, method, knob_target, options, device, calib_size, cache=mine)
+    plan, ctx, seconds = analyse(model, arch, train, method, knob_target, options, device, calib_size=calib_size, cache=mine)
     cache.update(shared_view(ctx.cache))
     tuned = ctx.cache.get("model")
     small = tuned if tuned is not None else apply_plan(copy.deepcopy(model), plan)

@@ -162,7 +162,7 @@ def resolve_init(init: str | None, method: str) -> str:
     raise NetslimError(f"init must be fine, inherit or scratch, not {init!r}")
 
 
-def compress(model: nn.Module, arch: str, train: ImageSet, test: ImageSet | None, method: str = "pfa-kl",
+def compress(model: nn.Module, arch: str, train: ImageSet, test: ImageSet | None, *, method: str = "pfa-kl",
              target: Target | None = None, options: dict[str, Any] | None = None,
              schedule: Schedule | None = None, device: str = "cpu", calib_size: int = 5000,
              init: str | None = None, classes: list[int] | None = None, out: Path | None = None,
@@ -187,7 +187,7 @@ def compress(model: nn.Module, arch: str, train: ImageSet, test: ImageSet | None
     with _maybe_dir(out, overwrite) as tmp:
         before = measure_model(model, tuple(train.images.shape[1:]), device, latency=False)  # timed with `after`
         before["accuracy"] = accuracy(model, test, device)
-        plan, ctx, seconds = analyse(model, arch, train, method, target, options, device, calib_size, val=val)
+        plan, ctx, seconds = analyse(model, arch, train, method, target, options, device, calib_size=calib_size, val=val)
         if classes is not None:  # the saved Plan is relative to the base model, classes included
             plan.num_classes, plan.classes = base_classes, list(classes)
         small = apply_plan(copy.deepcopy(base_model), plan)

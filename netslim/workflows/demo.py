@@ -24,6 +24,7 @@ def run_demo(out: Path | None, method: str, epochs: int, finetune_epochs: int, c
     finetune(model, train, Schedule(epochs=epochs, lr=0.05, batch_size=64), "cpu")
     console.print(f"trained in {time.perf_counter() - t0:.1f} s: test accuracy {accuracy(model, test, 'cpu'):.4f}")
     console.print(f"compressing with {method}, then fine-tuning {finetune_epochs} epochs…")
-    res = compress(model, "small_cnn", train, test, method, None, {}, Schedule(finetune_epochs, 0.02, 64), "cpu",
+    res = compress(model, "small_cnn", train, test, method=method,
+                   schedule=Schedule(epochs=finetune_epochs, lr=0.02, batch_size=64), device="cpu",
                    calib_size=len(train.labels), out=out, overwrite=True, command=f"netslim demo --method {method}")
     return res.metrics
