@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,8 +14,34 @@ from netslim.cost.budget import Target
 from netslim.data import ImageSet
 from netslim.errors import NetslimError
 from netslim.plan import Plan
+from netslim.probe import LayerStats
 from netslim.surgery.apply import find_classifier
 from netslim.surgery.graph import ChannelGroup, channel_groups
+
+
+@dataclass
+class AnalysisCache:
+    """Analysis shared by every method run on one model and calibration set (bench runs several).
+
+    Only what does not depend on a method's options lives here; a method's own output is its MethodResult.
+    """
+
+    groups: list[ChannelGroup] | None = None  # coupled channel groups of the model
+    template: nn.Module | None = None  # weightless (meta) copy of the model, to size candidate Plans
+    stats: dict[str, dict[str, LayerStats]] = field(default_factory=dict)  # statistics pass key -> layer -> stats
+    passes: list[str] = field(default_factory=list)  # statistics passes run, in order (bench reports them)
+    derived: dict[str, Any] = field(default_factory=dict)  # reusable results computed from the statistics, by name
+
+
+@dataclass
+class MethodResult:
+    """What a method hands back: the Plan, and optionally a network it fitted itself plus its evidence."""
+
+    plan: Plan
+    model: nn.Module | None = None  # a network of the Plan's shape with weights the method fitted (lda, lrs)
+    report: list[str] = field(default_factory=list)  # markdown sections for report.md
+    artifacts: dict[str, Callable[[Path], None]] = field(default_factory=dict)  # file name -> writer(path)
+    evidence: dict[str, Any] = field(default_factory=dict)  # method-specific data for scripts (e.g. CAR's curves)
 
 
 @dataclass
