@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from netslim.cost.budget import parse_target
+from netslim.cost.targets import parse_target
+from netslim.methods import AnalysisCache
 from netslim.workflows.api import load_data, load_trained
-from netslim.workflows.bench import shared_view
-from netslim.workflows.compress import analyse, machine
+from netslim.workflows.stages import analyse, machine
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -41,15 +41,14 @@ def main() -> None:
     train, _, _, _ = load_data(str(SHARED / "data" / "cifar10-jpeg.tar.gz"))
     methods = args.methods.split(",")
 
-    def run(method: str, cache: dict) -> tuple[float, int]:
-        before = len(cache.get("stats_passes", []))
+    def run(method: str, cache: AnalysisCache) -> tuple[float, int]:
+        before = len(cache.passes)
         target = None if method == "pfa-kl" else parse_target(args.target)
-        _, ctx, seconds = analyse(model, arch, train, method, target, {}, "cpu", args.calib, cache=shared_view(cache))
-        cache.update(shared_view(ctx.cache))
-        return seconds, len(cache.get("stats_passes", [])) - before
+        seconds = analyse(model, arch, train, method, target, {}, "cpu", args.calib, cache=cache)[2]
+        return seconds, len(cache.passes) - before
 
-    separate = {m: run(m, {}) for m in methods}
-    shared_cache: dict = {}
+    separate = {m: run(m, AnalysisCache()) for m in methods}
+    shared_cache = AnalysisCache()
     shared = {m: run(m, shared_cache) for m in methods}
     total_sep, total_shared = sum(s for s, _ in separate.values()), sum(s for s, _ in shared.values())
     out = {"benchmark": "bench_sharing", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

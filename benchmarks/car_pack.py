@@ -59,9 +59,10 @@ def main() -> None:
     from netslim.io import atomic_write_text
     from netslim.plan import Plan
     from netslim.surgery.apply import apply_plan
+    from netslim.train import Schedule, finetune
     from netslim.workflows.api import load_data, load_trained
-    from netslim.workflows.compress import Schedule, accuracy, finetune, machine, recalibrated_accuracy
     from netslim.workflows.pack import PackConfig, pack_model, write_pack_dir
+    from netslim.workflows.stages import accuracy, machine, recalibrated_accuracy
 
     t0 = time.perf_counter()
     layers = [n.strip() for n in args.layers.split(",")]
@@ -86,9 +87,9 @@ def main() -> None:
     acc_ft = accuracy(model, test, "cpu")
     print(f"fine-tuned {acc_ft:.4f}", flush=True)
     cfg = PackConfig(sparsity=args.sparsity, fc_sparsity=args.fc_sparsity,
-                     layer_sparsity={"features.0": args.first_sparsity}, conv_bits=args.conv_bits,
-                     fc_bits=args.fc_bits, epochs=args.pack_ft_epochs, lr=args.lr / 2, batch_size=128,
-                     distill=args.distill)
+                     layer_sparsity={"features.0": args.first_sparsity}, conv_bits=args.conv_bits, fc_bits=args.fc_bits,
+                     finetune=Schedule(epochs=args.pack_ft_epochs, lr=args.lr / 2, batch_size=128,
+                                       distill=args.distill))
     blob, metrics, _ = pack_model(model, plan, ft_data, test, cfg, "cpu", teacher=base)
     original = {f"{n}.weight": m.weight.numel() * 4 for n, m in base.named_modules() if hasattr(m, "weight")
                 and isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}

@@ -76,7 +76,7 @@ def main() -> None:
     from netslim.plan import Plan
     from netslim.surgery.apply import apply_plan
     from netslim.workflows.api import load_data, load_trained
-    from netslim.workflows.compress import accuracy, analyse, machine
+    from netslim.workflows.stages import accuracy, analyse, machine
 
     train, test, _, n_classes = load_data(str(DATA))
     if args.test_images:
@@ -85,8 +85,8 @@ def main() -> None:
     options = {"layers": args.layer, "eval_size": args.eval_size, "per_step": args.per_step,
                "keep_fraction": args.keep_fraction, "precision": args.precision, "adaptive": not args.fixed_blocks}
     t0 = time.perf_counter()
-    plan, ctx, seconds = analyse(model, arch, train, "car", None, options, "cpu")
-    run = ctx.cache["car_runs"][0]
+    found, ctx, seconds = analyse(model, arch, train, "car", None, options, "cpu")
+    plan, run = found.plan, found.evidence["car_runs"][0]
     print(f"CAR {args.layer}: {run.mode}, {run.engine['evaluations']} evaluations in {run.engine['seconds']:.0f} s; "
           f"ranking {run.ranking}", flush=True)
 

@@ -86,14 +86,15 @@ def main() -> None:
     from netslim.methods import Context
     from netslim.methods.car.core import eval_set, greedy
     from netslim.methods.car.engine import AblationEngine
+    from netslim.methods.car.options import CAROptions
     from netslim.workflows.api import load_data, load_trained
-    from netslim.workflows.compress import machine
+    from netslim.workflows.stages import machine
 
     train, _, _, n_classes = load_data(str(DATA))
     model, arch, _ = load_trained(WEIGHTS, "vgg16_bn", n_classes)
     fit_part, _ = split_holdout(train, 0.1, seed=0)  # what `compress --method car` sees as ctx.train
     ctx = Context(model=model, arch=arch, num_classes=n_classes, input_size=(3, 32, 32), train=fit_part,
-                  options={"eval_size": args.eval_size})
+                  opts=CAROptions(eval_size=args.eval_size))
     x, y, _ = eval_set(ctx)
     t0 = time.perf_counter()
     rankings = {}

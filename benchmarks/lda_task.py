@@ -65,15 +65,19 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from netslim.cost.budget import Target, model_size
+    from netslim.cost.size import model_size
+    from netslim.cost.targets import Target
     from netslim.data import batches, calibration_subset, split_holdout
     from netslim.methods.lda.core import predecision_moments
-    from netslim.methods.lda.loop import LoopOptions, finetune_round, recalibrate
+    from netslim.methods.lda.loop import LoopOptions, finetune_round
+    from netslim.methods.lda.step import recalibrate
     from netslim.plan import Plan
     from netslim.surgery.apply import apply_plan, find_classifier
     from netslim.surgery.graph import PRUNABLE, out_width
+    from netslim.train import Schedule
     from netslim.workflows.api import load_data, load_trained
-    from netslim.workflows.compress import Schedule, accuracy, analyse, compress, machine
+    from netslim.workflows.compress import compress
+    from netslim.workflows.stages import accuracy, analyse, machine
 
     classes = None if args.classes == "all" else [c.strip() for c in args.classes.split(",")]
     tag = "all" if classes is None else "-".join(classes)
@@ -99,7 +103,8 @@ def main() -> None:
 
     t0 = time.perf_counter()
     lda = compress(copy.deepcopy(base), arch, train, test, method="lda", options=options,
-                   schedule=Schedule(epochs=0), device="cpu", calib_size=args.calib, classes=idx, out=args.run_dir, overwrite=True, measure_latency=False,
+                   schedule=Schedule(epochs=0), device="cpu", calib_size=args.calib, classes=idx, out=args.run_dir,
+                   overwrite=True, measure_latency=False,
                    val=val if from_test else None)
     lda_seconds = time.perf_counter() - t0
     before, after, meta = lda.metrics["before"], lda.metrics["after"], lda.plan.meta
@@ -111,7 +116,7 @@ def main() -> None:
     task_model = copy.deepcopy(base)
     if idx is not None:
         task_model = apply_plan(task_model, Plan(arch=arch, num_classes=10, input_size=(3, 32, 32), classes=idx))
-    l1_plan, _, _ = analyse(task_model, arch, train, "tp-l1", Target("params", fraction), {}, "cpu", args.calib)
+    l1_plan = analyse(task_model, arch, train, "tp-l1", Target("params", fraction), {}, "cpu", args.calib)[0].plan
     l1_model = apply_plan(copy.deepcopy(task_model), l1_plan).eval()
     l1_cut = accuracy(l1_model, test, "cpu")
     calib = calibration_subset(fit_part, min(args.calib, len(fit_part)), seed=0)  # LDA's calibration images

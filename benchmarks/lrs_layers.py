@@ -43,11 +43,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from netslim.data import batches, calibration_subset, split_holdout
-    from netslim.methods.lrs.core import original_moments
+    from netslim.methods.lrs.moments import original_moments
     from netslim.methods.lrs.solver import decompose, weighted_error
     from netslim.surgery.factorized import build_factorized, matrix_shape
     from netslim.workflows.api import load_data, load_trained
-    from netslim.workflows.compress import accuracy, machine
+    from netslim.workflows.stages import accuracy, machine
 
     model, _, _ = load_trained(Path(args.weights), "vgg16_bn", 10)
     train, test, _, _ = load_data(args.data)
@@ -117,7 +117,7 @@ def main() -> None:
             layer.set_factors(uu.float(), vv.float(), sp[0].float() if sp else None, sp[1] if sp else None)
             net.set_submodule(n, layer.eval())
         nets[key] = net
-    from netslim.cost.budget import stored_params
+    from netslim.cost.size import stored_params
 
     networks = {}
     for key, net in nets.items():

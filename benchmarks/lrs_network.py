@@ -29,7 +29,7 @@ SHARED = REPO.parent / "shared"
 
 def sparse_kernel_macs(model: torch.nn.Module, input_size: tuple[int, int, int]) -> int:
     """MACs when S runs as a sparse kernel: the counted (dense) MACs minus S's zeros at every output position."""
-    from netslim.cost.measure import count_flops
+    from netslim.cost.size import count_flops
     from netslim.surgery.factorized import LowRankSparseConv2d, LowRankSparseLinear
 
     saved, hooks = [], []
@@ -48,7 +48,7 @@ def sparse_kernel_macs(model: torch.nn.Module, input_size: tuple[int, int, int])
 
 def storage(model: torch.nn.Module) -> dict[str, int]:
     """Values and bytes (float32; S in CSR with its indices) of everything inference needs."""
-    from netslim.cost.budget import stored_params
+    from netslim.cost.size import stored_params
     from netslim.surgery.factorized import factorized_layers
 
     layers = factorized_layers(model)
@@ -78,13 +78,15 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from netslim.cost.budget import Target
-    from netslim.cost.measure import count_flops, measure_latency
+    from netslim.cost.size import count_flops
+    from netslim.cost.targets import Target
+    from netslim.cost.timing import measure_latency
     from netslim.data import calibration_subset
     from netslim.surgery.checkpoint import load_model, save_model
     from netslim.surgery.factorized import factorized_layers, use_sparse_kernel
+    from netslim.train import Schedule, finetune
     from netslim.workflows.api import load_data, load_trained
-    from netslim.workflows.compress import Schedule, accuracy, analyse, finetune, machine
+    from netslim.workflows.stages import accuracy, analyse, machine
 
     model, arch, _ = load_trained(Path(args.weights), "vgg16_bn", 10)
     train, test, _, _ = load_data(args.data)
@@ -95,9 +97,9 @@ def main() -> None:
     print(f"base accuracy {base_acc:.4f} ({time.perf_counter() - t:.0f} s)", flush=True)
 
     options = {"sparse_share": args.share, "images": args.calib, "positions": args.positions, "inputs": args.inputs}
-    plan, ctx, seconds = analyse(model, arch, train, "lrs", Target("params", args.target), options, "cpu",
-                                 calib_size=args.calib)
-    small = ctx.cache["model"].eval()
+    found, ctx, seconds = analyse(model, arch, train, "lrs", Target("params", args.target), options, "cpu",
+                                  calib_size=args.calib)
+    plan, small = found.plan, found.model.eval()
     print(f"analysis {seconds:.0f} s", flush=True)
     size_base, size_small = storage(model), storage(small)
     t = time.perf_counter()

@@ -54,12 +54,13 @@ def main() -> None:
 
     from netslim.data import calibration_subset
     from netslim.surgery.apply import apply_plan
-    from netslim.workflows.api import load_data, load_trained, resolve_device
-    from netslim.workflows.compress import Schedule, accuracy, analyse, finetune, machine, measure_model, reinitialise
+    from netslim.train import Schedule, finetune
+    from netslim.workflows.api import load_data, load_trained, pick_device
+    from netslim.workflows.stages import accuracy, analyse, machine, measure_model, reinitialise
     from netslim.zoo import build
 
     torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = pick_device(args.device)
     gpu = device.startswith("cuda")
     out = args.out or REPO / "benchmarks" / "results" / f"pca_design_{'gpu' if gpu else 'cpu'}.json"
     t_start = time.perf_counter()
@@ -67,7 +68,8 @@ def main() -> None:
     trained, arch, _ = load_trained(args.weights, "vgg16_bn", n)
     options = {"variance": args.variance, "round_to": args.round_to, "images": args.images}
     t0 = time.perf_counter()
-    plan, ctx, seconds = analyse(trained, arch, train, "pca", None, options, device)
+    found, ctx, seconds = analyse(trained, arch, train, "pca", None, options, device)
+    plan = found.plan
     wall = time.perf_counter() - t0
     report = {"structure": plan.meta.get("structure"), "drop": plan.drop,
               "widths": {n: len(k) for n, k in plan.keep.items()}, "meta": plan.meta,
@@ -128,7 +130,7 @@ def interleaved_latency(models: dict, threads: int, rounds: int) -> dict:
     median of the per-round medians is kept, so load from other processes hits both alike."""
     import statistics
 
-    from netslim.cost.measure import measure_latency
+    from netslim.cost.timing import measure_latency
 
     per: dict = {name: {1: [], 64: []} for name in models}
     for _ in range(rounds):

@@ -18,12 +18,14 @@ from pathlib import Path
 
 import torch
 
-from netslim.cost.budget import plan_size
+from netslim.cost.size import plan_size
 from netslim.data import calibration_subset
 from netslim.plan import Plan
 from netslim.surgery.apply import apply_plan
+from netslim.train import Schedule, finetune
 from netslim.workflows.api import load_data, load_trained
-from netslim.workflows.compress import Schedule, accuracy, analyse, compress, finetune, machine
+from netslim.workflows.compress import compress
+from netslim.workflows.stages import accuracy, analyse, machine
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -49,7 +51,8 @@ def main() -> None:
     sched = Schedule(args.epochs, args.lr, 128, label_smoothing=0.1)
     tune = calibration_subset(train, args.train_images, seed=1)
 
-    plan10, ctx10, secs10 = analyse(model, arch, full_train, "pfa-kl", None, {}, "cpu", args.calib_images)
+    found10, ctx10, secs10 = analyse(model, arch, full_train, "pfa-kl", None, {}, "cpu", args.calib_images)
+    plan10 = found10.plan
     size10 = plan_size(plan10, ctx10.template())
     base_size = plan_size(ctx10.base_plan("pfa-kl"), ctx10.template())
 

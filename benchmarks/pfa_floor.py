@@ -20,12 +20,14 @@ from pathlib import Path
 
 import torch
 
-from netslim.cost.budget import parse_target
-from netslim.cost.measure import count_params
+from netslim.cost.size import count_params
+from netslim.cost.targets import parse_target
 from netslim.data import calibration_subset
+from netslim.methods import AnalysisCache
 from netslim.surgery.apply import apply_plan
+from netslim.train import Schedule, finetune
 from netslim.workflows.api import load_data, load_trained
-from netslim.workflows.compress import Schedule, accuracy, analyse, finetune, machine, recalibrated_accuracy
+from netslim.workflows.stages import accuracy, analyse, machine, recalibrated_accuracy
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -50,12 +52,13 @@ def main() -> None:
     tune = calibration_subset(train, args.train_images, seed=1)
     sched = Schedule(args.epochs, args.lr, 128)
     target = parse_target(args.target)
-    cache: dict = {}
+    cache = AnalysisCache()
     rows = []
     runs = [("pfa-en", {"min_fraction": float(f)}) for f in args.fractions.split(",")] + [("tp-l1", {})]
     for method, opts in runs:
-        cache.pop("pfa_spectra", None)
-        plan, _, seconds = analyse(model, arch, tune, method, target, opts, "cpu", args.calib, cache=cache)
+        cache.derived.clear()  # PFA's spectra are recomputed in every run (only the statistics pass is shared)
+        found, _, seconds = analyse(model, arch, tune, method, target, opts, "cpu", args.calib, cache=cache)
+        plan = found.plan
         net = apply_plan(copy.deepcopy(model), plan)
         cut = accuracy(net, test, "cpu")
         recal = recalibrated_accuracy(net, tune, test, sched, "cpu")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from netslim.workflows.compress import machine
 from netslim.workflows.export import export_run
+from netslim.workflows.stages import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"

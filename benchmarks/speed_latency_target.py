@@ -21,11 +21,13 @@ from pathlib import Path
 
 import torch
 
-from netslim.cost.budget import parse_target
-from netslim.cost.latency_table import Conditions, interleaved_times, prepare_for, random_input, ratio_of
+from netslim.cost.targets import parse_target
+from netslim.cost.timing import Conditions, interleaved_times, prepare_for, random_input, ratio_of
 from netslim.data import calibration_subset
+from netslim.train import Schedule
 from netslim.workflows.api import load_data, load_trained
-from netslim.workflows.compress import Schedule, compress, machine
+from netslim.workflows.compress import compress
+from netslim.workflows.stages import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

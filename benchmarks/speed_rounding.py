@@ -23,15 +23,15 @@ from pathlib import Path
 
 import torch
 
-from netslim.cost.budget import parse_target
-from netslim.cost.latency_table import interleaved_times, ratio_of
-from netslim.cost.measure import count_flops, count_params
+from netslim.cost.size import count_flops, count_params
+from netslim.cost.targets import parse_target
+from netslim.cost.timing import cpu_threads, interleaved_times, ratio_of
 from netslim.data import calibration_subset
 from netslim.errors import NetslimError
+from netslim.methods import AnalysisCache
 from netslim.surgery.apply import apply_plan
 from netslim.workflows.api import load_data, load_trained
-from netslim.workflows.bench import shared_view
-from netslim.workflows.compress import accuracy, analyse, machine
+from netslim.workflows.stages import accuracy, analyse, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -48,18 +48,16 @@ def run_model(arch: str, train, test, threads: int, calib: int, max_seconds: flo
     base.eval()
     size = (3, 32, 32)
     base_flops, base_params = count_flops(base, size).flops, count_params(base)
-    cache: dict = {}
+    cache = AnalysisCache()  # shared analysis: one statistics pass for every variant
     rows, models, skipped = [], [base], []
     for method, step in VARIANTS:
         t0 = time.perf_counter()
         try:
-            plan, ctx, _ = analyse(base, arch, train, method, target, {"round_to": step}, "cpu", calib,
-                                   cache=shared_view(cache))
+            plan = analyse(base, arch, train, method, target, {"round_to": step}, "cpu", calib, cache=cache)[0].plan
         except NetslimError as e:  # e.g. every width a multiple of 16 cannot go that small
             log(f"{arch} {method} round_to={step}: {e}")
             skipped.append({"method": method, "round_to": step, "error": str(e)})
             continue
-        cache.update(shared_view(ctx.cache))
         small = apply_plan(copy.deepcopy(base), plan).eval()
         widths = sorted(plan.widths().values())
         row = {"method": method, "round_to": step, "flops": count_flops(small, size).flops,
@@ -71,10 +69,8 @@ def run_model(arch: str, train, test, threads: int, calib: int, max_seconds: flo
             f"params {row['params'] / base_params:.3f}, acc after surgery {row['accuracy_after_surgery']:.4f}")
         rows.append(row)
         models.append(small)
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
     timings = []
-    try:
+    with cpu_threads(threads):
         for batch in (1, 64):
             x = torch.randn(batch, *size, generator=torch.Generator().manual_seed(0))
             times = interleaved_times(models, x, min_rounds=7, max_rounds=60, max_seconds=max_seconds)
@@ -88,8 +84,6 @@ def run_model(arch: str, train, test, threads: int, calib: int, max_seconds: flo
                     f"{row[f'batch{batch}']['ms']:.2f} ms, speedup {speedup:.2f}x "
                     f"(÷ FLOP reduction {speedup / row['flop_reduction']:.2f})")
             timings.append({"batch": batch, "base_ms": base_ms, "rounds": len(times[0])})
-    finally:
-        torch.set_num_threads(saved)
     return {"arch": arch, "target": target_text, "base_flops": base_flops, "base_params": base_params,
             "base_accuracy": accuracy(base, test, "cpu"), "timings": timings, "rows": rows, "not_met": skipped}
 

@@ -13,14 +13,14 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from netslim.workflows.compress import machine
+from netslim.cost.timing import calls_per_timing, interleaved_times
+from netslim.workflows.stages import machine
 
 OUT = Path(__file__).parent / "results" / "speed_widths_cpu.json"
 
@@ -28,23 +28,11 @@ OUT = Path(__file__).parent / "results" / "speed_widths_cpu.json"
 def scan(widths: list[int], batch: int, hw: int, cin: int | None, rounds: int) -> dict[int, float]:
     mods = {w: nn.Sequential(nn.Conv2d(cin or w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU()).eval()
             for w in widths}
-    xs = {w: torch.randn(batch, cin or w, hw, hw) for w in widths}
-    times: dict[int, list[float]] = {w: [] for w in widths}
-    with torch.inference_mode():
-        for w in widths:
-            mods[w](xs[w])
-        inner = {}
-        for w in widths:
-            t0 = time.perf_counter()
-            mods[w](xs[w])
-            inner[w] = max(1, int(3e-3 / max(time.perf_counter() - t0, 1e-6)))
-        for r in range(rounds):
-            for w in widths[r % len(widths):] + widths[: r % len(widths)]:
-                t0 = time.perf_counter()
-                for _ in range(inner[w]):
-                    mods[w](xs[w])
-                times[w].append((time.perf_counter() - t0) / inner[w] * 1e3)
-    return {w: statistics.median(t) for w, t in times.items()}
+    xs = [torch.randn(batch, cin or w, hw, hw) for w in widths]
+    models = [mods[w] for w in widths]
+    calls = calls_per_timing(models, xs, seconds=3e-3, most=10**6)
+    times = interleaved_times(models, xs, min_rounds=rounds, max_rounds=rounds, warmup=0, calls=calls)
+    return {w: statistics.median(t) * 1e3 for w, t in zip(widths, times, strict=True)}
 
 
 def block_summary(ms: dict[int, float], block: int) -> dict[str, float]:

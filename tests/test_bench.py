@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import netslim.workflows.bench as bench_mod
-from netslim.cost.budget import parse_target
+from netslim.cost.targets import parse_target
 from netslim.data import load_dataset
-from netslim.workflows.compress import Schedule, finetune
+from netslim.train import Schedule, finetune
 from netslim.zoo import build
 
 torch.set_num_threads(1)
@@ -69,9 +69,17 @@ def test_bench_resumes_after_interruption(trained, tmp_path: Path, monkeypatch: 
 
 
 def test_scoped_options_reach_only_their_method() -> None:
-    from netslim.workflows.bench import method_options
+    from netslim.errors import NetslimError
+    from netslim.workflows.bench import check_options, method_options
 
     opts = {"min_keep": 2, "car.eval_size": 64, "tp_l1.x": 1, "pfa_en.min_keep": 4}
     assert method_options(opts, "car") == {"min_keep": 2, "eval_size": 64}
-    assert method_options(opts, "tp-l1") == {"min_keep": 2, "x": 1}
+    assert method_options(opts, "tp-l1") == {"x": 1}  # tp-l1 declares no min_keep; a scoped key always reaches it
     assert method_options(opts, "pfa-en") == {"min_keep": 4}
+    with pytest.raises(NetslimError, match="unknown option 'x' for tp-l1"):
+        check_options(opts, ["car", "tp-l1", "pfa-en"])
+    with pytest.raises(NetslimError, match="not a benched method"):
+        check_options({"car.eval_size": 64}, ["pfa-en"])
+    with pytest.raises(NetslimError, match="no benched method declares it"):
+        check_options({"enrgy": 0.5}, ["pfa-kl", "pfa-en"])
+    check_options({"energy": "0.5", "round_to": "8"}, ["pfa-kl", "pfa-en", "tp-l1"])  # each takes what it declares

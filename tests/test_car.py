@@ -38,7 +38,7 @@ def _self_labelled(model: nn.Module, n: int, shape: tuple[int, ...]) -> tuple[to
 def trained() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """A small CNN trained briefly on the embedded digits, and 96 of its training images (normalised)."""
     from netslim.data import batches, calibration_subset, load_dataset
-    from netslim.workflows.compress import Schedule, finetune
+    from netslim.train import Schedule, finetune
 
     torch.manual_seed(0)
     train = load_dataset("digits", "train")
@@ -186,44 +186,47 @@ def test_accuracy_floor_stops_early(small: nn.Module, trained: tuple) -> None:
 
 def _context(model: nn.Module, options: dict) -> tuple:
     from netslim.data import load_dataset
-    from netslim.workflows.compress import analyse
+    from netslim.workflows.stages import analyse
 
     return analyse(copy.deepcopy(model), "small_cnn", load_dataset("digits", "train"), "car", None, options, "cpu")
 
 
 def test_method_plan_report_and_classwise(tmp_path, trained: tuple) -> None:
-    plan, ctx, _ = _context(trained[0], {"layers": "features.0,features.4", "eval_size": 200, "per_step": 4,
+    result, _, _ = _context(trained[0], {"layers": "features.0,features.4", "eval_size": 200, "per_step": 4,
                              "keep_fraction": 0.5, "classwise": True})
+    plan = result.plan
     assert len(plan.keep["features.0"]) == 8 and len(plan.keep["features.4"]) == 16
     assert "features.8" not in plan.keep and plan.meta["per_step"] == 4 and plan.meta["eval_images"] == 200
-    runs: list[GreedyRun] = ctx.cache["car_runs"]
+    runs: list[GreedyRun] = result.evidence["car_runs"]
     assert [r.root for r in runs] == ["features.0", "features.4"]
     assert len(runs[0].classwise) == 16 and len(runs[0].classwise[0]) == 10
-    report = ctx.cache["report"][0]
+    report = result.report[0]
     assert "re-ranked every 4 removals" in report and "evals/s" in report and "Class-wise CAR" in report
-    for name, writer in ctx.cache["artifacts"].items():
+    for name, writer in result.artifacts.items():
         writer(tmp_path / name)
         assert (tmp_path / name).stat().st_size > 0
     assert {"car_curve.png", "car_classwise.png", "car.json"} <= {p.name for p in tmp_path.iterdir()}
 
 
 def test_method_errors(trained: tuple) -> None:
-    with pytest.raises(NetslimError, match="--layers"):
+    with pytest.raises(NetslimError, match="option layers"):
         _context(trained[0], {"layers": "features.99", "eval_size": 50})
-    with pytest.raises(NetslimError, match="--layers"):
+    with pytest.raises(NetslimError, match="option layers"):
         _context(trained[0], {"layers": "classifier", "eval_size": 50})
-    with pytest.raises(NetslimError, match="per-step"):
+    with pytest.raises(NetslimError, match="per_step"):
         _context(trained[0], {"layers": "features.0", "eval_size": 50, "per_step": 0})
 
 
 def test_global_target_bisects_one_fraction(trained: tuple) -> None:
-    from netslim.cost.budget import parse_target, plan_size
+    from netslim.cost.size import plan_size
+    from netslim.cost.targets import parse_target
     from netslim.data import load_dataset
-    from netslim.workflows.compress import analyse
+    from netslim.workflows.stages import analyse
 
     train = load_dataset("digits", "train")
-    plan, ctx, _ = analyse(copy.deepcopy(trained[0]), "small_cnn", train, "car", parse_target("params=0.8"),
-                           {"layers": "features.4,features.8", "eval_size": 64, "per_step": 8}, "cpu")
+    result, ctx, _ = analyse(copy.deepcopy(trained[0]), "small_cnn", train, "car", parse_target("params=0.8"),
+                             {"layers": "features.4,features.8", "eval_size": 64, "per_step": 8}, "cpu")
+    plan = result.plan
     base = plan_size(ctx.base_plan("car"), ctx.template())["params"]
     assert plan_size(plan, ctx.template())["params"] <= 0.8 * base
     assert set(plan.keep) == {"features.4", "features.8"} and plan.meta["target"] == "params=0.8"

@@ -10,15 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from netslim.cost.budget import Target, bisect, parse_target
-from netslim.cost.latency_table import (
-    Conditions,
-    LatencyTable,
-    compare_speed,
-    latency_rows,
-    network_units,
-    round_to_default,
-)
+from netslim.cost import targets, timing
+from netslim.cost.latency_table import TABLE_VERSION, LatencyTable, round_to_default
+from netslim.cost.targets import Target, bisect, latency_bisect, parse_target
+from netslim.cost.timing import Conditions, compare_speed, cpu_threads, interleaved_times, latency_rows
+from netslim.cost.units import network_units
 from netslim.errors import NetslimError
 from netslim.methods import Context
 from netslim.methods.common.ranking import plan_from_widths, uniform_widths
@@ -34,6 +30,25 @@ def test_conditions_key_names_device_torch_threads_batch() -> None:
     assert Conditions.make("cpu", 1, 1).key() != Conditions.make("cpu", 64, 1).key()
     with pytest.raises(NetslimError):
         Conditions.make("cpu", batch=0)
+
+
+def test_cpu_threads_restores_the_count() -> None:
+    before = torch.get_num_threads()
+    with cpu_threads(3) as n:
+        assert n == torch.get_num_threads() == 3
+        with cpu_threads(None) as inner:
+            assert inner == 3
+    assert torch.get_num_threads() == before
+
+
+def test_interleaved_times_per_model_inputs_calls_and_budget() -> None:
+    models = [nn.Linear(4, 4), nn.Linear(8, 2)]
+    xs = [torch.randn(2, 4), torch.randn(2, 8)]
+    times = interleaved_times(models, xs, min_rounds=3, max_rounds=3, calls=[5, 1])
+    assert [len(t) for t in times] == [3, 3] and all(s > 0 for t in times for s in t)
+    (one,) = interleaved_times(models[:1], xs[0], min_rounds=1, max_rounds=1000, max_seconds=0.0,
+                               warmup_in_budget=True)
+    assert len(one) == 1  # the budget (warm-up included) is spent after the first timing
 
 
 def test_round_to_default_per_device() -> None:
@@ -62,6 +77,7 @@ def test_table_is_cached_on_disk_and_reused(tmp_path: Path) -> None:
         units = network_units(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                                             nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)), (3, 8, 8))
     table = LatencyTable(cond, tmp_path, budget_s=0.05)
+    assert table.path.name == f"{cond.key()}-v{TABLE_VERSION}.json"  # the name tables were cached under
     first = table.predict(units)
     assert first > 0 and table.measured == 3
     table.save()
@@ -112,8 +128,6 @@ def test_latency_search_times_its_result(ctx: Context, tmp_path: Path) -> None:
         return plan_from_widths(ctx, "uniform", scores, uniform_widths(groups, r), {"ratio": round(r, 6)})
 
     target = Target("latency", 0.5, batch=8, threads=1)
-    from netslim.cost.latency_table import latency_bisect
-
     plan = latency_bisect(make, target, ctx.template(), 0.0, 1.0, timings=3, cache_dir=tmp_path,
                           seconds_per_timing=1.0)
     lat = plan.meta["latency"]
@@ -158,12 +172,11 @@ def test_cli_sets_round_to_per_device_and_the_latency_batch() -> None:
 
 def test_pipeline_reports_speed_of_base_and_result_timed_together(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    import netslim.cost.latency_table as lt
     from netslim.data import load_dataset
     from netslim.workflows.compress import compress
 
-    timed = lt.interleaved_times
-    monkeypatch.setattr(lt, "interleaved_times", lambda *a, **k: timed(*a, **(k | {"max_seconds": 0.3})))
+    timed = timing.interleaved_times
+    monkeypatch.setattr(timing, "interleaved_times", lambda *a, **k: timed(*a, **(k | {"max_seconds": 0.3})))
 
     train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
     res = compress(build("small_cnn", 10, 1), "small_cnn", train, test, method="l1", target=Target("params", 0.3),
@@ -200,15 +213,14 @@ class FakeLatency:
 @pytest.mark.parametrize("fraction", [0.5, 0.2, 0.9])
 def test_latency_search_corrects_a_wrong_prediction_with_few_timings(fraction: float,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    import netslim.cost.latency_table as lt
     from netslim.plan import Plan
 
     fake = FakeLatency()
-    monkeypatch.setattr(lt, "LatencyModel", lambda *a, **k: fake)
+    monkeypatch.setattr(targets, "LatencyModel", lambda *a, **k: fake)
 
     def make(k: float) -> Plan:
         return Plan("x", 10, keep={"layer": list(range(max(1, round(k * 10000))))}, meta={"knob": k})
 
-    plan = lt.latency_bisect(make, Target("latency", fraction), object(), 0.0, 1.0)
-    assert abs(plan.meta["latency"]["measured_ratio"] - fraction) <= lt.TOLERANCE * fraction
+    plan = latency_bisect(make, Target("latency", fraction), object(), 0.0, 1.0)
+    assert abs(plan.meta["latency"]["measured_ratio"] - fraction) <= targets.TOLERANCE * fraction
     assert len(fake.timed) <= 8

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netslim.cost.budget import Target
+from netslim.cost.targets import Target
 from netslim.data import batches, load_dataset
 from netslim.errors import NetslimError
 from netslim.methods.lda.core import (
@@ -22,7 +22,7 @@ from netslim.methods.lda.core import (
     predecision_moments,
     ranking,
 )
-from netslim.methods.lda.loop import compose, threshold_keep
+from netslim.methods.lda.step import compose, threshold_keep
 from netslim.methods.lda.trace import trace
 from netslim.plan import Plan
 from netslim.probe import LayerStats
@@ -264,7 +264,7 @@ def test_removing_a_filter_removes_the_matching_input_channel_downstream() -> No
 def test_bias_correction_keeps_mean_logits_and_replaces_dropped_neurons_by_their_mean() -> None:
     from netslim.data import ImageSet
     from netslim.methods.lda.core import predecision_features
-    from netslim.methods.lda.loop import _mean_logits, match_mean_logits
+    from netslim.methods.lda.step import match_mean_logits, mean_logits
 
     base = Chain().eval()
     g = torch.Generator().manual_seed(0)
@@ -272,7 +272,7 @@ def test_bias_correction_keeps_mean_logits_and_replaces_dropped_neurons_by_their
                     ["a"], (0.5,) * 3, (0.25,) * 3)
     feats, _ = predecision_features(base, batches(data, 16), "classifier")
     mean = feats.double().mean(0)
-    target = _mean_logits(base, "classifier", mean)
+    target = mean_logits(base, "classifier", mean)
     keep = [1, 2, 4]  # a cut of the pre-decision layer alone: the kept neurons do not change
     top = apply_plan(copy.deepcopy(base), Plan(arch="chain", num_classes=4, input_size=(3, 8, 8),
                                                keep={"features.3": keep}))
@@ -309,7 +309,7 @@ FAST = {"ft_epochs": 0, "trace_images": 4, "verbose": False}
 
 @pytest.fixture(scope="module")
 def digits_net() -> tuple[nn.Module, object, object]:
-    from netslim.workflows.compress import Schedule, finetune
+    from netslim.train import Schedule, finetune
     from netslim.zoo import build
 
     torch.manual_seed(0)
@@ -384,7 +384,7 @@ def test_cli_min_accuracy_reaches_the_method(digits_net: tuple, tmp_path: Path) 
     weights = tmp_path / "base.safetensors"
     save_model(weights, net, Plan(arch="small_cnn", num_classes=10, input_size=(1, 16, 16)))
     res = CliRunner().invoke(app, ["compress", "--weights", str(weights), "--data", "digits", "--method", "lda",
-                                   "--min-accuracy", "0.5", "--opt", "max_iters=1", "--opt", "ft_epochs=0",
+                                   "--opt", "min_accuracy=0.5", "--opt", "max_iters=1", "--opt", "ft_epochs=0",
                                    "--opt", "verbose=false", "--calib-size", "300", "--no-latency",
                                    "--out", str(tmp_path / "run"), "--json"])
     assert res.exit_code == 0, res.stderr
@@ -393,10 +393,10 @@ def test_cli_min_accuracy_reaches_the_method(digits_net: tuple, tmp_path: Path) 
 
 
 def test_bad_inputs_are_clear_errors(digits_net: tuple) -> None:
-    from netslim.workflows.compress import analyse
+    from netslim.workflows.stages import analyse
 
     net, train, _ = digits_net
-    for opts, message in (({"min_accuracy": 1.5}, "min-accuracy"), ({"fisher": "full"}, "fisher"),
+    for opts, message in (({"min_accuracy": 1.5}, "min_accuracy"), ({"fisher": "full"}, "fisher"),
                           ({"min_accuracy": 1.0}, "already below"), ({"select": "any"}, "select"),
                           ({"patience": -1}, "patience")):
         with pytest.raises(NetslimError, match=message):
@@ -406,7 +406,8 @@ def test_bad_inputs_are_clear_errors(digits_net: tuple) -> None:
 def test_residual_groups_combine_member_utilities_by_max() -> None:
     from netslim.data import ImageSet
     from netslim.methods.base import Context
-    from netslim.methods.lda.loop import LoopOptions, analyse_model, plan_at, validate
+    from netslim.methods.lda.loop import LoopOptions, validate
+    from netslim.methods.lda.step import analyse_model, plan_at
     from netslim.zoo import build
 
     g = torch.Generator().manual_seed(0)
@@ -434,7 +435,7 @@ def test_residual_groups_combine_member_utilities_by_max() -> None:
 
 def test_a_fine_tuning_round_that_hurts_is_undone(digits_net: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
     import netslim.methods.lda.loop as loop
-    from netslim.workflows.compress import analyse
+    from netslim.workflows.stages import analyse
 
     def ruin(model: nn.Module, *_args, **_kw) -> list[dict]:
         with torch.no_grad():
@@ -445,12 +446,12 @@ def test_a_fine_tuning_round_that_hurts_is_undone(digits_net: tuple, monkeypatch
     monkeypatch.setattr(loop, "finetune_round", ruin)
     net, train, _ = digits_net
     opts = {**FAST, "max_iters": 1, "eta_start": 0.2, "max_drop": 0.5}
-    plan, ctx, _ = analyse(copy.deepcopy(net), "small_cnn", train, "lda", None, opts, "cpu", 400)
-    it = plan.meta["iterations"][1]
+    result, _, _ = analyse(copy.deepcopy(net), "small_cnn", train, "lda", None, opts, "cpu", 400)
+    it = result.plan.meta["iterations"][1]
     assert it["val"] == it["val_cut"] > 0.5  # the repaired cut was kept, not the ruined network
-    assert any(float(p.detach().abs().sum()) > 0 for p in ctx.cache["model"].parameters())
+    assert any(float(p.detach().abs().sum()) > 0 for p in result.model.parameters())
     undone = analyse(copy.deepcopy(net), "small_cnn", train, "lda", None, {**opts, "keep_unless_better": False},
-                     "cpu", 400)[0].meta["iterations"]
+                     "cpu", 400)[0].plan.meta["iterations"]
     assert len(undone) == 2 and undone[1]["val"] < 0.2
 
 
@@ -458,12 +459,13 @@ def test_given_validation_images_decide_and_the_training_split_stays_whole(digit
     """--val-from test: a model trained on its whole training split is judged on images it has not seen,
     and nothing is held out of the training images (fine-tuning and calibration see all of them)."""
     from netslim.data import split_holdout
-    from netslim.workflows.compress import accuracy, analyse
+    from netslim.workflows.stages import accuracy, analyse
 
     net, train, test = digits_net
     val, _ = split_holdout(test, 0.5, seed=0)
     opts = {"max_iters": 1, "eta_start": 0.4, "ft_epochs": 0, "trace_images": 4, "max_drop": 0.3, "verbose": False}
-    plan, ctx, _ = analyse(copy.deepcopy(net), "small_cnn", train, "lda", None, opts, "cpu", 200, val=val)
+    result, ctx, _ = analyse(copy.deepcopy(net), "small_cnn", train, "lda", None, opts, "cpu", 200, val=val)
+    plan = result.plan
     assert ctx.val is val and len(ctx.train) == len(train)
     assert plan.meta["iterations"][0]["val"] == pytest.approx(accuracy(net, val, "cpu"))
     held, _ = split_holdout(train, 0.1, seed=0)
@@ -474,7 +476,7 @@ def test_given_validation_images_decide_and_the_training_split_stays_whole(digit
 def test_rounds_distil_from_the_unpruned_network(digits_net: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
     """ft_distill > 0: every round gets the unpruned network as its teacher, with the loop's weight."""
     import netslim.methods.lda.loop as loop
-    from netslim.workflows.compress import analyse
+    from netslim.workflows.stages import analyse
 
     seen: list[tuple] = []
     real = loop.finetune_round
@@ -486,7 +488,7 @@ def test_rounds_distil_from_the_unpruned_network(digits_net: tuple, monkeypatch:
     monkeypatch.setattr(loop, "finetune_round", spy)
     net, train, _ = digits_net
     opts = {**FAST, "max_iters": 1, "eta_start": 0.2, "max_drop": 0.5, "ft_epochs": 1, "ft_distill": 0.6}
-    plan, _, _ = analyse(copy.deepcopy(net), "small_cnn", train, "lda", None, opts, "cpu", 400)
+    plan = analyse(copy.deepcopy(net), "small_cnn", train, "lda", None, opts, "cpu", 400)[0].plan
     (teacher, weight, temperature), = seen
     assert weight == 0.6 and temperature == 4.0 and plan.meta["options"]["ft_distill"] == 0.6
     from netslim.data import batches

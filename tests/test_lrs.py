@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from netslim.cost.budget import Target, plan_size, stored_params
+from netslim.cost.size import plan_size, stored_params
+from netslim.cost.targets import Target
 from netslim.errors import NetslimError
-from netslim.methods.lrs.core import original_moments, patches
+from netslim.methods.lrs.moments import original_moments, patches
 from netslim.methods.lrs.solver import allocate, decompose, lowrank_curve, weighted_error
 from netslim.plan import Plan
 from netslim.surgery.checkpoint import load_model, save_model
@@ -210,15 +211,15 @@ def test_moments_are_those_of_the_patches() -> None:
 
 
 def _compress(model, train, options, target=None):
-    from netslim.workflows.compress import analyse
+    from netslim.workflows.stages import analyse
 
     return analyse(model, "small_cnn", train, "lrs", target, options, "cpu", calib_size=200)
 
 
 def test_method_fills_the_model_and_checkpoint_reloads_it(tmp_path) -> None:
     model, train = _small_setup()
-    plan, ctx, _ = _compress(model, train, {"rank_ratio": 0.25, "sparsity": 0.8, "images": 64})
-    small = ctx.cache["model"]
+    result, ctx, _ = _compress(model, train, {"rank_ratio": 0.25, "sparsity": 0.8, "images": 64})
+    plan, small = result.plan, result.model
     assert set(plan.factorize) == {"features.0", "features.4", "features.8"}
     for name, entry in plan.factorize.items():
         layer = small.get_submodule(name)
@@ -233,13 +234,14 @@ def test_method_fills_the_model_and_checkpoint_reloads_it(tmp_path) -> None:
         assert torch.equal(again(x), small.eval()(x))
     rows = plan.meta["layers"]
     assert all(r["feature_error"] < 1.0 and r["bytes"] < r["dense_bytes"] for r in rows)
-    assert "GreBdec" in ctx.cache["report"][0]
+    assert "GreBdec" in result.report[0]
 
 
 def test_target_is_met_and_split_by_error() -> None:
     model, train = _small_setup()
-    plan, ctx, _ = _compress(model, train, {"images": 64}, Target("params", 0.4))
-    assert stored_params(ctx.cache["model"]) <= 0.4 * stored_params(model)
+    result, _, _ = _compress(model, train, {"images": 64}, Target("params", 0.4))
+    plan = result.plan
+    assert stored_params(result.model) <= 0.4 * stored_params(model)
     ranks = {n: e["rank"] for n, e in plan.factorize.items()}
     assert ranks and all(r >= 1 for r in ranks.values())
 
@@ -249,8 +251,9 @@ def test_compressed_inputs_fit_each_layer_to_what_the_compressed_network_feeds_i
 
     model, train = _small_setup()
     opts = {"rank_ratio": 0.25, "sparsity": 0.9, "images": 48}
-    _, ctx_orig, _ = _compress(model, train, opts)
-    plan, ctx, _ = _compress(model, train, opts | {"inputs": "compressed"})
+    orig = _compress(model, train, opts)[0]
+    chained = _compress(model, train, opts | {"inputs": "compressed"})[0]
+    plan = chained.plan
     rows = {r["layer"]: r for r in plan.meta["layers"]}
     assert "feature_error_chained" in rows["features.8"] and "feature_error_chained" not in rows["features.0"]
     # judged on what the compressed network really computes, the chained fit is closer to the original output
@@ -260,12 +263,12 @@ def test_compressed_inputs_fit_each_layer_to_what_the_compressed_network_feeds_i
         with torch.no_grad():
             return sum(float((net(x) - model(x)).pow(2).sum()) for x, _ in batches(data, 100))
 
-    assert out_error(ctx.cache["model"]) < out_error(ctx_orig.cache["model"])
+    assert out_error(chained.model) < out_error(orig.model)
 
 
 def test_bad_options_are_clear_errors() -> None:
     model, train = _small_setup()
-    with pytest.raises(NetslimError, match="--rank or --rank-ratio"):
+    with pytest.raises(NetslimError, match="rank or rank_ratio"):
         _compress(model, train, {"rank": 2, "rank_ratio": 0.5})
     with pytest.raises(NetslimError, match="storage target"):
         _compress(model, train, {}, Target("flops", 0.5))
@@ -296,7 +299,7 @@ def test_cli_compress_with_rank_and_sparsity(tmp_path) -> None:
 
     out = tmp_path / "run"
     res = CliRunner().invoke(app, ["compress", "--model", "small_cnn", "--data", "digits", "--method", "lrs",
-                                   "--rank-ratio", "0.25", "--sparsity", "0.9", "--epochs", "1", "--calib-size",
+                                   "--opt", "rank_ratio=0.25", "--opt", "sparsity=0.9", "--epochs", "1", "--calib-size",
                                    "100", "--no-latency", "--out", str(out), "--json"])
     assert res.exit_code == 0, res.stderr
     metrics = json.loads(res.stdout)
@@ -306,6 +309,6 @@ def test_cli_compress_with_rank_and_sparsity(tmp_path) -> None:
     assert plan.method == "lrs" and set(plan.factorize) == {"features.0", "features.4", "features.8"}
     assert "GreBdec" in (out / "report.md").read_text()
     bad = CliRunner().invoke(app, ["compress", "--model", "small_cnn", "--data", "digits", "--method", "lrs",
-                                   "--rank", "2", "--target", "params=0.5", "--no-latency", "--out",
+                                   "--opt", "rank=2", "--target", "params=0.5", "--no-latency", "--out",
                                    str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "--target splits the budget" in bad.stderr

@@ -1,14 +1,21 @@
-"""Counts checked against published numbers and hand arithmetic; latency sanity on CPU."""
+"""Counts checked against published numbers and hand arithmetic; storage of factorized layers; latency sanity on CPU."""
 
 from __future__ import annotations
+
+import copy
+import gc
 
 import pytest
 import torch
 import torchvision
 from torch import nn
 
-from netslim.cost.measure import count_flops, count_params, latency, storage_bytes, summary
+from netslim.cost import size
+from netslim.cost.size import count_flops, count_params, model_size, plan_size, storage_bytes, stored_params
+from netslim.cost.timing import measure_latency
 from netslim.errors import NetslimError
+from netslim.plan import Plan
+from netslim.surgery.factorized import factorize_layers
 
 
 def tiny_vgg() -> nn.Module:
@@ -82,34 +89,76 @@ def test_storage_bytes_dense_and_sparse() -> None:
 
 
 def test_latency_is_positive_and_respects_budget() -> None:
-    rows = latency(tiny_vgg(), (3, 16, 16), batch_sizes=(1, 4), threads=1, warmup=1, repeats=3)
+    rows = measure_latency(tiny_vgg(), (3, 16, 16), batch_sizes=(1, 4), threads=1, warmup=1, repeats=3)
     assert [r["batch"] for r in rows] == [1, 4]
     for row in rows:
         assert row["device"] == "cpu" and row["threads"] == 1 and row["dtype"] == "float32"
         assert 0 < row["p10"] <= row["median_ms"] <= row["p90"]
         assert row["throughput"] == pytest.approx(row["batch"] / row["median_ms"] * 1e3)
         assert row["repeats"] == 3
-    cut = latency(tiny_vgg(), (3, 16, 16), batch_sizes=(2,), warmup=0, repeats=1000, max_seconds=0.0)
+    cut = measure_latency(tiny_vgg(), (3, 16, 16), batch_sizes=(2,), warmup=0, repeats=1000, max_seconds=0.0)
     assert cut[0]["repeats"] == 1
 
 
-def test_summary_combines_everything() -> None:
-    out = summary(tiny_vgg(), (3, 16, 16), latency=True, batch_sizes=(1,), repeats=2, warmup=1, threads=1)
-    assert out["params"] == count_params(tiny_vgg())
-    assert out["flops"] == 2 * out["macs"] > 0
-    assert out["storage_bytes"] > 4 * out["params"] - 1
-    assert len(out["latency"]) == 1 and out["latency"][0]["median_ms"] > 0
-    assert summary(tiny_vgg(), (3, 16, 16), latency=False)["latency"] == []
+def test_model_size_reports_what_is_stored() -> None:
+    model = tiny_vgg()
+    got = model_size(model, (3, 16, 16))
+    assert got["params"] == count_params(model) == stored_params(model)
+    assert (got["flops"], got["macs"]) == tuple(count_flops(model, (3, 16, 16)))
+    assert got["bytes"] == storage_bytes(model) == 4 * got["params"] + 4 * 2 * (8 + 16)  # and BN statistics
+    (row,) = measure_latency(model, (3, 16, 16), batch_sizes=(1,), repeats=2, warmup=1, threads=1)
+    assert row["median_ms"] > 0 and row["repeats"] == 2
+
+
+def lrs_net() -> tuple[nn.Module, nn.Module]:
+    """A small network and a copy with both layers factorized (low rank + sparse)."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+    spec = {"0": {"rank": 2, "nnz": 30, "kind": "conv"}, "3": {"rank": 3, "sparsity": 0.9, "kind": "linear"}}
+    return net, factorize_layers(copy.deepcopy(net), spec)
+
+
+def test_storage_of_factorized_layers_agrees_with_their_stored_values() -> None:
+    net, small = lrs_net()
+    layers = [small[0], small[3]]
+    assert stored_params(small) == sum(lay.stored_params() for lay in layers)  # not their dense masked weight
+    assert storage_bytes(small) == sum(lay.storage_bytes()["total"] for lay in layers)  # values + CSR indices
+    assert storage_bytes(small, bits=8) == sum(lay.storage_bytes(1)["total"] for lay in layers)
+    assert storage_bytes(small) < storage_bytes(net) == 4 * stored_params(net)
+    assert stored_params(layers[0]) == layers[0].stored_params()  # a layer alone counts itself too
+    assert model_size(small, (3, 4, 4))["bytes"] == storage_bytes(small)
+    with torch.device("meta"):
+        meta = copy.deepcopy(small)
+    assert (stored_params(meta), storage_bytes(meta)) == (stored_params(small), storage_bytes(small))
+
+
+def test_plan_sizes_are_cached_per_template_and_forgotten_with_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    plan = Plan("custom", 10, input_size=(3, 16, 16))
+    alive = len(size._SIZES)  # templates of other tests
+    for width in (8, 12, 16):  # templates come and go: a reused id must not return another one's size
+        with torch.device("meta"):
+            template = nn.Sequential(nn.Conv2d(3, width, 3), nn.ReLU(), nn.Flatten(), nn.Linear(width * 14 * 14, 10))
+        assert plan_size(plan, template) == model_size(template, (3, 16, 16))
+        assert template in size._SIZES
+        del template
+        gc.collect()
+        assert len(size._SIZES) == alive
+    monkeypatch.setattr(size, "PLAN_SIZES_KEPT", 2)
+    with torch.device("meta"):
+        template = tiny_vgg()
+    for n in (4, 5, 6):
+        plan_size(Plan("custom", 10, input_size=(3, 16, 16), keep={"0": list(range(n))}), template)
+    assert len(size._SIZES[template]) == 2
+    assert plan_size(Plan("custom", 10, input_size=(3, 16, 16), keep={"0": list(range(4))}), template)["params"] \
+        < plan_size(plan, template)["params"]
 
 
 def test_a_gpu_device_without_a_gpu_is_a_clear_error() -> None:
-    from netslim.cost.measure import measure_latency
-    from netslim.workflows.api import resolve_device
+    from netslim.workflows.api import pick_device
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    assert resolve_device("auto") == "cpu"
+    assert pick_device("auto") == "cpu"
     with pytest.raises(NetslimError, match="no CUDA GPU"):
-        resolve_device("cuda")
+        pick_device("cuda")
     with pytest.raises(NetslimError, match="no CUDA GPU"):
         measure_latency(nn.Linear(2, 2), (2,), device="cuda")

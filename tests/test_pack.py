@@ -131,7 +131,7 @@ def test_quantize_layer_keeps_zeros() -> None:
 def test_mask_fixed_during_finetuning_and_pack_run_dir(tmp_path) -> None:
     from netslim.data import calibration_subset, load_dataset
     from netslim.surgery.checkpoint import save_model
-    from netslim.workflows.compress import Schedule, finetune
+    from netslim.train import Schedule, finetune
     from netslim.workflows.pack import PACKED_NAME, PackConfig, pack_run_dir
 
     torch.manual_seed(0)
@@ -147,7 +147,8 @@ def test_mask_fixed_during_finetuning_and_pack_run_dir(tmp_path) -> None:
     run = tmp_path / "run"
     plan = Plan(arch="small_cnn", num_classes=10, input_size=(1, 16, 16))
     save_model(run / "model.safetensors", model.eval(), plan)
-    cfg = PackConfig(sparsity=0.6, fc_sparsity=0.5, layer_sparsity={"features.0": 0.2}, epochs=1, batch_size=64)
+    cfg = PackConfig(sparsity=0.6, fc_sparsity=0.5, layer_sparsity={"features.0": 0.2},
+                     finetune=Schedule(epochs=1, lr=0.005, batch_size=64))
     metrics = pack_run_dir(run, train, test, cfg, tmp_path / "packed")
     out = tmp_path / "packed"
     assert {p.name for p in out.iterdir()} == {PACKED_NAME, "pack.json", "report.md", "bytes.png"}

@@ -16,7 +16,7 @@ from netslim.methods import Context, get_method
 from netslim.methods.pca.depth import Unit, decide
 from netslim.surgery.apply import apply_plan
 from netslim.surgery.checkpoint import load_model, save_model
-from netslim.workflows.compress import resolve_init
+from netslim.workflows.stages import resolve_init
 from netslim.zoo import build
 
 torch.set_num_threads(1)
@@ -64,7 +64,7 @@ def context(model: nn.Module, arch: str = "custom", n: int = 24, size: int = 8, 
 def test_layer_with_known_rank_gets_that_width() -> None:
     for rank in (1, 2, 3):
         ctx = context(Stack(rank), depth_rule="none")
-        plan = get_method("pca").fn(ctx)
+        plan = get_method("pca").fn(ctx).plan
         assert len(plan.keep["features.0"]) == rank
         assert plan.drop == []
 
@@ -72,7 +72,8 @@ def test_layer_with_known_rank_gets_that_width() -> None:
 def test_later_layers_that_add_no_dimensions_are_dropped() -> None:
     model = Stack(rank=2)
     ctx = context(model)
-    plan = get_method("pca").fn(ctx)
+    result = get_method("pca").fn(ctx)
+    plan = result.plan
     # conv_b's 3x3 window spreads the rank-2 input over 2 x 9 = 18 of its 32 dimensions: kept; conv_c copies them
     # (18 <= 18): dropped;
     # conv_d is the first conv at the pooled resolution: kept whatever its dimensions.
@@ -82,8 +83,8 @@ def test_later_layers_that_add_no_dimensions_are_dropped() -> None:
     small = apply_plan(model, plan)
     assert isinstance(small.features[2], nn.Identity)
     assert small(torch.randn(2, 3, 8, 8)).shape == (2, 2)
-    section = ctx.cache["report"][0]
-    assert "Dropped: features.2" in section and "pca_dims.png" in ctx.cache["artifacts"]
+    section = result.report[0]
+    assert "Dropped: features.2" in section and "pca_dims.png" in result.artifacts
 
 
 def test_depth_rule_on_dimension_sequences() -> None:
@@ -110,7 +111,7 @@ def test_depth_rule_on_dimension_sequences() -> None:
 
 
 def test_round_to_and_bad_options() -> None:
-    plan = get_method("pca").fn(context(Stack(rank=3), depth_rule="none", round_to=8))
+    plan = get_method("pca").fn(context(Stack(rank=3), depth_rule="none", round_to=8)).plan
     assert all(len(k) % 8 == 0 for k in plan.keep.values())
     for bad in ({"variance": 1.5}, {"depth_rule": "shrink"}, {"depth_scope": "block"}, {"depth_threshold": -1}):
         with pytest.raises(NetslimError):
@@ -126,11 +127,12 @@ def test_designed_network_builds_and_runs(arch: str, opts: dict, kind: str, tmp_
     torch.manual_seed(0)
     model = build(arch)
     ctx = context(model, arch, n=12, size=32, **opts)
-    plan = get_method("pca").fn(ctx)
+    result = get_method("pca").fn(ctx)
+    plan = result.plan
     assert plan.meta["structure"] == kind
     assert plan.keep  # some width was cut
     if kind == "width-only":
-        assert plan.drop == [] and "width only" in ctx.cache["report"][0]
+        assert plan.drop == [] and "width only" in result.report[0]
     if kind == "residual":  # blocks with identity shortcuts only; every stage keeps its first block
         assert plan.drop and all(b.split(".")[1] != "0" for b in plan.drop)
     small = apply_plan(build(arch), plan)
@@ -157,7 +159,7 @@ def test_cli_analyze_and_compress(tmp_path: Path) -> None:
 
     runner = CliRunner()
     res = runner.invoke(app, ["analyze", "--model", "small_cnn", "--data", "digits", "--method", "pca",
-                              "--variance", "0.99", "--round-to", "4", "--calib-size", "64",
+                              "--opt", "variance=0.99", "--round-to", "4", "--calib-size", "64",
                               "--out", str(tmp_path / "a"), "--json"])
     assert res.exit_code == 0, res.stderr
     metrics = json.loads(res.stdout)
@@ -173,11 +175,12 @@ def test_cli_analyze_and_compress(tmp_path: Path) -> None:
 
 
 def test_target_bisects_the_variance() -> None:
-    from netslim.cost.budget import Target, plan_size
+    from netslim.cost.size import plan_size
+    from netslim.cost.targets import Target
 
     ctx = context(Stack())
     ctx.target = Target("params", 0.2)
-    plan = get_method("pca").fn(ctx)
+    plan = get_method("pca").fn(ctx).plan
     base = plan_size(ctx.base_plan("pca"), ctx.template())
     assert plan_size(plan, ctx.template())["params"] <= 0.2 * base["params"]
     assert 0 < plan.meta["variance"] < 1 and plan.meta["target"] == "params=0.2"

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from netslim.cost.budget import Target, plan_size
+from netslim.cost.size import plan_size
+from netslim.cost.targets import Target
 from netslim.data import ImageSet
 from netslim.methods import Context, get_method
 from netslim.methods.common.selection import elimination_order, select_filters
@@ -39,7 +40,7 @@ def context(model: nn.Module, data: ImageSet, **options) -> Context:
 
 def test_energy_keeps_the_rank_of_mixed_sources() -> None:
     ctx = context(mixing_net(5, 24), images(400, 5), energy=0.999999, reduce="mean")
-    plan = get_method("pfa-en").fn(ctx)
+    plan = get_method("pfa-en").fn(ctx).plan
     assert plan.widths() == {"0": 5}
 
 
@@ -51,7 +52,7 @@ def test_kl_flat_spectrum_keeps_all_and_rank_one_keeps_one() -> None:
     assert kl_divergence(one) == pytest.approx(math.log(64))
     assert kl_width(one) == 1
     ctx = context(mixing_net(1, 16), images(300, 1), reduce="mean")
-    assert get_method("pfa-kl").fn(ctx).widths() == {"0": 1}
+    assert get_method("pfa-kl").fn(ctx).plan.widths() == {"0": 1}
 
 
 def test_energy_width_counts_eigenvalues() -> None:
@@ -92,7 +93,7 @@ def test_budget_bisection_meets_params_within_one_filter() -> None:
     model = build("resnet20", num_classes=10).eval()
     ctx = context(model, images(300, 3, size=32), reduce="max")
     ctx.target = Target("params", 0.4)
-    plan = get_method("pfa-en").fn(ctx)
+    plan = get_method("pfa-en").fn(ctx).plan
     base = plan_size(ctx.base_plan("pfa-en"), ctx.template())["params"]
     got = plan_size(plan, ctx.template())["params"]
     one_filter = 64 * 9 * 2 + 64 * 9 + 2 + 10  # widest conv: its own kernel, the next layer's inputs, BN, fc
@@ -107,9 +108,9 @@ def test_budget_bisection_meets_params_within_one_filter() -> None:
 def test_floor_keeps_a_fraction_of_every_layer() -> None:
     model, data = mixing_net(3, 32), images(400, 3)
     for fraction, want in ((0.0, 3), (0.25, 8), (0.5, 16)):
-        plan = get_method("pfa-en").fn(context(model, data, energy=0.999999, reduce="mean", min_fraction=fraction))
+        plan = get_method("pfa-en").fn(context(model, data, energy=0.999999, reduce="mean", min_fraction=fraction)).plan
         assert len(plan.keep["0"]) == want
     # the default floor is 1/8 of the width; the paper's rule (no floor) is min_fraction=0
-    assert len(get_method("pfa-en").fn(context(model, data, energy=0.999999, reduce="mean")).keep["0"]) == 4
+    assert len(get_method("pfa-en").fn(context(model, data, energy=0.999999, reduce="mean")).plan.keep["0"]) == 4
     with pytest.raises(Exception, match="min_fraction"):
         get_method("pfa-en").fn(context(model, data, min_fraction=2))

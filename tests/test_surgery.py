@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from netslim.cost.budget import plan_size
+from netslim.cost.size import plan_size
 from netslim.errors import NetslimError
 from netslim.plan import Plan
 from netslim.surgery.apply import apply_plan, find_classifier

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from netslim.errors import NetslimError
-from netslim.train import STATE_JSON, STATE_TENSORS, evaluate, fit, lr_at
+from netslim.train import STATE_JSON, STATE_TENSORS, Schedule, evaluate, fit, lr_at
 from netslim.train.distributed import StridedShard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ def test_fit_learns_a_separable_problem() -> None:
     model = tiny_net()
     val = Batches(*separable(seed=1), 64, shuffle=False)
     before = evaluate(model, val)["accuracy"]
-    history = fit(model, Batches(x, y, 32), epochs=4, lr=0.1, val_batches=val, progress=False)
+    history = fit(model, Batches(x, y, 32), Schedule(epochs=4, lr=0.1), val_batches=val, progress=False)
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     assert set(history[0]) >= {"epoch", "train_loss", "train_acc", "val_acc", "lr", "seconds"}
     assert history[-1]["val_acc"] > max(0.9, before)
@@ -84,10 +84,10 @@ def test_fit_learns_a_separable_problem() -> None:
     assert history[-1]["val_acc"] == pytest.approx(evaluate(model, val)["accuracy"])
 
 
-def _fit4(model: nn.Module, ckpt: Path, **kw) -> list[dict]:
+def _fit4(model: nn.Module, ckpt: Path, epochs: int = 4, batch: int = 32, **kw) -> list[dict]:
     x, y = separable()
-    args = dict(epochs=4, lr=0.05, schedule="onecycle", label_smoothing=0.1, progress=False)
-    return fit(model, Batches(x, y, 32), checkpoint_dir=ckpt, **(args | kw))
+    recipe = Schedule(epochs=epochs, lr=0.05, schedule="onecycle", label_smoothing=0.1)
+    return fit(model, Batches(x, y, batch), recipe, checkpoint_dir=ckpt, progress=False, **kw)
 
 
 def test_resume_after_crash_matches_straight_run(tmp_path: Path) -> None:
@@ -127,14 +127,37 @@ def test_resume_with_other_batch_size_is_refused(tmp_path: Path) -> None:
     _fit4(tiny_net(), tmp_path, epochs=1)
     x, y = separable()
     with pytest.raises(NetslimError, match="steps per epoch"):
-        fit(tiny_net(), Batches(x, y, 64), epochs=2, lr=0.1, checkpoint_dir=tmp_path, resume=True, progress=False)
+        _fit4(tiny_net(), tmp_path, epochs=1, batch=64, resume=True)
+
+
+def test_resume_with_another_recipe_is_refused(tmp_path: Path) -> None:
+    """Only the steps per epoch used to be compared: a 4-epoch onecycle run at lr 0.1 resumed as 8 epochs of
+    constant lr 5 replayed its step on another curve. The whole Schedule is saved and must match."""
+    x, y = separable()
+    saved = Schedule(epochs=4, lr=0.1, schedule="onecycle")
+
+    def stop(record: dict) -> None:
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_net(), Batches(x, y, 32), saved, checkpoint_dir=tmp_path, progress=False, on_epoch=stop)
+    meta = json.loads((tmp_path / STATE_JSON).read_text())
+    assert Schedule(**meta["recipe"]) == saved
+    other = Schedule(epochs=8, lr=5.0, schedule="constant")
+    with pytest.raises(NetslimError, match=r"epochs=4, lr=0\.1, schedule='onecycle'.*epochs=8, lr=5\.0"):
+        fit(tiny_net(), Batches(x, y, 32), other, checkpoint_dir=tmp_path, resume=True, progress=False)
+    with pytest.raises(NetslimError, match=r"momentum=0\.9.*momentum=0\.5"):
+        fit(tiny_net(), Batches(x, y, 32), Schedule(epochs=4, lr=0.1, momentum=0.5), checkpoint_dir=tmp_path,
+            resume=True, progress=False)
+    assert len(fit(tiny_net(), Batches(x, y, 32), saved, checkpoint_dir=tmp_path, resume=True, progress=False)) == 4
 
 
 def test_nan_loss_is_reported_with_epoch_and_step() -> None:
     x, y = separable(64)
     x[40] = float("nan")  # third batch of 16, unshuffled
     with pytest.raises(NetslimError, match=r"loss is NaN at epoch 1 step 3; lower --lr"):
-        fit(tiny_net(), Batches(x, y, 16, shuffle=False), epochs=1, lr=0.1, progress=False)
+        fit(tiny_net(), Batches(x, y, 16, shuffle=False), Schedule(epochs=1, lr=0.1), progress=False)
 
 
 def test_mask_hook_runs_after_every_step() -> None:
@@ -148,19 +171,25 @@ def test_mask_hook_runs_after_every_step() -> None:
             module[0].weight.mul_(mask)
 
     x, y = separable(64)
-    fit(model, Batches(x, y, 16), epochs=2, lr=0.1, mask_hook=keep_sparse, progress=False)
+    fit(model, Batches(x, y, 16), Schedule(epochs=2, lr=0.1), mask_hook=keep_sparse, progress=False)
     assert len(calls) == 8 and calls[0] is model
     assert (model[0].weight[~mask] == 0).all()
 
 
 def test_bad_arguments_are_netslim_errors() -> None:
     x, y = separable(32)
-    with pytest.raises(NetslimError, match="schedule"):
-        fit(tiny_net(), Batches(x, y, 16), epochs=1, lr=0.1, schedule="step", progress=False)
+    with pytest.raises(NetslimError, match="schedule"):  # refused when the recipe is made, before any work
+        Schedule(epochs=1, lr=0.1, schedule="step")
+    for bad, match in [({"epochs": -1}, "epochs"), ({"lr": 0.0}, "learning rate"), ({"batch_size": 0}, "batch size"),
+                       ({"distill": 1.5}, r"\[0, 1\]"), ({"temperature": 0.0}, "temperature")]:
+        with pytest.raises(NetslimError, match=match):
+            Schedule(**({"epochs": 1, "lr": 0.1} | bad))
+    with pytest.raises(NetslimError, match="at least 1"):
+        fit(tiny_net(), Batches(x, y, 16), Schedule(epochs=0, lr=0.1), progress=False)
     with pytest.raises(NetslimError, match="no training batches"):
-        fit(tiny_net(), [], epochs=1, lr=0.1, progress=False)
+        fit(tiny_net(), [], Schedule(epochs=1, lr=0.1), progress=False)
     with pytest.raises(NetslimError, match="checkpoint directory"):
-        fit(tiny_net(), Batches(x, y, 16), epochs=1, lr=0.1, resume=True, progress=False)
+        fit(tiny_net(), Batches(x, y, 16), Schedule(epochs=1, lr=0.1), resume=True, progress=False)
 
 
 def test_evaluate_counts_per_class() -> None:
@@ -209,7 +238,7 @@ WORKER = textwrap.dedent(
     from safetensors.torch import save_file
     from torch import nn
 
-    from netslim.train import evaluate, fit
+    from netslim.train import Schedule, evaluate, fit
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -220,7 +249,8 @@ WORKER = textwrap.dedent(
     batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 96, 16)]
     torch.manual_seed(rank)  # different inits: DDP must broadcast rank 0's
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))
-    fit(model, batches, epochs=1, lr=0.05, val_batches=batches, checkpoint_dir=out / "ckpt", progress=rank == 0)
+    fit(model, batches, Schedule(epochs=1, lr=0.05), val_batches=batches, checkpoint_dir=out / "ckpt",
+        progress=rank == 0)
     acc = evaluate(model, batches)
     assert acc["n"] == 96, acc
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / f"rank{rank}.safetensors"))
@@ -266,16 +296,14 @@ def test_distillation_from_labels_alone_is_impossible_but_the_teacher_teaches() 
     the teacher (and so be right), where the same run on the labels learns the wrong classes."""
     x, y = separable()
     teacher = tiny_net(seed=1)
-    fit(teacher, Batches(x, y, 32), epochs=4, lr=0.1, progress=False)
+    fit(teacher, Batches(x, y, 32), Schedule(epochs=4, lr=0.1), progress=False)
     val = Batches(*separable(seed=1), 64, shuffle=False)
     assert evaluate(teacher, val)["accuracy"] > 0.9
     wrong = (y + 1) % 3
     taught, plain = tiny_net(seed=2), tiny_net(seed=2)
-    fit(taught, Batches(x, wrong, 32), epochs=4, lr=0.1, progress=False, teacher=teacher, distill=1.0)
-    fit(plain, Batches(x, wrong, 32), epochs=4, lr=0.1, progress=False)
+    fit(taught, Batches(x, wrong, 32), Schedule(epochs=4, lr=0.1, distill=1.0), progress=False, teacher=teacher)
+    fit(plain, Batches(x, wrong, 32), Schedule(epochs=4, lr=0.1), progress=False)
     assert evaluate(taught, val)["accuracy"] > 0.9
     assert evaluate(plain, val)["accuracy"] < 0.1
     with pytest.raises(NetslimError, match="teacher"):
-        fit(tiny_net(), Batches(x, y, 32), epochs=1, lr=0.1, progress=False, distill=0.5)
-    with pytest.raises(NetslimError, match=r"\[0, 1\]"):
-        fit(tiny_net(), Batches(x, y, 32), epochs=1, lr=0.1, progress=False, teacher=teacher, distill=1.5)
+        fit(tiny_net(), Batches(x, y, 32), Schedule(epochs=1, lr=0.1, distill=0.5), progress=False)

@@ -6,11 +6,12 @@ import pytest
 import torch
 from conftest import shared_path
 
-from netslim.cost.budget import parse_target
+from netslim.cost.targets import parse_target
 from netslim.data import calibration_subset
 from netslim.surgery.checkpoint import load_model
 from netslim.workflows.api import load_data, load_trained
-from netslim.workflows.compress import accuracy, compress
+from netslim.workflows.compress import compress
+from netslim.workflows.stages import accuracy
 
 torch.set_num_threads(2)
 

@@ -1,18 +1,24 @@
-"""What every method receives and the registry the CLI and benchmarks pick methods from."""
+"""What every method receives (Context), what it returns (MethodResult), and the registry it joins.
+
+The registry is filled by importing netslim.methods, which also looks methods up (get_method); this
+module imports no method, so a method can import it without a cycle.
+"""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from netslim.cost.budget import Target
+from netslim.cost.targets import Target
 from netslim.data import ImageSet
 from netslim.errors import NetslimError
+from netslim.methods.common.fields import Mismatch, convert, hints
 from netslim.plan import Plan
 from netslim.probe import LayerStats
 from netslim.surgery.apply import find_classifier
@@ -23,7 +29,8 @@ from netslim.surgery.graph import ChannelGroup, channel_groups
 class AnalysisCache:
     """Analysis shared by every method run on one model and calibration set (bench runs several).
 
-    Only what does not depend on a method's options lives here; a method's own output is its MethodResult.
+    Only what does not depend on a method's options lives here, or is keyed by the options it depends on
+    (e.g. derived["pfa:spectra:max:l1-max"]); a method's own output is its MethodResult.
     """
 
     groups: list[ChannelGroup] | None = None  # coupled channel groups of the model
@@ -33,6 +40,9 @@ class AnalysisCache:
     derived: dict[str, Any] = field(default_factory=dict)  # reusable results computed from the statistics, by name
 
 
+Artifacts = dict[str, Callable[[Path], None]]  # file name -> writer(path) of a file the method adds to a run
+
+
 @dataclass
 class MethodResult:
     """What a method hands back: the Plan, and optionally a network it fitted itself plus its evidence."""
@@ -40,8 +50,50 @@ class MethodResult:
     plan: Plan
     model: nn.Module | None = None  # a network of the Plan's shape with weights the method fitted (lda, lrs)
     report: list[str] = field(default_factory=list)  # markdown sections for report.md
-    artifacts: dict[str, Callable[[Path], None]] = field(default_factory=dict)  # file name -> writer(path)
+    artifacts: Artifacts = field(default_factory=dict)  # file name -> writer(path)
     evidence: dict[str, Any] = field(default_factory=dict)  # method-specific data for scripts (e.g. CAR's curves)
+
+
+@dataclass
+class MethodOptions:
+    """Options every method accepts; each method declares its own in a dataclass extending this one.
+
+    Declared, typed and range-checked in one place so that a typo or a bad value is refused before any
+    analysis runs, and `netslim methods NAME` can list them. Every field has a default and a one-line help.
+    """
+
+    round_to: int = field(default=1, metadata={"help": "round kept widths to a multiple of this (the CLI's "
+                                                        "--round-to; default there 8 on CUDA, 1 on CPU)"})
+    init: str | None = field(default=None, metadata={"help": "bench: weights after surgery, fine | inherit | "
+                                                             "scratch (default: the method's)"})
+
+    def __post_init__(self) -> None:
+        if self.round_to < 1:
+            raise NetslimError(f"option round_to must be at least 1, not {self.round_to}")
+        if self.init is not None and self.init not in ("fine", "inherit", "scratch"):
+            raise NetslimError(f"option init must be fine, inherit or scratch, not {self.init!r}")
+
+
+def parse_options(cls: type[MethodOptions], options: dict[str, Any], owner: str) -> MethodOptions:
+    """An instance of `cls` from user options: keys declared, values converted ("0.5" -> 0.5) and range-checked.
+
+    `owner` (a method name) only words the errors. A None value means the field's default."""
+    declared = hints(cls)
+    values: dict[str, Any] = {}
+    for key, value in options.items():
+        name = str(key).replace("-", "_")
+        if name not in declared:
+            raise NetslimError(f"unknown option {key!r} for {owner}; valid keys: {', '.join(sorted(declared))}")
+        if value is None:
+            continue
+        try:
+            values[name] = convert(value, declared[name])
+        except Mismatch as e:
+            raise NetslimError(f"option {name} for {owner}: expected {e}, not {value!r}") from None
+    try:
+        return cls(**values)
+    except NetslimError as e:
+        raise NetslimError(f"{owner}: {e}") from None
 
 
 @dataclass
@@ -60,10 +112,11 @@ class Context:
     train: ImageSet | None = None
     val: ImageSet | None = None
     target: Target | None = None
-    options: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # as the user gave them
+    opts: MethodOptions | None = None  # validated, set when a registered method runs on this Context
     device: str = "cpu"
     batch_size: int = 256
-    cache: dict[str, Any] = field(default_factory=dict)  # shared analysis results (bench)
+    cache: AnalysisCache = field(default_factory=AnalysisCache)  # shared analysis (bench shares it between methods)
 
     @property
     def classifier(self) -> str:
@@ -74,49 +127,59 @@ class Context:
         return torch.zeros(1, *self.input_size, device=p.device, dtype=p.dtype)
 
     def groups(self) -> list[ChannelGroup]:
-        if "groups" not in self.cache:
-            self.cache["groups"] = channel_groups(self.model, self.example(), self.classifier)
-        return self.cache["groups"]
+        if self.cache.groups is None:
+            self.cache.groups = channel_groups(self.model, self.example(), self.classifier)
+        return self.cache.groups
 
     def template(self) -> nn.Module:
         """A weightless (meta) copy of the model, to size candidate Plans."""
-        if "template" not in self.cache:
-            from netslim.cost.budget import meta_template
+        if self.cache.template is None:
+            from netslim.cost.size import meta_template
 
-            self.cache["template"] = meta_template(self.model)
-        return self.cache["template"]
+            self.cache.template = meta_template(self.model)
+        return self.cache.template
 
     def base_plan(self, method: str) -> Plan:
         return Plan(arch=self.arch, num_classes=self.num_classes, input_size=self.input_size, method=method)
 
     def option(self, name: str, default: Any) -> Any:
-        value = self.options.get(name)
+        """A declared option's value; `default` only where the field is None (e.g. a device-dependent default).
+
+        An undeclared name raises: an option a method reads but does not declare could never be set."""
+        if self.opts is None:  # a Context used outside a method run: only the options every method has
+            self.opts = parse_options(MethodOptions, self.options, "this context")
+        if name not in {f.name for f in fields(self.opts)}:
+            raise LookupError(f"{type(self.opts).__name__} declares no option {name!r}; declare it there")
+        value = getattr(self.opts, name)
         return default if value is None else value
 
 
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    fn: Callable[[Context], Plan]
+    fn: Callable[[Context], MethodResult]
     summary: str
     needs_labels: bool = False
     retrain: str = "finetune"  # or "scratch": what the method's paper does after surgery
+    options: type[MethodOptions] = MethodOptions  # the options it declares (netslim methods NAME lists them)
 
 
 REGISTRY: dict[str, MethodSpec] = {}
 
 
-def register(name: str, summary: str, needs_labels: bool = False, retrain: str = "finetune") -> Callable:
-    def wrap(fn: Callable[[Context], Plan]) -> Callable[[Context], Plan]:
-        REGISTRY[name] = MethodSpec(name, fn, summary, needs_labels, retrain)
-        return fn
+def register(name: str, summary: str, needs_labels: bool = False, retrain: str = "finetune",
+             options: type[MethodOptions] = MethodOptions) -> Callable:
+    """Add a method to the registry; calling it validates the Context's options against `options` first,
+    so every way in (CLI, Python API, a test calling the function) refuses an unknown key or a bad value."""
+
+    def wrap(fn: Callable[[Context], MethodResult]) -> Callable[[Context], MethodResult]:
+        @functools.wraps(fn)
+        def run(ctx: Context) -> MethodResult:
+            if type(ctx.opts) is not options:
+                ctx.opts = parse_options(options, ctx.options, name)
+            return fn(ctx)
+
+        REGISTRY[name] = MethodSpec(name, run, summary, needs_labels, retrain, options)
+        return run
 
     return wrap
-
-
-def get_method(name: str) -> MethodSpec:
-    import netslim.methods  # noqa: F401  (fills the registry)
-
-    if name not in REGISTRY:
-        raise NetslimError(f"unknown method {name!r}; choose from {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name]

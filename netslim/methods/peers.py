@@ -6,15 +6,46 @@ fine-tuning pipeline, so a comparison differs only in which channels are kept.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch_pruning as tp
 from torch import nn
 
 from netslim.data import batches
 from netslim.errors import NetslimError
-from netslim.methods.base import Context, register
+from netslim.methods.base import Context, MethodOptions, MethodResult, register
 from netslim.methods.common.ranking import uniform_plan
 from netslim.surgery.graph import build_graph
+
+
+@dataclass
+class UniformOptions(MethodOptions):
+    """One kept fraction for every layer: `ratio`, or bisected to --target."""
+
+    ratio: float = field(default=0.5, metadata={"help": "fraction of every layer's channels kept, in (0, 1] "
+                                                        "(without --target)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.ratio <= 1:
+            raise NetslimError(f"option ratio must be in (0, 1], not {self.ratio}")
+
+
+@dataclass
+class RandomOptions(UniformOptions):
+    seed: int = field(default=0, metadata={"help": "seed of the random scores"})
+
+
+@dataclass
+class TaylorOptions(UniformOptions):
+    taylor_images: int = field(default=2048, metadata={"help": "labelled calibration images the gradients "
+                                                                "are accumulated over"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.taylor_images < 1:
+            raise NetslimError(f"option taylor_images must be at least 1, not {self.taylor_images}")
 
 
 def _tp_scores(ctx: Context, importance: tp.importance.Importance) -> dict[str, torch.Tensor]:
@@ -59,22 +90,24 @@ def _taylor(ctx: Context) -> dict[str, torch.Tensor]:
     return scores
 
 
-@register("l1", "L1 weight magnitude per filter (torch-pruning), one uniform ratio meeting the target")
-def l1(ctx: Context):
-    return uniform_plan(ctx, "l1", _l1)
+@register("l1", "L1 weight magnitude per filter (torch-pruning), one uniform ratio meeting the target",
+          options=UniformOptions)
+def l1(ctx: Context) -> MethodResult:
+    return MethodResult(uniform_plan(ctx, "l1", _l1))
 
 
-@register("tp-l1", "torch-pruning GroupMagnitudeImportance(p=1), uniform ratio (peer baseline)")
-def tp_l1(ctx: Context):
-    return uniform_plan(ctx, "tp-l1", _l1)
+@register("tp-l1", "torch-pruning GroupMagnitudeImportance(p=1), uniform ratio (peer baseline)",
+          options=UniformOptions)
+def tp_l1(ctx: Context) -> MethodResult:
+    return MethodResult(uniform_plan(ctx, "tp-l1", _l1))
 
 
-@register("tp-random", "torch-pruning RandomImportance, uniform ratio (peer baseline)")
-def tp_random(ctx: Context):
-    return uniform_plan(ctx, "tp-random", _random)
+@register("tp-random", "torch-pruning RandomImportance, uniform ratio (peer baseline)", options=RandomOptions)
+def tp_random(ctx: Context) -> MethodResult:
+    return MethodResult(uniform_plan(ctx, "tp-random", _random))
 
 
 @register("tp-taylor", "torch-pruning GroupTaylorImportance on calibration batches, uniform ratio (peer)",
-          needs_labels=True)
-def tp_taylor(ctx: Context):
-    return uniform_plan(ctx, "tp-taylor", _taylor)
+          needs_labels=True, options=TaylorOptions)
+def tp_taylor(ctx: Context) -> MethodResult:
+    return MethodResult(uniform_plan(ctx, "tp-taylor", _taylor))

@@ -1,12 +1,11 @@
-"""The run directory a user reads: report.md (before/after and per-layer widths) and PNG plots."""
+"""The run directory a user reads: report.md (before/after and per-layer widths); plots are in report.plots."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
-from netslim.io import atomic_write_bytes, atomic_write_text
+from netslim.io import atomic_write_text
 
 
 def _fmt(value: Any) -> str:
@@ -51,7 +50,7 @@ def size_rows(before: dict[str, Any], after: dict[str, Any]) -> list[list[Any]]:
         return f"{b / a:.3f}×" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else "–"
 
     rows = []
-    for label, key in (("parameters", "params"), ("MACs", "macs"), ("FLOPs", "flops"), ("bytes (fp32)", "bytes")):
+    for label, key in (("parameters", "params"), ("MACs", "macs"), ("FLOPs", "flops"), ("bytes stored (fp32)", "bytes")):
         rows.append([label, before.get(key), after.get(key), ratio(before.get(key), after.get(key))])
     for batch in (1, 64):
         a, b = latency_of(before, batch), latency_of(after, batch)
@@ -61,35 +60,6 @@ def size_rows(before: dict[str, Any], after: dict[str, Any]) -> list[list[Any]]:
         if a is not None:
             rows.append([f"CUDA latency batch {batch} (ms, median)", a, b, ratio(a, b)])
     return rows
-
-
-def widths_plot(path: Path, names: list[str], before: list[int], after: list[int], title: str) -> None:
-    """Bar chart of per-layer widths before and after compression."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names) + 2), 4))
-    xs = range(len(names))
-    ax.bar([x - 0.2 for x in xs], before, width=0.4, label="before", color="#bbbbbb")
-    ax.bar([x + 0.2 for x in xs], after, width=0.4, label="after", color="#1f77b4")
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels(names, rotation=70, ha="right", fontsize=7)
-    ax.set_ylabel("output channels")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
-def save_figure(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def write_markdown(path: Path, sections: list[str]) -> None:

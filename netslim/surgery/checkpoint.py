@@ -67,19 +67,26 @@ def plan_of(meta: dict[str, str]) -> Plan | None:
     return Plan.from_dict(json.loads(meta[PLAN_KEY])) if PLAN_KEY in meta else None
 
 
-def build_from_plan(plan: Plan, device: str | torch.device = "cpu") -> nn.Module:
-    """Base architecture + the Plan's structure, with uninitialised weights on `device`."""
+def build_from_plan(plan: Plan, device: str | torch.device = "cpu", *, arch: str | None = None) -> nn.Module:
+    """Base architecture + the Plan's structure, with uninitialised weights on `device`.
+
+    A Plan read from a file may name a `module:function` factory; it is built only when the user names the
+    same architecture as `arch` (the file's word alone never runs code).
+    """
     from netslim.surgery.apply import apply_plan
     from netslim.zoo import build
 
+    allow_code = arch is not None and arch.strip() == plan.arch.strip()
     with torch.device("meta"):
-        model = build(plan.arch, num_classes=plan.num_classes, in_channels=plan.input_size[0])
+        model = build(plan.arch, num_classes=plan.num_classes, in_channels=plan.input_size[0], allow_code=allow_code)
         apply_plan(model, plan)
     return model.to_empty(device=device)
 
 
-def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Plan]:
-    """Rebuild a netslim model (any file written by save_model, or a run directory) from its files alone."""
+def load_model(path: Path, device: str | torch.device = "cpu", *, arch: str | None = None) -> tuple[nn.Module, Plan]:
+    """Rebuild a netslim model (any file written by save_model, or a run directory) from its files alone.
+
+    `arch`: the user's own architecture name, needed (and checked) only for a `module:function` factory."""
     path = Path(path)
     if path.is_dir():
         path = path / "model.safetensors"
@@ -87,6 +94,6 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Modul
     plan = plan_of(meta)
     if plan is None:
         raise NetslimError(f"{path} has no netslim plan in its metadata; load it with --model ARCH instead")
-    model = build_from_plan(plan, device)
+    model = build_from_plan(plan, device, arch=arch)
     load_state(model, tensors, str(path), plan.arch)
     return model.eval(), plan

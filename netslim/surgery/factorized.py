@@ -5,6 +5,9 @@ A Conv2d(C→m, k×k) becomes `basis` (k×k conv C→r, V), `mix` (1×1 conv r�
 fine-tuning moves only S's non-zeros and a checkpoint reloads the support). Linear layers likewise.
 `factorize_layers` gives layers these shapes (also on the meta device, for sizing and reloading);
 the values come from the solver (netslim.methods.lrs.solver) through `set_factors`.
+
+About 310 lines: the conv and linear variants, their meta-device shapes and their storage counts must
+agree exactly, so they stay side by side.
 """
 
 from __future__ import annotations

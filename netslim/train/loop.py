@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from netslim.errors import NetslimError
 from netslim.train.distributed import all_reduce_, barrier, count_batches, dist_info, resolve_device, set_epoch
 from netslim.train.distributed import shard as shard_batches
 from netslim.train.evaluation import evaluate, to_device_input, unwrap
-from netslim.train.schedule import SCHEDULES, lr_at
+from netslim.train.schedule import Schedule, lr_at
 from netslim.train.state import load_state, read_meta, save_state
 
 _NONE = 2**62  # "no bad step yet" in the non-finite-loss tracker (min-reduced across ranks)
@@ -30,23 +30,32 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return seed * 1_000_003 + epoch * 1009 + rank
 
 
-def _check_args(epochs: int, lr: float, schedule: str, resume: bool, checkpoint_dir: Path | None) -> None:
-    if epochs < 1:
-        raise NetslimError(f"epochs must be at least 1, got {epochs}")
-    if not lr > 0:
-        raise NetslimError(f"learning rate must be positive, got {lr}")
-    if schedule not in SCHEDULES:
-        raise NetslimError(f"unknown schedule '{schedule}'; choose one of {', '.join(SCHEDULES)}")
+def _check_args(schedule: Schedule, resume: bool, checkpoint_dir: Path | None, teacher: nn.Module | None) -> None:
+    """What the Schedule cannot check on its own (it allows 0 epochs: no fine-tuning at all)."""
+    if schedule.epochs < 1:
+        raise NetslimError(f"epochs must be at least 1, got {schedule.epochs}")
     if resume and checkpoint_dir is None:
         raise NetslimError("resume needs a checkpoint directory")
+    if schedule.distill > 0 and teacher is None:
+        raise NetslimError("distillation needs a teacher network")
 
 
-def check_distill(distill: float, temperature: float) -> None:
-    """The distillation settings on their own (Schedule checks them before any analysis runs)."""
-    if not 0.0 <= distill <= 1.0:
-        raise NetslimError(f"--distill must be in [0, 1], got {distill}")
-    if not temperature > 0:
-        raise NetslimError(f"distillation temperature must be positive, got {temperature}")
+def _check_resume(meta: dict[str, Any], schedule: Schedule, steps: int, checkpoint_dir: Path | None) -> None:
+    """Refuse a checkpoint written under another recipe: its step would be replayed on the wrong lr curve."""
+    if meta["steps_per_epoch"] != steps:
+        raise NetslimError(
+            f"cannot resume from {checkpoint_dir}: it has {meta['steps_per_epoch']} steps per epoch, this "
+            f"run has {steps} (batch size, data or process count changed); use a new checkpoint directory"
+        )
+    mine = asdict(schedule)
+    # netslim.train/1 saved only epochs, schedule and lr; later formats save the whole Schedule as "recipe"
+    saved = meta.get("recipe") or {k: meta[k] for k in ("epochs", "schedule", "lr") if k in meta}
+    differ = [k for k in mine if k in saved and saved[k] != mine[k]]
+    if differ:
+        was = ", ".join(f"{k}={saved[k]!r}" for k in differ)
+        now = ", ".join(f"{k}={mine[k]!r}" for k in differ)
+        raise NetslimError(f"cannot resume from {checkpoint_dir}: it was trained with {was}, this run asks for "
+                           f"{now}; rerun with the same recipe or use a new checkpoint directory")
 
 
 def distill_loss(logits: torch.Tensor, target: torch.Tensor, y: torch.Tensor, alpha: float, temperature: float,
@@ -63,15 +72,9 @@ def distill_loss(logits: torch.Tensor, target: torch.Tensor, y: torch.Tensor, al
 
 def fit(
     model: nn.Module,
-    train_batches: Iterable,
+    batches: Iterable,
+    schedule: Schedule,
     *,
-    epochs: int,
-    lr: float,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
-    nesterov: bool = True,
-    schedule: str = "onecycle",
-    label_smoothing: float = 0.0,
     val_batches: Iterable | None = None,
     checkpoint_dir: Path | None = None,
     resume: bool = False,
@@ -82,24 +85,21 @@ def fit(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     seed: int = 0,
     teacher: nn.Module | None = None,
-    distill: float = 0.0,
-    temperature: float = 4.0,
 ) -> list[dict[str, Any]]:
-    """Train `model` in place with SGD and return one record per epoch (including resumed ones).
+    """Train `model` in place with SGD as `schedule` says and return one record per epoch (resumed ones too).
 
-    Each record: epoch (1-based), train_loss, train_acc, val_acc and val_loss (None without val_batches),
-    lr (of the epoch's last step), seconds. `amp=None` means bf16 autocast on CUDA only. `mask_hook(model)`
-    runs after every optimizer step (e.g. to re-zero pruned weights); `on_epoch(record)` after each epoch's
-    checkpoint, on every rank. Under torchrun every rank calls fit; only rank 0 writes and prints.
-    With a `teacher` (e.g. the unpruned network) and `distill` = α > 0 the loss is (1 − α)·CE + α·T²·KL of
-    the softened outputs (Hinton et al.): a pruned network recovers the function it was cut from faster
-    than from labels alone.
+    Everything about the recipe comes from the Schedule (its batch_size, augment and bn_recal are for whoever
+    builds `batches`); the keywords say where and how to run. Each record: epoch (1-based), train_loss,
+    train_acc, val_acc and val_loss (None without val_batches), lr (of the epoch's last step), seconds.
+    `amp=None` means bf16 autocast on CUDA only. `mask_hook(model)` runs after every optimizer step (e.g. to
+    re-zero pruned weights); `on_epoch(record)` after each epoch's checkpoint, on every rank. Under torchrun
+    every rank calls fit; only rank 0 writes and prints. With a `teacher` (e.g. the unpruned network) and
+    schedule.distill = α > 0 the loss is (1 − α)·CE + α·T²·KL of the softened outputs (Hinton et al.): a
+    pruned network recovers the function it was cut from faster than from labels alone. A checkpoint holds
+    the whole Schedule, and resuming under a different one is refused.
     """
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    _check_args(epochs, lr, schedule, resume, checkpoint_dir)
-    check_distill(distill, temperature)
-    if distill > 0 and teacher is None:
-        raise NetslimError("distillation needs a teacher network")
+    _check_args(schedule, resume, checkpoint_dir, teacher)
     dev = resolve_device(device)
     rank, world = dist_info()
     module = unwrap(model).to(dev)
@@ -108,12 +108,12 @@ def fit(
     use_amp = dev.type == "cuda" if amp is None else amp
     optimizer = torch.optim.SGD(
         module.parameters(),
-        lr=lr,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        nesterov=nesterov and momentum > 0,
+        lr=schedule.lr,
+        momentum=schedule.momentum,
+        weight_decay=schedule.weight_decay,
+        nesterov=schedule.nesterov and schedule.momentum > 0,
     )
-    source = shard_batches(train_batches, rank, world)
+    source = shard_batches(batches, rank, world)
     steps = count_batches(source)
     if world > 1:  # every rank must take the same number of steps or DDP's all-reduce waits forever
         steps = int(all_reduce_(torch.tensor([steps], device=dev), "min").item())
@@ -124,11 +124,7 @@ def fit(
     start_epoch = step = 0
     meta = read_meta(checkpoint_dir) if resume and checkpoint_dir is not None else None
     if meta is not None:
-        if meta["steps_per_epoch"] != steps:
-            raise NetslimError(
-                f"cannot resume from {checkpoint_dir}: it has {meta['steps_per_epoch']} steps per epoch, this "
-                f"run has {steps} (batch size, data or process count changed); use a new checkpoint directory"
-            )
+        _check_resume(meta, schedule, steps, checkpoint_dir)
         load_state(checkpoint_dir, module, optimizer)
         start_epoch, step, history, seed = meta["epoch"], meta["step"], list(meta["history"]), meta["seed"]
 
@@ -143,16 +139,10 @@ def fit(
         source,
         dev,
         steps=steps,
-        total=epochs * steps,
-        epochs=epochs,
-        schedule=schedule,
-        lr=lr,
-        label_smoothing=label_smoothing,
+        recipe=schedule,
         amp=use_amp,
         mask_hook=mask_hook,
-        teacher=teacher.to(dev).eval() if teacher is not None and distill > 0 else None,
-        distill=distill,
-        temperature=temperature,
+        teacher=teacher.to(dev).eval() if teacher is not None and schedule.distill > 0 else None,
         console=console,
         show_bar=progress and rank == 0 and console.is_terminal,
     )
@@ -160,7 +150,7 @@ def fit(
     torch.backends.cudnn.benchmark = dev.type == "cuda" or saved_benchmark
     try:
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            for epoch in range(start_epoch, epochs):
+            for epoch in range(start_epoch, schedule.epochs):
                 began = time.perf_counter()
                 torch.manual_seed(_epoch_seed(seed, epoch, rank))
                 set_epoch(source, epoch)
@@ -172,14 +162,15 @@ def fit(
                 history.append(record)
                 if checkpoint_dir is not None and rank == 0:
                     state = {
-                        "format": "netslim.train/1",
+                        "format": "netslim.train/2",
                         "epoch": epoch + 1,
-                        "epochs": epochs,
+                        "epochs": schedule.epochs,
                         "step": step,
                         "steps_per_epoch": steps,
-                        "total_steps": epochs * steps,
-                        "schedule": schedule,
-                        "lr": lr,
+                        "total_steps": schedule.epochs * steps,
+                        "schedule": schedule.schedule,
+                        "lr": schedule.lr,
+                        "recipe": asdict(schedule),
                         "seed": seed,
                         "world_size": world,
                         "history": history,
@@ -187,7 +178,7 @@ def fit(
                     save_state(checkpoint_dir, module, optimizer, state)
                 barrier()
                 if progress and rank == 0:
-                    console.print(_summary_line(record, epochs), highlight=False)
+                    console.print(_summary_line(record, schedule.epochs), highlight=False)
                 if on_epoch is not None:
                     on_epoch(record)
     finally:
@@ -213,16 +204,10 @@ class _EpochLoop:
     source: Iterable
     dev: torch.device
     steps: int
-    total: int
-    epochs: int
-    schedule: str
-    lr: float
-    label_smoothing: float
+    recipe: Schedule
     amp: bool
     mask_hook: Callable[[nn.Module], None] | None
     teacher: nn.Module | None
-    distill: float
-    temperature: float
     console: Console
     show_bar: bool
 
@@ -234,7 +219,8 @@ class _EpochLoop:
         dev = self.dev
         stats = torch.zeros(3, dtype=torch.float64, device=dev)  # loss sum, correct, samples
         first_bad = torch.full((), _NONE, dtype=torch.int64, device=dev)
-        lr_now = self.lr
+        recipe, total = self.recipe, self.recipe.epochs * self.steps
+        lr_now = recipe.lr
         self.net.train()
         columns = (
             TextColumn("{task.description}"),
@@ -244,11 +230,11 @@ class _EpochLoop:
             TimeElapsedColumn(),
         )
         with Progress(*columns, console=self.console, disable=not self.show_bar) as bar:
-            task = bar.add_task(f"epoch {epoch + 1}/{self.epochs}", total=self.steps, loss=float("nan"))
+            task = bar.add_task(f"epoch {epoch + 1}/{recipe.epochs}", total=self.steps, loss=float("nan"))
             for i, (x, y) in enumerate(self.source):
                 if i >= self.steps:
                     break
-                lr_now = lr_at(self.schedule, self.lr, step, self.total)
+                lr_now = lr_at(recipe.schedule, recipe.lr, step, total)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr_now
                 x, y = to_device_input(x, dev), y.to(dev, non_blocking=True)
@@ -258,10 +244,10 @@ class _EpochLoop:
                         with torch.no_grad():
                             soft = self.teacher(x)
                 if self.teacher is not None:
-                    loss = distill_loss(logits.float(), soft.float(), y, self.distill, self.temperature,
-                                        self.label_smoothing)
+                    loss = distill_loss(logits.float(), soft.float(), y, recipe.distill, recipe.temperature,
+                                        recipe.label_smoothing)
                 else:
-                    loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()

@@ -1,12 +1,60 @@
-"""Learning-rate schedules as pure functions of the global step, so a resumed run needs only the step."""
+"""The training recipe (Schedule) and its learning-rate curves.
+
+One frozen Schedule is all fit needs to know about how to train: callers build it once (the CLI, a
+workflow, a method's fine-tuning round) and a bad recipe is refused when it is made, before any analysis
+runs. The curves are pure functions of the global step, so a resumed run needs only the step.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from netslim.errors import NetslimError
 
 SCHEDULES = ("onecycle", "cosine", "constant")
+
+
+def check_distill(distill: float, temperature: float) -> None:
+    """The distillation settings on their own."""
+    if not 0.0 <= distill <= 1.0:
+        raise NetslimError(f"--distill must be in [0, 1], got {distill}")
+    if not temperature > 0:
+        raise NetslimError(f"distillation temperature must be positive, got {temperature}")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Training or fine-tuning recipe for SGD; 0 epochs means no training (after surgery: keep the cut weights).
+
+    Frozen so that the checks below cannot be bypassed afterwards; use dataclasses.replace for a variant.
+    """
+
+    epochs: int = 0
+    lr: float = 0.01
+    batch_size: int = 128
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    schedule: str = "onecycle"  # one of SCHEDULES
+    augment: bool = True
+    bn_recal: int = 2000  # training images to re-estimate BatchNorm statistics after surgery (0: off)
+    distill: float = 0.0  # weight of the unpruned network's softened outputs in the loss (0: labels only)
+    temperature: float = 4.0  # distillation temperature
+    momentum: float = 0.9
+    nesterov: bool = True  # only where momentum > 0
+
+    def __post_init__(self) -> None:  # refused before any analysis runs, not after it
+        if self.epochs < 0:
+            raise NetslimError(f"epochs must not be negative, got {self.epochs}")
+        if not self.lr > 0:
+            raise NetslimError(f"learning rate must be positive, got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise NetslimError(f"unknown schedule '{self.schedule}'; choose one of {', '.join(SCHEDULES)}")
+        if self.batch_size < 1:
+            raise NetslimError(f"batch size must be at least 1, got {self.batch_size}")
+        if not self.momentum >= 0:
+            raise NetslimError(f"momentum must not be negative, got {self.momentum}")
+        check_distill(self.distill, self.temperature)
 
 
 def _anneal(start: float, end: float, frac: float) -> float:

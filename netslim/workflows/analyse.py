@@ -10,14 +10,15 @@ from typing import Any
 
 from torch import nn
 
-from netslim.cost.budget import Target, plan_size
+from netslim.cost.size import plan_size
+from netslim.cost.targets import Target
 from netslim.data import ImageSet
 from netslim.io import atomic_dir, atomic_write_text
 from netslim.plan import Plan
 from netslim.report.markdown import table, write_markdown
 from netslim.surgery.apply import apply_plan
 from netslim.surgery.graph import PRUNABLE, out_width
-from netslim.workflows.compress import analyse, machine
+from netslim.workflows.stages import analyse, machine
 
 
 def analyse_to_dir(model: nn.Module, arch: str, train: ImageSet, *, method: str, target: Target | None,
@@ -29,7 +30,8 @@ def analyse_to_dir(model: nn.Module, arch: str, train: ImageSet, *, method: str,
     if classes is not None:
         model = apply_plan(copy.deepcopy(model), Plan(arch=arch, num_classes=base_classes,
                                                       input_size=tuple(train.images.shape[1:]), classes=classes))
-    plan, ctx, seconds = analyse(model, arch, train, method, target, options, device, calib_size=calib_size, val=val)
+    found, ctx, seconds = analyse(model, arch, train, method, target, options, device, calib_size=calib_size, val=val)
+    plan = found.plan
     template = ctx.template()
     planned = plan_size(plan, template)
     base = plan_size(ctx.base_plan(method), template)
@@ -46,7 +48,7 @@ def analyse_to_dir(model: nn.Module, arch: str, train: ImageSet, *, method: str,
         with atomic_dir(out, overwrite) as tmp:
             plan.save(tmp / "plan.json")
             atomic_write_text(tmp / "metrics.json", json.dumps(metrics, indent=1, default=str))
-            for name, writer in ctx.cache.get("artifacts", {}).items():
+            for name, writer in found.artifacts.items():
                 writer(tmp / name)
             ratio = [[k, base[k], planned[k], f"{planned[k] / base[k]:.3f}×"] for k in ("params", "macs", "flops")]
             write_markdown(tmp / "report.md", [
@@ -55,7 +57,7 @@ def analyse_to_dir(model: nn.Module, arch: str, train: ImageSet, *, method: str,
                 "## Planned size\n\n" + table(["", "base", "planned", "planned/base"], ratio),
                 "## Per-layer widths\n\n" + table(["layer", "before", "after"],
                                                    [[w["layer"], w["before"], w["after"]] for w in widths]),
-                *ctx.cache.get("report", []),
+                *found.report,
                 f"Command: `{command}`" if command else "",
             ])
     return metrics

@@ -8,16 +8,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from netslim.cost.budget import Target, parse_target
+from netslim.cost.targets import Target, parse_target
 from netslim.data import ImageSet, load_dataset
 from netslim.errors import NetslimError
+from netslim.methods.base import MethodResult
 from netslim.plan import Plan
 from netslim.surgery.checkpoint import build_from_plan, load_state, plan_of, read_tensors
-from netslim.workflows.compress import Result, Schedule
+from netslim.train import Schedule
+from netslim.workflows.compress import Result
 from netslim.workflows.compress import compress as _compress
+from netslim.workflows.stages import analyse as _analyse
 
 
-def resolve_device(device: str = "auto") -> str:
+def pick_device(device: str = "auto") -> str:
+    """"cuda" when there is a GPU and `device` is auto, else `device` checked to exist (a name, not a torch.device)."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     from netslim.train.distributed import resolve_device as check  # fails clearly without a GPU
@@ -41,13 +45,14 @@ def load_trained(weights: Path | None, arch: str | None, num_classes: int,
     if plan is not None:
         if arch is not None and arch != plan.arch:
             raise NetslimError(f"{weights} holds a {plan.arch!r} network, not {arch!r}")
-        model = build_from_plan(plan)
+        model = build_from_plan(plan, arch=arch)
         load_state(model, tensors, str(weights), plan.arch)
         return model.eval(), plan.arch, plan
-    arch = arch or meta.get("arch")
-    if arch is None:
+    if arch is None and meta.get("arch") is None:
         raise NetslimError(f"{weights} does not say its architecture; give --model ARCH")
-    model = build(arch, num_classes=num_classes, in_channels=in_channels)
+    given = arch is not None
+    arch = arch if given else meta["arch"]
+    model = build(arch, num_classes=num_classes, in_channels=in_channels, allow_code=given)
     load_state(model, tensors, str(weights), arch)
     return model.eval(), arch, None
 
@@ -68,15 +73,8 @@ def load_data(spec: str, classes: list[str] | None = None, cache_dir: Path | Non
     return train, test, idx, len(full.classes)
 
 
-def compress(model: nn.Module | str, data: str | tuple[ImageSet, ImageSet], method: str = "pfa-kl",
-             target: str | Target | None = None, *, weights: Path | None = None, arch: str | None = None,
-             finetune_epochs: int = 0, lr: float = 0.01, out: Path | None = None, device: str = "auto",
-             options: dict[str, Any] | None = None, **kwargs: Any) -> Result:
-    """Compress a trained model on data in one call (see `netslim compress --help` for the options).
-
-    `model` is an nn.Module (give `arch` so that the result can be rebuilt from its files) or an arch
-    name with `weights`; `data` a dataset spec ("digits", an archive path, ...) or (train, test) sets.
-    """
+def _inputs(model: nn.Module | str, data: str | tuple[ImageSet, ImageSet], weights: Path | None,
+            arch: str | None) -> tuple[nn.Module, str, ImageSet, ImageSet]:
     if isinstance(data, str):
         train, test, _, n = load_data(data)
     else:
@@ -86,6 +84,32 @@ def compress(model: nn.Module | str, data: str | tuple[ImageSet, ImageSet], meth
         model, arch, _ = load_trained(weights, model, n, train.images.shape[1])
     if arch is None:
         raise NetslimError("give arch=... (a zoo name, 'tv:<name>' or 'module:function') so the result can reload")
+    return model, arch, train, test
+
+
+def analyse(model: nn.Module | str, data: str | tuple[ImageSet, ImageSet], method: str = "pfa-kl",
+            target: str | Target | None = None, *, weights: Path | None = None, arch: str | None = None,
+            device: str = "auto", options: dict[str, Any] | None = None, calib_size: int = 5000) -> MethodResult:
+    """A method's Plan and evidence (report sections, plots) for a trained model, without touching the model."""
+    model, arch, train, _ = _inputs(model, data, weights, arch)
     tgt = parse_target(target) if isinstance(target, str) else target
-    return _compress(model, arch, train, test, method, tgt, options, Schedule(epochs=finetune_epochs, lr=lr),
-                     resolve_device(device), out=out, **kwargs)
+    result, _, _ = _analyse(model, arch, train, method, tgt, dict(options or {}), pick_device(device),
+                            calib_size=calib_size)
+    return result
+
+
+def compress(model: nn.Module | str, data: str | tuple[ImageSet, ImageSet], method: str = "pfa-kl",
+             target: str | Target | None = None, *, weights: Path | None = None, arch: str | None = None,
+             finetune_epochs: int = 0, lr: float = 0.01, out: Path | None = None, device: str = "auto",
+             options: dict[str, Any] | None = None, **kwargs: Any) -> Result:
+    """Compress a trained model on data in one call (see `netslim compress --help` for the options).
+
+    `model` is an nn.Module (give `arch` so that the result can be rebuilt from its files) or an arch
+    name with `weights`; `data` a dataset spec ("digits", an archive path, ...) or (train, test) sets.
+    Further keywords go to netslim.workflows.compress.compress (schedule=Schedule(...), calib_size, init, ...).
+    """
+    model, arch, train, test = _inputs(model, data, weights, arch)
+    tgt = parse_target(target) if isinstance(target, str) else target
+    schedule = kwargs.pop("schedule", None) or Schedule(epochs=finetune_epochs, lr=lr)
+    return _compress(model, arch, train, test, method=method, target=tgt, options=options, schedule=schedule,
+                     device=pick_device(device), out=out, **kwargs)

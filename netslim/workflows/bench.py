@@ -1,61 +1,76 @@
 """`netslim bench`: several methods and torch-pruning's criteria on one model, one budget, one schedule.
 
-Every method sees the same calibration data and shares one statistics pass where it can (the
-analysis cache is shared; each method's own outputs are not). Each finished (target, method) is
-saved at once, so a killed bench resumes with the methods it has not finished.
+Every method sees the same calibration data and shares one statistics pass where it can (one
+AnalysisCache serves them all; each method's own outputs come back in its MethodResult). Each finished
+(target, method) is saved at once, so a killed bench resumes with the methods it has not finished.
 """
 
 from __future__ import annotations
 
-import copy
 import json
-import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from netslim.cost.budget import Target
+from netslim.cost.targets import Target
 from netslim.data import ImageSet
 from netslim.errors import NetslimError
 from netslim.io import atomic_write_text
-from netslim.methods import get_method
-from netslim.report.markdown import save_figure, table, write_markdown
-from netslim.surgery.apply import apply_plan
-from netslim.workflows.compress import (
-    Schedule,
+from netslim.methods import AnalysisCache, get_method
+from netslim.report.markdown import table, write_markdown
+from netslim.report.plots import figure, save_figure
+from netslim.train import Schedule
+from netslim.workflows.stages import (
     accuracy,
     analyse,
-    finetune,
     machine,
     measure_model,
-    recalibrated_accuracy,
-    reinitialise,
+    measured_pair,
+    resolve_init,
+    run_stages,
 )
 
-PER_METHOD = ("model", "report", "artifacts")  # cache entries that belong to one method's run
 
-
-def shared_view(cache: dict[str, Any]) -> dict[str, Any]:
-    """A method's cache: the shared analysis (statistics, spectra, groups) without other methods' outputs."""
-    return {k: v for k, v in cache.items() if k not in PER_METHOD}
+def _declared(method: str) -> set[str]:
+    return {f.name for f in fields(get_method(method).options)}
 
 
 def method_options(options: dict[str, Any], method: str) -> dict[str, Any]:
-    """The options one method sees: the unscoped ones, overridden by `METHOD.key` ones (e.g. car.eval_size)."""
+    """The options one method sees: the unscoped ones it declares (one --opt can reach several methods),
+    overridden by its `METHOD.key` ones (e.g. car.eval_size), which it must declare."""
     mine = method.replace("-", "_") + "."
     scoped = {k[len(mine):]: v for k, v in options.items() if k.replace("-", "_").startswith(mine)}
-    return {k: v for k, v in options.items() if "." not in k} | scoped
+    declared = _declared(method)
+    return {k: v for k, v in options.items() if "." not in k and k.replace("-", "_") in declared} | scoped
+
+
+def check_options(options: dict[str, Any], methods: list[str]) -> None:
+    """Refuse, before anything runs, an unscoped key no benched method declares, a scope that names no
+    benched method, and any key or value a method's own declaration refuses."""
+    from netslim.methods import validate_options
+
+    scopes = {m.replace("-", "_") for m in methods}
+    declared = set().union(*(_declared(m) for m in methods)) if methods else set()
+    for key in options:
+        scope, dot, name = key.replace("-", "_").rpartition(".")
+        if dot and scope not in scopes:
+            raise NetslimError(f"option {key!r} is scoped to {scope!r}, which is not a benched method "
+                               f"({', '.join(methods)})")
+        if not dot and name not in declared:
+            raise NetslimError(f"unknown option {key!r}: no benched method declares it; valid keys: "
+                               f"{', '.join(sorted(declared))}")
+    for m in methods:
+        validate_options(m, method_options(options, m))
 
 
 def run_bench(model: nn.Module, arch: str, train: ImageSet, test: ImageSet, *, methods: list[str],
               targets: list[Target], schedule: Schedule, out: Path, device: str = "cpu", calib_size: int = 5000,
               options: dict[str, Any] | None = None, measure_latency: bool = True, resume: bool = False,
               command: str = "", log: Any = print) -> dict[str, Any]:
-    for m in methods:
-        get_method(m)
+    check_options(options or {}, methods)
     out = Path(out)
     done_dir = out / "runs"
     if out.exists() and not resume and any(done_dir.glob("*.json")):
@@ -70,7 +85,7 @@ def run_bench(model: nn.Module, arch: str, train: ImageSet, test: ImageSet, *, m
         base = measure_model(model, size, device, measure_latency)  # type: ignore[arg-type]
         base["accuracy"] = accuracy(model, test, device)
         atomic_write_text(base_file, json.dumps(base, indent=1))
-    cache: dict[str, Any] = {}
+    cache = AnalysisCache()
     rows = []
     for target in targets:
         for method in methods:
@@ -88,40 +103,34 @@ def run_bench(model: nn.Module, arch: str, train: ImageSet, test: ImageSet, *, m
                 f"params {row['params_kept']:.3f}")
     result = {"arch": arch, "base": base, "rows": rows, "schedule": asdict(schedule), "calibration_images":
               calib_size, "machine": machine(), "command": command,
-              "statistics_passes": cache.get("stats_passes", []), "date": _now()}
+              "statistics_passes": list(cache.passes), "date": _now()}
     write_results(out, result)
     return result
 
 
 def _one(model: nn.Module, arch: str, train: ImageSet, test: ImageSet, method: str, target: Target,
-         schedule: Schedule, device: str, calib_size: int, options: dict[str, Any], cache: dict[str, Any],
+         schedule: Schedule, device: str, calib_size: int, options: dict[str, Any], cache: AnalysisCache,
          measure_latency: bool) -> dict[str, Any]:
-    spec = get_method(method)
+    """One (target, method) row: the same stages as `compress` (netslim.workflows.stages), so every accuracy
+    column means what it means in a compress report."""
     options = method_options(options, method)
     knob_target: Target | None = target if method != "pfa-kl" else None  # pfa-kl has no knob to bisect
-    mine = shared_view(cache)
-    passes_before = len(cache.get("stats_passes", []))
-    plan, ctx, seconds = analyse(model, arch, train, method, knob_target, options, device, calib_size=calib_size, cache=mine)
-    cache.update(shared_view(ctx.cache))
-    tuned = ctx.cache.get("model")
-    small = tuned if tuned is not None else apply_plan(copy.deepcopy(model), plan)
-    scratch = spec.retrain == "scratch" and options.get("init") != "inherit"
-    if scratch:
-        reinitialise(small)
-    t0 = time.perf_counter()
-    acc_cut = accuracy(small, test, device)
-    acc_bn = recalibrated_accuracy(small, train, test, schedule, device) if tuned is None and not scratch else None
-    history = finetune(small, train, schedule, device, teacher=model)  # teacher used when schedule.distill > 0
-    size = measure_model(small, tuple(train.images.shape[1:]), device, measure_latency)
-    base_params = sum(p.numel() for p in model.parameters())
+    passes_before = len(cache.passes)
+    found, _, seconds = analyse(model, arch, train, method, knob_target, options, device, calib_size=calib_size,
+                                cache=cache)
+    rec = run_stages(model, found, train, test, schedule=schedule, device=device,
+                     init=resolve_init(options.get("init"), method))
+    before, size, _ = measured_pair(model, rec.model, tuple(train.images.shape[1:]), device,  # type: ignore[arg-type]
+                                    latency=measure_latency)
+    plan = found.plan
     return {"method": method, "target": str(target), "met_target": knob_target is not None,
-            "accuracy_after_surgery": acc_cut, "accuracy_after_bn_recalibration": acc_bn,
-            "accuracy": accuracy(small, test, device) if history else (acc_bn if acc_bn is not None else acc_cut),
+            **{k: getattr(rec, k) for k in ("accuracy_after_surgery", "accuracy_before_finetune",
+                                            "accuracy_after_bn_recalibration", "accuracy")},
             "params": size["params"], "macs": size["macs"], "flops": size["flops"], "bytes": size["bytes"],
-            "params_kept": size["params"] / base_params, "latency": size.get("latency", []),
-            "analysis_seconds": round(seconds, 3), "finetune_seconds": round(time.perf_counter() - t0, 1),
-            "new_statistics_passes": len(cache.get("stats_passes", [])) - passes_before,
-            "widths": plan.widths(), "drop": plan.drop, "plan_meta": plan.meta, "history": history}
+            "params_kept": size["params"] / before["params"], "latency": size.get("latency", []),
+            "analysis_seconds": round(seconds, 3), "finetune_seconds": round(rec.finetune_seconds, 1),
+            "new_statistics_passes": len(cache.passes) - passes_before,
+            "widths": plan.widths(), "drop": plan.drop, "plan_meta": plan.meta, "history": rec.history}
 
 
 def _now() -> str:
@@ -142,13 +151,14 @@ def write_results(out: Path, result: dict[str, Any]) -> None:
     """results.json, report.md (the comparison table) and accuracy_vs_macs.png."""
     atomic_write_text(out / "results.json", json.dumps(result, indent=1, default=str))
     base = result["base"]
-    header = ["target", "method", "acc after surgery", "after BN recal.", "acc after fine-tune", "params", "kept",
-              "MACs", "CPU ms (b=1)", "CPU ms (b=64)", "bytes", "analysis s"]
-    rows = [["base", "–", base["accuracy"], None, base["accuracy"], base["params"], "1.000", base["macs"],
+    header = ["target", "method", "acc after surgery", "after BN recal.", "method's network", "acc after fine-tune",
+              "params", "kept", "MACs", "CPU ms (b=1)", "CPU ms (b=64)", "bytes", "analysis s"]
+    rows = [["base", "–", base["accuracy"], None, None, base["accuracy"], base["params"], "1.000", base["macs"],
              _ms(_latency(base, 1)), _ms(_latency(base, 64)), base["bytes"], None]]
     for r in result["rows"]:
         rows.append([r["target"] + ("" if r["met_target"] else " (own size)"), r["method"],
-                     r["accuracy_after_surgery"], r.get("accuracy_after_bn_recalibration"), r["accuracy"],
+                     r["accuracy_after_surgery"], r.get("accuracy_after_bn_recalibration"),
+                     r.get("accuracy_before_finetune"), r["accuracy"],
                      r["params"], f"{r['params_kept']:.3f}", r["macs"],
                      _ms(_latency(r, 1)), _ms(_latency(r, 64)), r["bytes"], f"{r['analysis_seconds']:.1f}"])
     s = result["schedule"]
@@ -167,12 +177,7 @@ def write_results(out: Path, result: dict[str, Any]) -> None:
 
 
 def _plot(path: Path, result: dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = figure(figsize=(6.5, 4.5))
     by_method: dict[str, list[dict]] = {}
     for r in result["rows"]:
         by_method.setdefault(r["method"], []).append(r)

@@ -10,7 +10,9 @@ import torch
 from rich.console import Console
 
 from netslim.data import load_dataset
-from netslim.workflows.compress import Schedule, accuracy, compress, finetune
+from netslim.train import Schedule, finetune
+from netslim.workflows.compress import compress
+from netslim.workflows.stages import accuracy
 from netslim.zoo import build
 
 

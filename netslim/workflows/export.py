@@ -159,23 +159,20 @@ def _inputs(data: str | None, input_size: Sequence[int], images: int, cache_dir:
 
 def _time(models: dict[str, Callable], input_size: Sequence[int], batches: Sequence[int],
           threads: int, max_seconds: float) -> list[dict[str, Any]]:
-    from netslim.cost.latency_table import interleaved_times
+    """Each runtime's latency at each batch, timed in turns; speedup_vs_pytorch pairs rounds with the first."""
+    from netslim.cost.timing import Conditions, cpu_threads, interleaved_times, random_input, ratio_of
 
     rows = []
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    cond = Conditions("cpu", threads=threads)
+    with cpu_threads(threads):
         for b in batches:
-            x = torch.randn((b, *input_size), generator=torch.Generator().manual_seed(1))
-            times = interleaved_times(list(models.values()), x, max_seconds=max_seconds)
-            base = times[0]
-            for name, t in zip(models, times, strict=True):
+            times = interleaved_times(list(models.values()), random_input((b, *input_size), cond, seed=1),
+                                      max_seconds=max_seconds)
+            for i, (name, t) in enumerate(zip(models, times, strict=True)):
                 ms = statistics.median(t) * 1e3
                 rows.append({"runtime": name, "batch": b, "threads": threads, "median_ms": ms,
                              "throughput": b / ms * 1e3, "rounds": len(t),
-                             "speedup_vs_pytorch": statistics.median(a / c for a, c in zip(base, t, strict=True))})
-    finally:
-        torch.set_num_threads(saved)
+                             "speedup_vs_pytorch": ratio_of(times, 0, base=i)})
     return rows
 
 

@@ -22,13 +22,19 @@ from netslim.io import atomic_dir, atomic_write_bytes, atomic_write_text
 from netslim.pack.codec import LayerBytes, pack_bytes, unpack_bytes
 from netslim.pack.quantize import apply_masks, default_bits, magnitude_masks, mask_hook, packable_layers, quantize_model
 from netslim.plan import Plan
+from netslim.train import Schedule, finetune
 
 PACKED_NAME = "packed.safetensors"
 
 
+def _default_finetune() -> Schedule:
+    return Schedule(epochs=1, lr=0.005, batch_size=128)
+
+
 @dataclass
 class PackConfig:
-    """What to compress and how hard: sparsity and bits per layer kind, with per-layer overrides."""
+    """What to compress and how hard: sparsity and bits per layer kind, with per-layer overrides; the
+    fine-tuning with the pruning mask fixed is an ordinary Schedule (the same recipe compress and train use)."""
 
     layers: list[str] | None = None  # None: every Conv2d/Linear
     sparsity: float = 0.5  # conv layers
@@ -37,11 +43,8 @@ class PackConfig:
     conv_bits: int = 8
     fc_bits: int = 5
     layer_bits: dict[str, int] = field(default_factory=dict)
-    epochs: int = 1  # fine-tuning with the pruning mask fixed
-    lr: float = 0.005
-    batch_size: int = 128
-    train_subset: int | None = None
-    distill: float = 0.0  # weight of the teacher's (the unpacked network's) softened outputs in fine-tuning
+    finetune: Schedule = field(default_factory=_default_finetune)  # its distill follows the unpacked net
+    train_subset: int | None = None  # fine-tune on this many training images (None: all)
 
 
 def load_run_data(spec: str, plan: Plan | None, cache_dir: Path | None = None) -> tuple[ImageSet, ImageSet]:
@@ -69,9 +72,8 @@ def _acc(pred: torch.Tensor, data: ImageSet) -> float:
 def pack_model(model: nn.Module, plan: Plan, train: ImageSet | None, test: ImageSet | None, cfg: PackConfig,
                device: str = "cpu", teacher: nn.Module | None = None) -> tuple[bytes, dict[str, Any], nn.Module]:
     """Prune, fine-tune, quantize and pack a copy of `model`; returns the file bytes, metrics, quantized net.
-    With cfg.distill > 0 fine-tuning also follows `teacher` (default: `model` itself, before weight pruning)."""
-    from netslim.workflows.compress import Schedule, finetune
-
+    With cfg.finetune.distill > 0 fine-tuning also follows `teacher` (default: `model` itself, before weight
+    pruning)."""
     net = copy.deepcopy(model).to(device).eval()
     layers = packable_layers(net, cfg.layers)
     modules = dict(net.named_modules())
@@ -86,7 +88,7 @@ def pack_model(model: nn.Module, plan: Plan, train: ImageSet | None, test: Image
     apply_masks(net, masks)
     acc["weight_pruned"] = _acc(predictions(net, test, device), test) if test else None
     history: list[dict] = []
-    if cfg.epochs > 0 and any(s > 0 for s in sparsity.values()):
+    if cfg.finetune.epochs > 0 and any(s > 0 for s in sparsity.values()):
         if train is None:
             raise NetslimError("fine-tuning after weight pruning needs training data (--data)")
         data = train
@@ -94,8 +96,7 @@ def pack_model(model: nn.Module, plan: Plan, train: ImageSet | None, test: Image
             from netslim.data import calibration_subset
 
             data = calibration_subset(train, cfg.train_subset, seed=1)
-        sched = Schedule(cfg.epochs, cfg.lr, cfg.batch_size, distill=cfg.distill)
-        history = finetune(net, data, sched, device, mask_hook=mask_hook(masks),
+        history = finetune(net, data, cfg.finetune, device, mask_hook=mask_hook(masks),
                            teacher=teacher if teacher is not None else model)
         net.eval()
         acc["fine_tuned"] = _acc(predictions(net, test, device), test) if test else None
@@ -151,7 +152,7 @@ def write_pack_dir(out: Path, blob: bytes, metrics: dict[str, Any], overwrite: b
 def pack_run_dir(run: Path, train: ImageSet | None, test: ImageSet | None, cfg: PackConfig, out: Path,
                  device: str = "cpu", overwrite: bool = False, command: str = "") -> dict[str, Any]:
     from netslim.surgery.checkpoint import load_model
-    from netslim.workflows.compress import machine
+    from netslim.workflows.stages import machine
 
     if out.exists() and not overwrite:
         raise NetslimError(f"output directory {out} already exists; pass --overwrite to replace it")
@@ -198,15 +199,10 @@ def write_report(path: Path, m: dict[str, Any]) -> None:
 
 
 def bytes_plot(path: Path, layers: list[dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from netslim.report.markdown import save_figure
+    from netslim.report.plots import figure, save_figure
 
     names = [r["key"].removesuffix(".weight") for r in layers]
-    fig, ax = plt.subplots(figsize=(max(6, 0.4 * len(names) + 2), 3.6))
+    fig, ax = figure(figsize=(max(6, 0.4 * len(names) + 2), 3.6))
     xs = range(len(names))
     ax.bar([x - 0.2 for x in xs], [r["dense_fp32_bytes"] for r in layers], width=0.4, label="dense fp32",
            color="#bbbbbb")

@@ -71,10 +71,12 @@ def _canonical(arch: str) -> str:
     return _ALIASES.get(arch, arch)
 
 
-def build(arch: str, num_classes: int = 10, in_channels: int | None = None) -> nn.Module:
+def build(arch: str, num_classes: int = 10, in_channels: int | None = None, *, allow_code: bool = True) -> nn.Module:
     """A freshly initialised network.
 
-    `in_channels=None` means the architecture's default (1 for small_cnn, 3 otherwise).
+    `in_channels=None` means the architecture's default (1 for small_cnn, 3 otherwise). `allow_code=False`
+    refuses a `package.module:function` name: a name read from a file must never make netslim import and
+    call Python code; only the user's own --model (or Python call) may.
     """
     if num_classes < 1:
         raise NetslimError(f"num_classes must be at least 1, got {num_classes}")
@@ -86,6 +88,9 @@ def build(arch: str, num_classes: int = 10, in_channels: int | None = None) -> n
     if arch.startswith("tv:"):
         return _build_torchvision(arch[3:], num_classes, in_channels)
     if ":" in arch:
+        if not allow_code:
+            raise NetslimError(f"architecture {arch!r} is a Python factory named by a file; netslim never imports "
+                               f"code a file names: pass --model {arch} (or arch= in Python) to build it yourself")
         return _build_user(arch, num_classes, in_channels)
     raise NetslimError(_unknown_message(arch))
 

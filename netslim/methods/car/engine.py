@@ -12,6 +12,9 @@ the engine falls back to the full network with a forward hook that applies the m
 "Without f" means f's channel is zero *after* BatchNorm (and its activation): the hook point of
 `netslim.probe.response_modules`. Every supported activation maps 0 to 0, so zeroing before or after it
 is the same; zeroing the conv weight alone would let the BN bias leak through.
+
+One algorithm in one file (about 370 lines): the tail extraction, the mask batching and the hook fallback
+share their bookkeeping, and splitting them would spread one invariant (what the tail needs) over modules.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from netslim.cost.budget import bisect
+from netslim.cost.targets import bisect
 from netslim.methods.base import Context
 from netslim.plan import Plan
 from netslim.surgery.graph import ChannelGroup

@@ -8,6 +8,24 @@ from __future__ import annotations
 
 import torch
 
+from netslim.methods.common.spectral import inactive
+from netslim.probe import LayerStats
+
+
+def group_order(members: list[LayerStats], strategy: str = "l1-max") -> list[int]:
+    """Elimination order of a coupled group (PFA, and PCA design's channel choice): one order for all its
+    layers, on their mean |correlation|; a filter counts as inactive only if it is in every member."""
+    corr = torch.stack([s.corr.abs() for s in members]).mean(0)
+    dead = torch.stack([inactive(s.variance) for s in members]).all(0)
+    return elimination_order(corr, dead, strategy)
+
+
+def order_scores(order: list[int]) -> torch.Tensor:
+    """Per-filter scores from an elimination order (first removed scores 0), for ranking.top_k."""
+    s = torch.empty(len(order))
+    s[order] = torch.arange(len(order), dtype=s.dtype)
+    return s
+
 
 def elimination_order(corr: torch.Tensor, dead: torch.Tensor, strategy: str = "l1-max") -> list[int]:
     """Filters in the order they would be removed: inactive first, then by correlation."""

@@ -11,13 +11,14 @@ from netslim.probe import LayerStats, collect
 
 def response_stats(ctx: Context, reduce: str = "max", per_class: bool = False) -> dict[str, LayerStats]:
     key = f"stats:{reduce}:{int(per_class)}"
-    if key not in ctx.cache:
+    cache = ctx.cache
+    if key not in cache.stats:
         data = ctx.calib
         if data is None or len(data.labels) == 0:
             raise NetslimError("this method needs calibration data, and none was given")
         layers = [n for g in ctx.groups() for n in g.layers]
-        ctx.cache[key] = collect(ctx.model, batches(data, ctx.batch_size, device=ctx.device), layers=layers,
-                                 reduce=reduce, per_class=per_class, num_classes=ctx.num_classes if per_class else None,
-                                 device=ctx.device)
-        ctx.cache.setdefault("stats_passes", []).append(key)
-    return ctx.cache[key]
+        cache.stats[key] = collect(ctx.model, batches(data, ctx.batch_size, device=ctx.device), layers=layers,
+                                   reduce=reduce, per_class=per_class,
+                                   num_classes=ctx.num_classes if per_class else None, device=ctx.device)
+        cache.passes.append(key)
+    return cache.stats[key]

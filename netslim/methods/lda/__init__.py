@@ -1,3 +1,3 @@
 """Task-dependent deep LDA pruning; importing registers the method."""
 
-from netslim.methods.lda import core  # noqa: F401
+from netslim.methods.lda import method  # noqa: F401

@@ -10,8 +10,8 @@ diagonal). Zero-variance and duplicate neurons score 0. M′, the number of top 
 fewest whose validation accuracy stays within `mprime_tol` of all M neurons, with the features and the
 classifier frozen and the dropped neurons replaced by their training mean.
 
-The iterative prune / fine-tune loop built on these scores is in lda_loop.py, the backward trace in
-lda_trace.py.
+This module holds only that math. The iterative prune / fine-tune loop built on these scores is in
+loop.py, the backward trace in trace.py, the registered method in method.py and its report in report.py.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ import torch
 from torch import nn
 
 from netslim.errors import NetslimError
-from netslim.methods.base import Context, register
-from netslim.plan import Plan
 from netslim.probe import LayerStats
 
 _F64 = torch.float64
@@ -222,11 +220,3 @@ def choose_mprime(curve: torch.Tensor, tol: float, usable: int) -> int:
         if float(curve[k - 1]) >= full - tol:
             return k
     return limit
-
-
-@register("lda", "Task-dependent deep LDA: Fisher utility at the pre-decision layer, traced back, pruned and "
-          "fine-tuned iteratively (--min-accuracy or --target)", needs_labels=True)
-def lda(ctx: Context) -> Plan:
-    from netslim.methods.lda.loop import run_loop
-
-    return run_loop(ctx)

@@ -6,7 +6,8 @@ fits U, V and S; netslim.surgery.factorized executes them. Budgets: per layer (`
 `sparsity`, overrides in `per_layer`), or a global `--target params=F` split across layers greedily by how
 fast each layer's feature-map error falls per parameter spent (from the eigenvalues of T G Tᵀ: the
 error of the best rank-r fit in the feature-map metric), with a fixed share of each layer's budget
-given to S (`sparse_share`). Since a Plan holds no weights, the filled model goes to ctx.cache["model"].
+given to S (`sparse_share`). Since a Plan holds no weights, the filled model is the MethodResult's `model`.
+The calibration moments are in moments.py, the report in report.py.
 """
 
 from __future__ import annotations
@@ -14,248 +15,19 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from netslim.data import batches, calibration_subset
 from netslim.errors import NetslimError
-from netslim.methods.base import Context, register
+from netslim.methods.base import Context, MethodResult, register
+from netslim.methods.lrs.moments import call_order, compressed_moments, original_moments
+from netslim.methods.lrs.options import Config
+from netslim.methods.lrs.report import report
 from netslim.methods.lrs.solver import Moments, allocate, decompose, lowrank_curve, weighted_error
-from netslim.plan import Plan
 from netslim.surgery.factorized import build_factorized, layer_kind, matrix_shape
-
-OBJECTIVES = ("features", "weights")
-INPUTS = ("original", "compressed")
-
-
-@dataclass
-class Config:
-    objective: str = "features"
-    inputs: str = "original"  # "compressed": fit each layer to the inputs the already-compressed layers give
-    rank: int | None = None
-    rank_ratio: float | None = None
-    sparsity: float | None = None  # fraction of S's entries that are zero
-    sparse_share: float = 0.5  # with --target: fraction of each layer's budget spent on S
-    images: int = 1024  # calibration images used
-    positions: int = 8  # random output positions per image and layer
-    stages: int = 4
-    sweeps: int = 2
-    final_sweeps: int = 4
-    power_iters: int = 2
-    ridge: float = 1e-4  # fraction of mean diag(G) added to G (dead inputs, fewer patches than d)
-    include_classifier: bool = False
-    per_layer: dict[str, dict[str, Any]] | None = None  # per-layer overrides {name: {"rank", "nnz"|"sparsity"}}
-    skip: tuple[str, ...] = ()
-    seed: int = 0
-
-    @classmethod
-    def from_ctx(cls, ctx: Context) -> Config:
-        c = cls()
-        for name in c.__dataclass_fields__:
-            value = ctx.options.get(name)
-            if value is not None:
-                setattr(c, name, value)
-        c.skip = tuple([c.skip] if isinstance(c.skip, str) else c.skip)
-        c.check(ctx)
-        return c
-
-    def check(self, ctx: Context) -> None:
-        if self.objective not in OBJECTIVES:
-            raise NetslimError(f"lrs objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
-        if self.inputs not in INPUTS:
-            raise NetslimError(f"lrs inputs must be one of {', '.join(INPUTS)}, not {self.inputs!r}")
-        if self.rank is not None and (int(self.rank) != self.rank or self.rank < 0):
-            raise NetslimError(f"--rank must be a non-negative integer, not {self.rank}")
-        if self.rank_ratio is not None and not 0 <= self.rank_ratio <= 1:
-            raise NetslimError(f"--rank-ratio must be in [0, 1], not {self.rank_ratio}")
-        if self.sparsity is not None and not 0 <= self.sparsity <= 1:
-            raise NetslimError(f"--sparsity (fraction of zeros in S) must be in [0, 1], not {self.sparsity}")
-        if not 0 <= self.sparse_share < 1:
-            raise NetslimError(f"lrs sparse_share must be in [0, 1), not {self.sparse_share}")
-        if self.rank is not None and self.rank_ratio is not None:
-            raise NetslimError("give --rank or --rank-ratio, not both")
-        if ctx.target is not None and (self.rank is not None or self.rank_ratio is not None
-                                       or self.sparsity is not None):
-            raise NetslimError("--target splits the budget across layers itself; drop --rank/--rank-ratio/--sparsity "
-                               "(tune the split with --opt sparse_share=F, per-layer choices with --opt per_layer=...)")
-        if ctx.target is not None and ctx.target.kind != "params":
-            raise NetslimError(f"lrs meets a storage target (--target params=F), not {ctx.target}: its sparse part "
-                               "saves FLOPs or time only with a sparse kernel")
-        if int(self.images) < 1 or int(self.positions) < 1:
-            raise NetslimError("lrs images and positions must be positive")
-
-    def default_knobs(self) -> tuple[float | None, int | None, float | None]:
-        """(rank_ratio, rank, sparsity); what is not given is 0, both missing gives the defaults."""
-        if self.rank is None and self.rank_ratio is None and self.sparsity is None:
-            return 0.125, None, 0.97
-        return (self.rank_ratio if self.rank is None else None), self.rank, self.sparsity
-
-
-# ---------------------------------------------------------------- calibration moments
-
-
-class _Stop(Exception):
-    """Raised by a hook once the last needed input was seen: the rest of the forward is skipped."""
-
-
-def call_order(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """Names of the model's modules in the order they are called."""
-    order: list[str] = []
-    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: order.append(n))
-               for n, m in model.named_modules() if n]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
-    return list(dict.fromkeys(order))
-
-
-def patches(module: nn.Module, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-    """Input patches (rows × d, im2col order) of a Conv2d at output positions `idx` (N × p), or a Linear's rows.
-
-    Only the sampled windows are gathered (a strided view of the padded input), not the whole im2col.
-    """
-    if isinstance(module, nn.Linear):
-        return x.reshape(-1, x.shape[-1])
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = module.kernel_size, module.stride, module.padding, module.dilation
-    xp = F.pad(x, (pw, pw, ph, ph)).contiguous()
-    n, c, h, w = xp.shape
-    ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
-    st = xp.stride()
-    win = xp.as_strided((n, c, ho, wo, kh, kw), (st[0], st[1], st[2] * sh, st[3] * sw, st[2] * dh, st[3] * dw))
-    if idx is None:
-        idx = torch.arange(ho * wo, device=x.device).expand(n, -1)
-    rows = torch.arange(n, device=x.device).unsqueeze(1).expand_as(idx).reshape(-1)
-    flat = idx.reshape(-1)
-    return win[rows, :, flat // wo, flat % wo].reshape(rows.numel(), c * kh * kw)
-
-
-def _positions(module: nn.Module, x: torch.Tensor, p: int, gen: torch.Generator) -> torch.Tensor | None:
-    if not isinstance(module, nn.Conv2d):
-        return None
-    h, w = x.shape[-2:]
-    k, s, pad, dil = module.kernel_size, module.stride, module.padding, module.dilation
-    ho = (h + 2 * pad[0] - dil[0] * (k[0] - 1) - 1) // s[0] + 1
-    wo = (w + 2 * pad[1] - dil[1] * (k[1] - 1) - 1) // s[1] + 1
-    if ho * wo <= p:
-        return None
-    return torch.rand(x.shape[0], ho * wo, generator=gen).argsort(1)[:, :p].to(x.device)
-
-
-class _Accumulator:
-    """Sums of patch outer products: float32 partial sums (fast GEMMs), flushed into float64 every few batches."""
-
-    FLUSH = 8192  # rows summed in float32 before moving into the float64 total
-
-    def __init__(self, module: nn.Module) -> None:
-        m, d = matrix_shape(module)
-        self.weight = module.weight.detach().reshape(m, d).float()
-        self.total = torch.zeros(d, d, dtype=torch.float64)
-        self.cross: torch.Tensor | None = None
-        self.yy = 0.0
-        self.n = 0
-        self._part: torch.Tensor | None = None
-        self._rows = 0
-
-    def add(self, xhat: torch.Tensor, x: torch.Tensor | None = None) -> None:
-        """Patches the layer sees (xhat) and, when they differ, the original network's (x)."""
-        xhat = xhat.float()
-        if self._part is None:
-            self._part = xhat.T @ xhat
-        else:
-            self._part.addmm_(xhat.T, xhat)
-        self._rows += xhat.shape[0]
-        if self._rows >= self.FLUSH:
-            self._flush()
-        if x is not None:  # original inputs differ: Y = W X is needed (with them, ‖Y‖² = tr(W G Wᵀ) at the end)
-            y = x.float() @ self.weight.T
-            part = (y.T @ xhat).double().cpu()
-            self.cross = part if self.cross is None else self.cross + part
-            self.yy += float(y.double().pow(2).sum())
-        self.n += xhat.shape[0]
-
-    def _flush(self) -> None:
-        if self._part is not None:
-            self.total += self._part.double().cpu()
-            self._part, self._rows = None, 0
-
-    def moments(self) -> Moments:
-        self._flush()
-        if self.cross is None:
-            w = self.weight.double()
-            self.yy = float(((w @ self.total) * w).sum())
-        return Moments(self.total, self.cross, self.yy, self.n)
-
-
-def original_moments(model: nn.Module, names: list[str], data: Any, positions: int, seed: int) -> dict[str, Moments]:
-    """One pass: each layer's patch moments from the original network's own inputs."""
-    mods = dict(model.named_modules())
-    acc = {n: _Accumulator(mods[n]) for n in names}
-    gen = torch.Generator().manual_seed(seed)
-    last = names[-1] if names else None
-
-    def hook(name: str):
-        def run(module: nn.Module, args: tuple) -> None:
-            x = args[0]
-            acc[name].add(patches(module, x, _positions(module, x, positions, gen)))
-            if name == last:
-                raise _Stop
-
-        return run
-
-    handles = [mods[n].register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        with torch.no_grad():
-            for x, _ in data:
-                try:
-                    model(x)
-                except _Stop:
-                    pass
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: a.moments() for n, a in acc.items()}
-
-
-def compressed_moments(reference: nn.Module, model: nn.Module, name: str, data: Any, positions: int,
-                       seed: int) -> Moments:
-    """Moments of `name` on the inputs the partly compressed `model` gives, against `reference`'s outputs."""
-    ref_mod, mod = reference.get_submodule(name), model.get_submodule(name)
-    acc = _Accumulator(ref_mod)
-    seen: dict[str, Any] = {}
-    gen = torch.Generator().manual_seed(seed)
-
-    def grab(key: str):
-        def run(module: nn.Module, args: tuple) -> None:
-            x = args[0]
-            if key == "ref":
-                seen["idx"] = _positions(module, x, positions, gen)
-            seen[key] = patches(module, x, seen["idx"])
-            raise _Stop
-
-        return run
-
-    handles = [ref_mod.register_forward_pre_hook(grab("ref")), mod.register_forward_pre_hook(grab("new"))]
-    try:
-        with torch.no_grad():
-            for x, _ in data:
-                for net in (reference, model):
-                    try:
-                        net(x)
-                    except _Stop:
-                        pass
-                acc.add(seen["new"], seen["ref"])
-    finally:
-        for h in handles:
-            h.remove()
-    return acc.moments()
-
 
 # ---------------------------------------------------------------- budgets
 
@@ -318,7 +90,7 @@ def target_budgets(ctx: Context, cfg: Config, names: list[str], moments: dict[st
     A layer too small for one unit, or whose allocation reaches its dense size, stays dense; the few
     values that rounding leaves over the target come off the largest sparse parts.
     """
-    from netslim.cost.budget import stored_params
+    from netslim.cost.size import stored_params
 
     mods = dict(ctx.model.named_modules())
     size = {n: math.prod(matrix_shape(mods[n])) for n in names}
@@ -380,8 +152,8 @@ def calib_batches(ctx: Context, cfg: Config, batch_size: int = 32) -> tuple[Any,
 
 
 @register("lrs", "GreBdec: each layer -> low-rank U V + sparse S fitted to its feature maps "
-                 "(--rank/--rank-ratio, --sparsity, or --target params=F)")
-def lrs(ctx: Context) -> Plan:
+                 "(--opt rank=R | rank_ratio=F, --opt sparsity=F, or --target params=F)", options=Config)
+def lrs(ctx: Context) -> MethodResult:
     cfg = Config.from_ctx(ctx)
     names = candidate_layers(ctx, cfg)
     mods = dict(ctx.model.named_modules())
@@ -413,15 +185,13 @@ def lrs(ctx: Context) -> Plan:
         model.set_submodule(n, layer)
         rows.append(_row(n, mods[n], layer, dec, moments[n] if moments is not None else None, mom,
                          time.perf_counter() - t1))
-    ctx.cache["model"] = model
     plan = ctx.base_plan("lrs")
     plan.factorize = spec
     plan.meta = {"objective": cfg.objective, "inputs": cfg.inputs, "calibration_images": images,
                  "positions_per_image": int(cfg.positions), "sparse_share": cfg.sparse_share
                  if ctx.target is not None else None, "target": str(ctx.target) if ctx.target else None,
                  "moments_seconds": round(seconds_moments, 2), "layers": rows}
-    _report(ctx, cfg, rows, images)
-    return plan
+    return MethodResult(plan, model=model, report=report(rows, images, cfg.objective, cfg.inputs, int(cfg.positions)))
 
 
 def _row(name: str, dense: nn.Module, layer: Any, dec: Any, mom: Moments | None, fit_mom: Moments | None,
@@ -439,27 +209,4 @@ def _row(name: str, dense: nn.Module, layer: Any, dec: Any, mom: Moments | None,
     return row
 
 
-def _report(ctx: Context, cfg: Config, rows: list[dict[str, Any]], images: int) -> None:
-    from netslim.report.markdown import table
-
-    body = [[r["layer"], f"{r['m']}×{r['d']}", r["rank"], r["nnz"], r["params"],
-             f"{r['params'] / r['dense_params']:.3f}", r["bytes"], f"{r['weight_error']:.4f}",
-             "–" if r["feature_error"] is None else f"{r['feature_error']:.4f}", r["seconds"]] for r in rows]
-    tot_p, tot_d = sum(r["params"] for r in rows), sum(r["dense_params"] for r in rows)
-    tot_b, tot_db = sum(r["bytes"] for r in rows), sum(r["dense_bytes"] for r in rows)
-    body.append(["**factorized layers**", "", "", sum(r["nnz"] for r in rows), tot_p,
-                 f"{tot_p / max(tot_d, 1):.3f}", tot_b, "", "", ""])
-    what = "feature maps" if cfg.objective == "features" else "weights only"
-    ctx.cache["report"] = [
-        f"## Low-rank + sparse decomposition (GreBdec, fitted to {what}, {cfg.inputs} inputs)\n\n"
-        f"W ≈ U V + S per layer; params = r·(m + d) + nnz (+ bias); bytes = float32 U, V, bias + S in CSR "
-        f"(value + {2}-byte column index per non-zero, 4-byte row pointers); dense: {tot_db:,} bytes. Errors are "
-        f"relative (‖W − Ŵ‖/‖W‖ and ‖Y − Ŷ‖/‖Y‖ on {images} calibration images × "
-        f"{int(cfg.positions)} positions). The sparse part runs as a masked dense layer unless "
-        "netslim.surgery.factorized.use_sparse_kernel switches it to CSR.\n\n"
-        + table(["layer", "m×d", "rank", "non-zeros", "params", "params/dense", "bytes", "weight err",
-                 "feature-map err", "s"], body)]
-
-
-__all__ = ["lrs", "Config", "original_moments", "compressed_moments", "patches", "call_order", "candidate_layers",
-           "knob_budgets", "target_budgets"]
+__all__ = ["lrs", "Config", "candidate_layers", "knob_budgets", "target_budgets"]

@@ -17,6 +17,9 @@ Alternating minimisation, all closed form (no SVD in the loop):
   E G Eᵀ (m × m, never formed), orthogonal to U, with V's new rows Qᵀ E.
 One m·d² product (T G) per layer; every other step costs d²·r or Σ|Ω_i|².
 Everything is float64: activation Gram matrices are badly conditioned.
+
+One solver in one file (about 350 lines): the three alternating steps share the metric G and its
+factorisation, and are read and checked together against the objective above.
 """
 
 from __future__ import annotations

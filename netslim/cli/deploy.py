@@ -1,0 +1,103 @@
+"""Deployment commands: `export` (fold BatchNorm, ONNX / torch.export, checked and timed) and `pack`
+(weight pruning, k-means sharing, Huffman coding). They read a run directory written by `compress`."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from netslim.cli.commands import app
+from netslim.cli.options import CacheOpt, DataOpt, DeviceOpt, JsonOpt, OutOpt, OverwriteOpt
+from netslim.cli.output import console, guarded
+from netslim.cli.output import emit as _emit
+from netslim.errors import NetslimError
+
+
+@app.command()
+@guarded
+def export(run: Annotated[Path, typer.Argument(help="run directory (or model.safetensors) written by compress")],
+           fmt: Annotated[str, typer.Option("--format", "-f", help="onnx | torch-export")] = "onnx",
+           out: Annotated[Path | None, typer.Option("--out", "-o", help="file to write (default: in the run)")] = None,
+           data: Annotated[str | None, typer.Option("--data", "-d", help="images to check predictions on "
+                                                                         "(default: the run's --data)")] = None,
+           images: Annotated[int, typer.Option(help="test images to compare predictions on")] = 1000,
+           threads: Annotated[int | None, typer.Option(help="CPU threads for the timings")] = None,
+           cache_dir: CacheOpt = None, as_json: JsonOpt = False) -> None:
+    """Fold BatchNorm, export (ONNX or torch.export), check predictions against PyTorch, time both."""
+    from netslim.workflows.export import export_run
+
+    rep = export_run(run, fmt, out, data, images, threads=threads, cache_dir=cache_dir)
+    c = rep["check"]
+    console.print(f"{rep['format']} ({rep['exporter']}) → {rep['file']} · {rep['batchnorms_folded']}/"
+                  f"{rep['batchnorms']} BatchNorms folded · {c['inputs']}: top-1 agreement "
+                  f"{c['top1_agreement']:.4f}, max relative logit difference {c['max_rel_logit_diff']:.1e} "
+                  f"(tolerance {c['rtol']:g})")
+    t = Table("runtime", "batch", "threads", "median ms", "img/s", "speedup vs PyTorch")
+    for r in rep["latency"]:
+        t.add_row(r["runtime"], str(r["batch"]), str(r["threads"]), f"{r['median_ms']:.3f}",
+                  f"{r['throughput']:,.1f}", f"{r['speedup_vs_pytorch']:.2f}×")
+    console.print(t)
+    _emit(rep, as_json)
+
+
+def _per_layer(pairs: list[str] | None, kind: type) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        name, sep, value = pair.partition("=")
+        try:
+            out[name.strip()] = kind(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise NetslimError(f"{pair!r} must look like LAYER={kind.__name__}")
+    return out
+
+
+@app.command()
+@guarded
+def pack(run: Annotated[Path, typer.Argument(help="run directory (or model.safetensors) written by compress")],
+         data: DataOpt = "digits", out: OutOpt = None,
+         layers: Annotated[str | None, typer.Option(help="comma-separated Conv2d/Linear layers (default all)")] = None,
+         sparsity: Annotated[float, typer.Option(help="fraction of conv weights pruned by magnitude")] = 0.5,
+         fc_sparsity: Annotated[float, typer.Option(help="fraction of Linear weights pruned")] = 0.5,
+         layer_sparsity: Annotated[list[str] | None, typer.Option(help="LAYER=F override (repeatable)")] = None,
+         conv_bits: Annotated[int, typer.Option(help="k-means shared values per conv layer: 2^bits")] = 8,
+         fc_bits: Annotated[int, typer.Option(help="shared values per Linear layer: 2^bits")] = 5,
+         layer_bits: Annotated[list[str] | None, typer.Option(help="LAYER=BITS override (repeatable)")] = None,
+         finetune_epochs: Annotated[int, typer.Option(help="fine-tuning epochs with the pruning mask fixed")] = 1,
+         lr: float = 0.005, batch_size: int = 128,
+         train_subset: Annotated[int | None, typer.Option(help="fine-tune on this many training images")] = None,
+         device: DeviceOpt = "auto", cache_dir: CacheOpt = None, overwrite: OverwriteOpt = False,
+         distill: Annotated[float, typer.Option("--distill", help="weight of the unpacked network's softened "
+                                                "outputs in the fine-tuning loss, 0..1 (0: labels only)")] = 0.0,
+         as_json: JsonOpt = False) -> None:
+    """Storage compression: weight pruning + fine-tuning, k-means sharing, Huffman coding -> packed file."""
+    from netslim.surgery.checkpoint import plan_of, read_tensors
+    from netslim.train import Schedule
+    from netslim.workflows.api import pick_device
+    from netslim.workflows.pack import PackConfig, load_run_data, pack_run_dir
+
+    if not run.exists():
+        raise NetslimError(f"{run} does not exist: give a run directory written by compress (or its model file)")
+    out = out or (run / "packed" if run.is_dir() else run.with_name(run.stem + "-packed"))
+    if out.exists() and not overwrite:
+        raise NetslimError(f"output directory {out} already exists; pass --overwrite to replace it")
+    _, meta = read_tensors(run / "model.safetensors" if run.is_dir() else run)
+    train_set, test = load_run_data(data, plan_of(meta), cache_dir)
+    cfg = PackConfig([n.strip() for n in layers.split(",") if n.strip()] if layers else None, sparsity, fc_sparsity,
+                     _per_layer(layer_sparsity, float), conv_bits, fc_bits, _per_layer(layer_bits, int),
+                     finetune=Schedule(epochs=finetune_epochs, lr=lr, batch_size=batch_size, distill=distill),
+                     train_subset=train_subset)
+    m = pack_run_dir(run, train_set, test, cfg, out, pick_device(device), overwrite,
+                     command=shlex.join(["netslim", *sys.argv[1:]]))
+    b, acc = m["bytes"], m["accuracy"]
+    console.print(f"packed {b['dense_fp32_model']:,} B (dense fp32) into {b['packed_file']:,} B "
+                  f"({b['ratio_file']}×; packed layers {b['ratio_layers']}×); test accuracy "
+                  f"{acc['before']:.4f} → {acc['unpacked']:.4f}; decoded predictions identical → {out}"
+                  if acc.get("before") is not None else f"packed into {b['packed_file']:,} B → {out}")
+    _emit(m, as_json)

@@ -1,0 +1,173 @@
+"""LRS's calibration moments: per layer, sums of im2col patch outer products G = X Xᵀ (and Y Xᵀ when the
+inputs differ from the original network's), accumulated by forward pre-hooks and never stored as patches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from netslim.methods.lrs.solver import Moments
+from netslim.surgery.factorized import matrix_shape
+
+
+class _Stop(Exception):
+    """Raised by a hook once the last needed input was seen: the rest of the forward is skipped."""
+
+
+def call_order(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Names of the model's modules in the order they are called."""
+    order: list[str] = []
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: order.append(n))
+               for n, m in model.named_modules() if n]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return list(dict.fromkeys(order))
+
+
+def patches(module: nn.Module, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """Input patches (rows × d, im2col order) of a Conv2d at output positions `idx` (N × p), or a Linear's rows.
+
+    Only the sampled windows are gathered (a strided view of the padded input), not the whole im2col.
+    """
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = module.kernel_size, module.stride, module.padding, module.dilation
+    xp = F.pad(x, (pw, pw, ph, ph)).contiguous()
+    n, c, h, w = xp.shape
+    ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    st = xp.stride()
+    win = xp.as_strided((n, c, ho, wo, kh, kw), (st[0], st[1], st[2] * sh, st[3] * sw, st[2] * dh, st[3] * dw))
+    if idx is None:
+        idx = torch.arange(ho * wo, device=x.device).expand(n, -1)
+    rows = torch.arange(n, device=x.device).unsqueeze(1).expand_as(idx).reshape(-1)
+    flat = idx.reshape(-1)
+    return win[rows, :, flat // wo, flat % wo].reshape(rows.numel(), c * kh * kw)
+
+
+def _positions(module: nn.Module, x: torch.Tensor, p: int, gen: torch.Generator) -> torch.Tensor | None:
+    if not isinstance(module, nn.Conv2d):
+        return None
+    h, w = x.shape[-2:]
+    k, s, pad, dil = module.kernel_size, module.stride, module.padding, module.dilation
+    ho = (h + 2 * pad[0] - dil[0] * (k[0] - 1) - 1) // s[0] + 1
+    wo = (w + 2 * pad[1] - dil[1] * (k[1] - 1) - 1) // s[1] + 1
+    if ho * wo <= p:
+        return None
+    return torch.rand(x.shape[0], ho * wo, generator=gen).argsort(1)[:, :p].to(x.device)
+
+
+class _Accumulator:
+    """Sums of patch outer products: float32 partial sums (fast GEMMs), flushed into float64 every few batches."""
+
+    FLUSH = 8192  # rows summed in float32 before moving into the float64 total
+
+    def __init__(self, module: nn.Module) -> None:
+        m, d = matrix_shape(module)
+        self.weight = module.weight.detach().reshape(m, d).float()
+        self.total = torch.zeros(d, d, dtype=torch.float64)
+        self.cross: torch.Tensor | None = None
+        self.yy = 0.0
+        self.n = 0
+        self._part: torch.Tensor | None = None
+        self._rows = 0
+
+    def add(self, xhat: torch.Tensor, x: torch.Tensor | None = None) -> None:
+        """Patches the layer sees (xhat) and, when they differ, the original network's (x)."""
+        xhat = xhat.float()
+        if self._part is None:
+            self._part = xhat.T @ xhat
+        else:
+            self._part.addmm_(xhat.T, xhat)
+        self._rows += xhat.shape[0]
+        if self._rows >= self.FLUSH:
+            self._flush()
+        if x is not None:  # original inputs differ: Y = W X is needed (with them, ‖Y‖² = tr(W G Wᵀ) at the end)
+            y = x.float() @ self.weight.T
+            part = (y.T @ xhat).double().cpu()
+            self.cross = part if self.cross is None else self.cross + part
+            self.yy += float(y.double().pow(2).sum())
+        self.n += xhat.shape[0]
+
+    def _flush(self) -> None:
+        if self._part is not None:
+            self.total += self._part.double().cpu()
+            self._part, self._rows = None, 0
+
+    def moments(self) -> Moments:
+        self._flush()
+        if self.cross is None:
+            w = self.weight.double()
+            self.yy = float(((w @ self.total) * w).sum())
+        return Moments(self.total, self.cross, self.yy, self.n)
+
+
+def original_moments(model: nn.Module, names: list[str], data: Any, positions: int, seed: int) -> dict[str, Moments]:
+    """One pass: each layer's patch moments from the original network's own inputs."""
+    mods = dict(model.named_modules())
+    acc = {n: _Accumulator(mods[n]) for n in names}
+    gen = torch.Generator().manual_seed(seed)
+    last = names[-1] if names else None
+
+    def hook(name: str):
+        def run(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            acc[name].add(patches(module, x, _positions(module, x, positions, gen)))
+            if name == last:
+                raise _Stop
+
+        return run
+
+    handles = [mods[n].register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            for x, _ in data:
+                try:
+                    model(x)
+                except _Stop:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: a.moments() for n, a in acc.items()}
+
+
+def compressed_moments(reference: nn.Module, model: nn.Module, name: str, data: Any, positions: int,
+                       seed: int) -> Moments:
+    """Moments of `name` on the inputs the partly compressed `model` gives, against `reference`'s outputs."""
+    ref_mod, mod = reference.get_submodule(name), model.get_submodule(name)
+    acc = _Accumulator(ref_mod)
+    seen: dict[str, Any] = {}
+    gen = torch.Generator().manual_seed(seed)
+
+    def grab(key: str):
+        def run(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if key == "ref":
+                seen["idx"] = _positions(module, x, positions, gen)
+            seen[key] = patches(module, x, seen["idx"])
+            raise _Stop
+
+        return run
+
+    handles = [ref_mod.register_forward_pre_hook(grab("ref")), mod.register_forward_pre_hook(grab("new"))]
+    try:
+        with torch.no_grad():
+            for x, _ in data:
+                for net in (reference, model):
+                    try:
+                        net(x)
+                    except _Stop:
+                        pass
+                acc.add(seen["new"], seen["ref"])
+    finally:
+        for h in handles:
+            h.remove()
+    return acc.moments()

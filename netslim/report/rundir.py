@@ -1,0 +1,67 @@
+"""The run directory a user reads and reloads: plan.json, model.safetensors, metrics.json, report.md, plots."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from netslim.io import atomic_write_text
+from netslim.plan import Plan
+from netslim.report.markdown import comparison_rows, table, write_markdown
+from netslim.report.plots import widths_plot
+from netslim.surgery.checkpoint import save_model
+
+
+def write_run(path: Path, *, plan: Plan, model: nn.Module, metrics: dict[str, Any],
+              artifacts: dict[str, Callable[[Path], None]], sections: list[str]) -> None:
+    """plan.json, model.safetensors, metrics.json, report.md and widths.png (plus the method's artifacts)."""
+    m = metrics
+    plan.save(path / "plan.json")
+    save_model(path / "model.safetensors", model, plan)
+    atomic_write_text(path / "metrics.json", json.dumps(m, indent=1, default=str))
+    w = m["widths"]
+    widths_plot(path / "widths.png", [r["layer"] for r in w], [r["before"] for r in w], [r["after"] for r in w],
+                f"{plan.arch}: {plan.method}")
+    for name, writer in artifacts.items():
+        writer(path / name)
+    before, after = m["before"], m["after"]
+    parts = [
+        f"# netslim report: {plan.arch}, method `{plan.method}`",
+        f"Target: {m['target'] or 'method default'} · init: {m['init']} · analysis: {m['analysis_seconds']} s on "
+        f"{m['calibration_images']} calibration images · fine-tune: {m['schedule']['epochs']} epochs · "
+        f"{m['date']} · torch {m['machine']['torch']}",
+        "## Before and after\n\n" + table(["", "before", "after", "after/before"], comparison_rows(before, after)),
+        _speed_section(m.get("speed", [])),
+        "## Per-layer widths\n\n![widths](widths.png)\n\n" + table(
+            ["layer", "before", "after"], [[r["layer"], r["before"], r["after"]] for r in w]),
+        _history_section(m["history"]),
+        *sections,
+        f"Command: `{m['command']}`" if m["command"] else "",
+    ]
+    write_markdown(path / "report.md", parts)
+
+
+def _history_section(history: list[dict]) -> str:
+    if not history:
+        return ""
+    rows = [[h.get("epoch"), h.get("train_loss"), h.get("train_acc"), h.get("val_acc"), h.get("seconds")]
+            for h in history]
+    return "## Fine-tuning\n\n" + table(["epoch", "train loss", "train acc", "val acc", "seconds"], rows)
+
+
+def _speed_section(speed: list[dict[str, Any]]) -> str:
+    if not speed:
+        return ""
+    rows = [[r["device_name"] if r["device"] == "cpu" else r["device"], r["dtype"], r["batch"], r.get("threads"),
+             r.get("base_ms"), r.get("ms"), f"{r['speedup']:.3f}×" if "speedup" in r else r.get("error"),
+             r.get("base_throughput"), r.get("throughput")] for r in speed]
+    slower = [f"{r['device']} {r['dtype']} batch {r['batch']}" for r in speed if r.get("speedup", 1.0) < 1.0]
+    warning = ("\n\n**Slower than the base** at " + ", ".join(slower) + ": try `--round-to 8` (or 16 on "
+               "AVX-512 CPUs) or a `--target latency=F`.") if slower else ""
+    return ("## Speed (base and result timed in turns, medians)\n\n" + table(
+        ["device", "dtype", "batch", "threads", "base ms", "after ms", "speedup", "base img/s", "after img/s"],
+        rows) + warning)
