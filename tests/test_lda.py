@@ -406,7 +406,7 @@ def test_bad_inputs_are_clear_errors(digits_net: tuple) -> None:
 def test_residual_groups_combine_member_utilities_by_max() -> None:
     from netslim.data import ImageSet
     from netslim.methods.base import Context
-    from netslim.methods.lda.loop import LoopOptions, validate
+    from netslim.methods.lda.loop import LoopOptions, validation_pass
     from netslim.methods.lda.step import analyse_model, plan_at
     from netslim.zoo import build
 
@@ -417,7 +417,7 @@ def test_residual_groups_combine_member_utilities_by_max() -> None:
     ctx = Context(model=net, arch="resnet20", num_classes=3, input_size=(3, 16, 16), calib=data, train=data,
                   val=data, options={})
     o = LoopOptions(trace_images=5, verbose=False)
-    a = analyse_model(ctx, o, validate(net, data, ctx.classifier, "cpu", 64)[1])
+    a = analyse_model(ctx, o, validation_pass(net, data, ctx.classifier, "cpu", 64)[1])
     stream = next(grp for grp in ctx.groups() if "layer3.0.conv2" in grp.layers)  # stage 3: adds tie 10 layers
     assert len(stream.layers) > 2 and stream.root in a.utility
     from netslim.methods.lda.core import ranking

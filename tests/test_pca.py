@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from netslim.data import ImageSet
 from netslim.errors import NetslimError
 from netslim.methods import Context, get_method
-from netslim.methods.pca.depth import Unit, decide
+from netslim.methods.pca.depth import DropUnit, decide
 from netslim.surgery.apply import apply_plan
 from netslim.surgery.checkpoint import load_model, save_model
 from netslim.workflows.stages import resolve_init
@@ -88,8 +88,8 @@ def test_later_layers_that_add_no_dimensions_are_dropped() -> None:
 
 
 def test_depth_rule_on_dimension_sequences() -> None:
-    def units(dims: list[int], stages: list[int], channels: int = 16) -> list[Unit]:
-        return [Unit(f"u{i}", "conv", channels, (1,), s, True, dims=d) for i, (d, s) in
+    def units(dims: list[int], stages: list[int], channels: int = 16) -> list[DropUnit]:
+        return [DropUnit(f"u{i}", "conv", channels, (1,), s, True, dims=d) for i, (d, s) in
                 enumerate(zip(dims, stages, strict=True))]
 
     # grows, stalls, falls; then a new stage whose first unit is always kept

@@ -27,7 +27,7 @@ from torch import nn
 from netslim.errors import NetslimError
 from netslim.pack.huffman import Encoded, decode, encode
 from netslim.plan import Plan
-from netslim.surgery.checkpoint import PLAN_KEY, build_from_plan, load_state
+from netslim.surgery.checkpoint import PLAN_KEY, build_from_plan, load_tensors
 
 META_KEY = "netslim_pack"
 VERSION = 1
@@ -195,5 +195,5 @@ def load_packed(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Modu
         raise NetslimError(f"packed file {path} does not exist")
     state, plan = unpack_bytes(path.read_bytes(), str(path))
     model = build_from_plan(plan, device)
-    load_state(model, state, str(path), plan.arch)
+    load_tensors(model, state, str(path), plan.arch)
     return model.eval(), plan

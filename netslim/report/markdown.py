@@ -50,7 +50,7 @@ def size_rows(before: dict[str, Any], after: dict[str, Any]) -> list[list[Any]]:
         return f"{b / a:.3f}×" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else "–"
 
     rows = []
-    for label, key in (("parameters", "params"), ("MACs", "macs"), ("FLOPs", "flops"), ("bytes stored (fp32)", "bytes")):
+    for label, key in (("parameters", "params"), ("MACs", "macs"), ("FLOPs", "flops"), ("bytes stored", "bytes")):
         rows.append([label, before.get(key), after.get(key), ratio(before.get(key), after.get(key))])
     for batch in (1, 64):
         a, b = latency_of(before, batch), latency_of(after, batch)

@@ -30,7 +30,7 @@ def example_input(model: nn.Module, plan: Plan) -> torch.Tensor:
     return torch.zeros(1, *plan.input_size, device=p.device, dtype=p.dtype)
 
 
-def validate(plan: Plan, model: nn.Module, groups: list[ChannelGroup] | None = None) -> None:
+def check_plan(plan: Plan, model: nn.Module, groups: list[ChannelGroup] | None = None) -> None:
     """Raise NetslimError for a Plan that cannot apply to `model` (before anything is changed)."""
     modules = dict(model.named_modules())
     for section, names in (("keep", plan.keep), ("drop", plan.drop), ("factorize", plan.factorize)):
@@ -73,7 +73,7 @@ def _check_coupling(plan: Plan, groups: list[ChannelGroup]) -> None:
 
 def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     """Reshape `model` in place to the Plan's structure and return it (weights of kept channels survive)."""
-    validate(plan, model)
+    check_plan(plan, model)
     example = example_input(model, plan)
     drop_layers(model, plan.drop, example)
     classifier = find_classifier(model)
@@ -114,4 +114,4 @@ def _check_widths(model: nn.Module, plan: Plan) -> None:
             raise NetslimError(f"surgery left {name!r} with {got} channels instead of {len(idx)}")
 
 
-__all__ = ["apply_plan", "validate", "find_classifier", "example_input", "group_members"]
+__all__ = ["apply_plan", "check_plan", "find_classifier", "example_input", "group_members"]

@@ -40,7 +40,7 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, meta
 
 
-def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: str, arch: str) -> None:
+def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: str, arch: str) -> None:
     """Strictly load `tensors` into `model`, naming what does not fit (wrong architecture or class count)."""
     own = model.state_dict()
     missing = [k for k in own if k not in tensors]
@@ -95,5 +95,5 @@ def load_model(path: Path, device: str | torch.device = "cpu", *, arch: str | No
     if plan is None:
         raise NetslimError(f"{path} has no netslim plan in its metadata; load it with --model ARCH instead")
     model = build_from_plan(plan, device, arch=arch)
-    load_state(model, tensors, str(path), plan.arch)
+    load_tensors(model, tensors, str(path), plan.arch)
     return model.eval(), plan

@@ -20,7 +20,7 @@ from netslim.train.distributed import all_reduce_, barrier, count_batches, dist_
 from netslim.train.distributed import shard as shard_batches
 from netslim.train.evaluation import evaluate, to_device_input, unwrap
 from netslim.train.schedule import Schedule, lr_at
-from netslim.train.state import load_state, read_meta, save_state
+from netslim.train.state import read_meta, restore_training, save_state
 
 _NONE = 2**62  # "no bad step yet" in the non-finite-loss tracker (min-reduced across ranks)
 
@@ -125,7 +125,7 @@ def fit(
     meta = read_meta(checkpoint_dir) if resume and checkpoint_dir is not None else None
     if meta is not None:
         _check_resume(meta, schedule, steps, checkpoint_dir)
-        load_state(checkpoint_dir, module, optimizer)
+        restore_training(checkpoint_dir, module, optimizer)
         start_epoch, step, history, seed = meta["epoch"], meta["step"], list(meta["history"]), meta["seed"]
 
     net: nn.Module = module

@@ -74,7 +74,7 @@ def read_meta(directory: Path) -> dict | None:
     return meta
 
 
-def load_state(directory: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def restore_training(directory: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Load weights and momentum buffers into existing objects (they keep their device and layout)."""
     path = Path(directory) / STATE_TENSORS
     try:

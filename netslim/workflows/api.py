@@ -13,7 +13,7 @@ from netslim.data import ImageSet, load_dataset
 from netslim.errors import NetslimError
 from netslim.methods.base import MethodResult
 from netslim.plan import Plan
-from netslim.surgery.checkpoint import build_from_plan, load_state, plan_of, read_tensors
+from netslim.surgery.checkpoint import build_from_plan, load_tensors, plan_of, read_tensors
 from netslim.train import Schedule
 from netslim.workflows.compress import Result
 from netslim.workflows.compress import compress as _compress
@@ -46,14 +46,14 @@ def load_trained(weights: Path | None, arch: str | None, num_classes: int,
         if arch is not None and arch != plan.arch:
             raise NetslimError(f"{weights} holds a {plan.arch!r} network, not {arch!r}")
         model = build_from_plan(plan, arch=arch)
-        load_state(model, tensors, str(weights), plan.arch)
+        load_tensors(model, tensors, str(weights), plan.arch)
         return model.eval(), plan.arch, plan
     if arch is None and meta.get("arch") is None:
         raise NetslimError(f"{weights} does not say its architecture; give --model ARCH")
     given = arch is not None
     arch = arch if given else meta["arch"]
     model = build(arch, num_classes=num_classes, in_channels=in_channels, allow_code=given)
-    load_state(model, tensors, str(weights), arch)
+    load_tensors(model, tensors, str(weights), arch)
     return model.eval(), arch, None
 
 

@@ -194,9 +194,3 @@ def _plot(path: Path, result: dict[str, Any]) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
-
-
-def load_results(path: Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
-
-

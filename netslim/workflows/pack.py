@@ -121,7 +121,7 @@ def pack_model(model: nn.Module, plan: Plan, train: ImageSet | None, test: Image
 def verify_packed(blob: bytes, quantized: nn.Module, plan: Plan, test: ImageSet | None,
                   pred_q: torch.Tensor | None, device: str) -> dict[str, Any]:
     """Decode the bytes, rebuild the network, and check weights and predictions against the quantized net."""
-    from netslim.surgery.checkpoint import build_from_plan, load_state
+    from netslim.surgery.checkpoint import build_from_plan, load_tensors
 
     state, plan2 = unpack_bytes(blob)
     ref = {k: v.detach().cpu() for k, v in quantized.state_dict().items()}
@@ -129,7 +129,7 @@ def verify_packed(blob: bytes, quantized: nn.Module, plan: Plan, test: ImageSet 
     if mismatched:
         raise NetslimError(f"packing is not lossless after quantization: {', '.join(mismatched[:5])} differ")
     model = build_from_plan(plan2, device)
-    load_state(model, state, "packed bytes", plan2.arch)
+    load_tensors(model, state, "packed bytes", plan2.arch)
     out: dict[str, Any] = {"weights_identical": True, "tensors": len(ref), "accuracy": None}
     if test is not None and pred_q is not None:
         pred = predictions(model, test, device)

@@ -43,7 +43,7 @@ from netslim.errors import NetslimError
 from netslim.methods.base import AnalysisCache, Context
 from netslim.methods.lda.core import ClassMoments, predecision_features
 from netslim.methods.lda.options import LoopOptions
-from netslim.methods.lda.step import Analysis, analyse_model, compose, plan_at, recalibrate
+from netslim.methods.lda.step import LdaAnalysis, analyse_model, compose, plan_at, recalibrate
 from netslim.plan import Plan
 from netslim.surgery.apply import apply_plan
 
@@ -87,7 +87,7 @@ def finetune_round(model: nn.Module, train: ImageSet, o: LoopOptions, round_inde
     return fit(model, loader, recipe, device=device, progress=False, seed=round_index, teacher=teacher)
 
 
-def validate(model: nn.Module, val: ImageSet, classifier: str, device: str, batch_size: int
+def validation_pass(model: nn.Module, val: ImageSet, classifier: str, device: str, batch_size: int
              ) -> tuple[float, tuple[torch.Tensor, torch.Tensor]]:
     """Validation accuracy and the pre-decision features it came from (one pass)."""
     feats, labels = predecision_features(model, batches(val, batch_size, device=device), classifier, device)
@@ -115,7 +115,7 @@ class LoopOutcome:
     base: dict[str, int]  # size of the unpruned network (params, macs)
     stop: str  # why the loop stopped
     options: LoopOptions
-    analyses: list[Analysis]  # one per iteration
+    analyses: list[LdaAnalysis]  # one per iteration
 
 
 def run_loop(ctx: Context) -> LoopOutcome:
@@ -129,7 +129,7 @@ def run_loop(ctx: Context) -> LoopOutcome:
     base_widths = {n: w for g in ctx.groups() for n in g.layers for w in [g.width]}
     base_size = model_size(base, ctx.input_size)
     t0 = time.perf_counter()
-    acc0, feats = validate(base, val, classifier, ctx.device, ctx.batch_size)
+    acc0, feats = validation_pass(base, val, classifier, ctx.device, ctx.batch_size)
     target = ctx.target
     if target is not None and target.kind not in ("params", "flops"):
         raise NetslimError(f"lda meets params or flops targets, not {target.kind}")
@@ -146,7 +146,7 @@ def run_loop(ctx: Context) -> LoopOutcome:
                   + (f", floor {floor:.4f}" if floor is not None else "") + (f", target {target}" if target else ""))
     best: tuple[Iterate, nn.Module] | None = (start, base) if target is None else None
     cur, keep_base, rounds, misses, stop = base, {}, 0, 0, ""
-    analyses: list[Analysis] = []
+    analyses: list[LdaAnalysis] = []
     for t in range(1, o.max_iters + 1):
         began = time.perf_counter()
         eta = o.eta_start + (t - 1) * o.eta_step
@@ -165,12 +165,12 @@ def run_loop(ctx: Context) -> LoopOutcome:
         new = apply_plan(copy.deepcopy(cur), plan) if plan.keep else copy.deepcopy(cur)
         recalibrate(new, cur, classifier, a.mean, ctx.calib, o, ctx.device, ctx.batch_size)
         keep_base = compose(keep_base, plan.keep, base_widths)
-        acc_cut, feats_cut = validate(new, val, classifier, ctx.device, ctx.batch_size)
+        acc_cut, feats_cut = validation_pass(new, val, classifier, ctx.device, ctx.batch_size)
         rounds += 1
         before = copy.deepcopy(new.state_dict()) if o.keep_unless_better else None
         finetune_round(new, ctx.train, o, rounds, ctx.device, teacher=base)
         new.eval()
-        acc, feats = validate(new, val, classifier, ctx.device, ctx.batch_size)
+        acc, feats = validation_pass(new, val, classifier, ctx.device, ctx.batch_size)
         if before is not None and acc < acc_cut:  # a short, high-lr round can cost more than it repairs
             console.print(f"lda: fine-tuning lowered validation accuracy to {acc:.4f}: kept the repaired cut")
             new.load_state_dict(before)
@@ -235,7 +235,7 @@ def _better(best: tuple[Iterate, nn.Module] | None, cand: tuple[Iterate, nn.Modu
     return cand if key(c) < key(b) else best
 
 
-def _fit_target(sub: Context, a: Analysis, eta: float, o: LoopOptions, target: Any, base_size: dict[str, int],
+def _fit_target(sub: Context, a: LdaAnalysis, eta: float, o: LoopOptions, target: Any, base_size: dict[str, int],
                 plan: Plan, last: bool) -> tuple[Plan, float, bool]:
     """If the step at η would cross the target, bisect η so the cut just fits it (and say it is final)."""
     goal = target.fraction * base_size[target.kind]
@@ -266,4 +266,4 @@ def _fit_target(sub: Context, a: Analysis, eta: float, o: LoopOptions, target: A
     return plan_at(sub, a, hi, o), hi, True
 
 
-__all__ = ["LoopOptions", "LoopOutcome", "Iterate", "run_loop", "finetune_round", "validate", "ClassMoments"]
+__all__ = ["LoopOptions", "LoopOutcome", "Iterate", "run_loop", "finetune_round", "validation_pass", "ClassMoments"]

@@ -29,7 +29,7 @@ from netslim.probe import response_modules
 
 
 @dataclass
-class Analysis:
+class LdaAnalysis:
     """What one step measured on the current network."""
 
     scores: torch.Tensor
@@ -39,7 +39,7 @@ class Analysis:
     mean: torch.Tensor  # (M,) training mean of the pre-decision neurons
 
 
-def analyse_model(sub: Context, o: LoopOptions, val_feats: tuple[torch.Tensor, torch.Tensor]) -> Analysis:
+def analyse_model(sub: Context, o: LoopOptions, val_feats: tuple[torch.Tensor, torch.Tensor]) -> LdaAnalysis:
     """Fisher scores, M′ on validation features, and per-group traced utility of the current model."""
     model, classifier, device = sub.model, sub.classifier, sub.device
     assert sub.calib is not None
@@ -61,7 +61,7 @@ def analyse_model(sub: Context, o: LoopOptions, val_feats: tuple[torch.Tensor, t
         members = [util[n] for n in g.layers if n in util]
         if members:
             utility[g.root] = torch.stack(members).amax(0)
-    return Analysis(scores, mprime, curve, utility, moments.mean)
+    return LdaAnalysis(scores, mprime, curve, utility, moments.mean)
 
 
 def trace_set(data: ImageSet, per_class: int) -> ImageSet:
@@ -86,7 +86,7 @@ def threshold_keep(utility: torch.Tensor, eta: float, min_keep: int) -> list[int
     return keep.nonzero().flatten().tolist()
 
 
-def plan_at(sub: Context, a: Analysis, eta: float, o: LoopOptions) -> Plan:
+def plan_at(sub: Context, a: LdaAnalysis, eta: float, o: LoopOptions) -> Plan:
     """Plan for the *current* model (its channel numbering) at threshold η."""
     plan = sub.base_plan("lda")
     for g in sub.groups():

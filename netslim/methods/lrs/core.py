@@ -23,7 +23,7 @@ from torch import nn
 from netslim.data import batches, calibration_subset
 from netslim.errors import NetslimError
 from netslim.methods.base import Context, MethodResult, register
-from netslim.methods.lrs.moments import call_order, compressed_moments, original_moments
+from netslim.methods.lrs.moments import module_call_order, compressed_moments, original_moments
 from netslim.methods.lrs.options import Config
 from netslim.methods.lrs.report import report
 from netslim.methods.lrs.solver import Moments, allocate, decompose, lowrank_curve, weighted_error
@@ -38,7 +38,7 @@ def candidate_layers(ctx: Context, cfg: Config) -> list[str]:
     unknown = [n for n in (*cfg.skip, *(cfg.per_layer or {})) if n not in mods]
     if unknown:
         raise NetslimError(f"lrs: unknown layer {unknown[0]!r} in skip/per_layer")
-    order = call_order(ctx.model, ctx.example())
+    order = module_call_order(ctx.model, ctx.example())
     out = [n for n in order if layer_kind(mods[n]) is not None and n not in cfg.skip
            and (cfg.include_classifier or n != ctx.classifier)]
     if not out:

@@ -18,7 +18,7 @@ class _Stop(Exception):
     """Raised by a hook once the last needed input was seen: the rest of the forward is skipped."""
 
 
-def call_order(model: nn.Module, example: torch.Tensor) -> list[str]:
+def module_call_order(model: nn.Module, example: torch.Tensor) -> list[str]:
     """Names of the model's modules in the order they are called."""
     order: list[str] = []
     handles = [m.register_forward_pre_hook(lambda mod, args, n=n: order.append(n))

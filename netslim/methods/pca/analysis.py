@@ -17,7 +17,7 @@ from netslim.errors import NetslimError
 from netslim.methods.base import AnalysisCache, Context
 from netslim.methods.common.spectral import eigenvalues, energy_width
 from netslim.methods.common.stats import response_stats
-from netslim.methods.pca.depth import Unit, block_units, structure
+from netslim.methods.pca.depth import DropUnit, block_units, structure
 from netslim.probe import LayerStats, collect
 from netslim.probe.points import ResponsePoint
 
@@ -42,7 +42,7 @@ class Spectrum:
 
 
 @dataclass
-class Analysis:
+class PcaAnalysis:
     layers: dict[str, Spectrum]  # conv/linear responses, forward order
     blocks: dict[str, Spectrum]  # residual block outputs (residual nets only)
     kind: str  # "sequential" | "residual" | "width-only"
@@ -55,7 +55,7 @@ class Design:
     tau: float
     depth_tau: float
     widths: dict[str, int]  # group root -> kept width (before rounding)
-    units: list[Unit]
+    units: list[DropUnit]
     drop: list[str]
 
 
@@ -97,7 +97,7 @@ def spatial_stats(ctx: Context) -> tuple[dict[str, LayerStats], ImageSet]:
     return cache.stats[key], cache.derived[f"pca:calib:{images}"]
 
 
-def analyse(ctx: Context) -> Analysis:
+def analyse(ctx: Context) -> PcaAnalysis:
     """One spatial-sample PCA pass over every prunable layer (and residual block outputs); cached."""
     key = f"pca:analysis:{image_count(ctx)}"
     if key in ctx.cache.derived:
@@ -114,6 +114,6 @@ def analyse(ctx: Context) -> Analysis:
         block_stats = collect(ctx.model, batches(calib, ctx.batch_size, device=ctx.device), layers=points,
                               reduce="spatial", device=ctx.device)
         blocks = _spectra(block_stats, [u.name for u in units])
-    result = Analysis(_spectra(stats, order), blocks, kind, why, len(calib.labels))
+    result = PcaAnalysis(_spectra(stats, order), blocks, kind, why, len(calib.labels))
     ctx.cache.derived[key] = result
     return result

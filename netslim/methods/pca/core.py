@@ -16,8 +16,8 @@ from netslim.cost.targets import bisect
 from netslim.methods.base import Context, MethodResult, register
 from netslim.methods.common.ranking import plan_from_widths
 from netslim.methods.common.selection import group_order, order_scores
-from netslim.methods.pca.analysis import Analysis, Design, analyse, dropped, image_count, spatial_stats
-from netslim.methods.pca.depth import Unit, block_units, decide, sequential_units
+from netslim.methods.pca.analysis import Design, PcaAnalysis, analyse, dropped, image_count, spatial_stats
+from netslim.methods.pca.depth import DropUnit, block_units, decide, sequential_units
 from netslim.methods.pca.options import PCAOptions
 from netslim.methods.pca.report import report
 from netslim.plan import Plan
@@ -25,7 +25,7 @@ from netslim.plan import Plan
 DEFAULT_VARIANCE = 0.999
 
 
-def _units(ctx: Context, a: Analysis) -> list[Unit]:
+def _units(ctx: Context, a: PcaAnalysis) -> list[DropUnit]:
     if a.kind == "sequential":
         return sequential_units(ctx.model, ctx.example())
     if a.kind == "residual":
@@ -33,7 +33,7 @@ def _units(ctx: Context, a: Analysis) -> list[Unit]:
     return []
 
 
-def design(ctx: Context, a: Analysis, tau: float, depth_tau: float | None, units: list[Unit]) -> Design:
+def design(ctx: Context, a: PcaAnalysis, tau: float, depth_tau: float | None, units: list[DropUnit]) -> Design:
     """Widths at `tau` and the depth decision at `depth_tau` (default: tau) for the analysed network."""
     min_keep = int(ctx.option("min_keep", 1))
     depth_tau = tau if depth_tau is None else depth_tau
@@ -72,7 +72,7 @@ class _Scores(dict):
         return score
 
 
-def _plan(ctx: Context, a: Analysis, d: Design, scores: dict[str, torch.Tensor], meta: dict) -> Plan:
+def _plan(ctx: Context, a: PcaAnalysis, d: Design, scores: dict[str, torch.Tensor], meta: dict) -> Plan:
     plan = plan_from_widths(ctx, "pca", scores, d.widths, meta)
     plan.keep = {n: idx for n, idx in plan.keep.items() if not dropped(n, d.drop)}
     plan.drop = list(d.drop)
@@ -86,7 +86,7 @@ def _options(ctx: Context) -> tuple[float, float | None]:
     return tau, None if depth_tau is None else float(depth_tau)
 
 
-def _meta(ctx: Context, a: Analysis, d: Design) -> dict:
+def _meta(ctx: Context, a: PcaAnalysis, d: Design) -> dict:
     return {"variance": round(d.tau, 8), "depth_variance": round(d.depth_tau, 8), "structure": a.kind,
             "depth_rule": str(ctx.option("depth_rule", "grow")) if a.kind != "width-only" else "width only",
             "depth_threshold": float(ctx.option("depth_threshold", 0.0)),

@@ -24,7 +24,7 @@ SATURATED = ("keep", "drop")
 
 
 @dataclass
-class Unit:
+class DropUnit:
     """One removable-or-not step of the network, in forward order, with the dimension of its output."""
 
     name: str
@@ -74,7 +74,7 @@ def _stages(resolutions: list[tuple[int, ...]]) -> list[int]:
     return out
 
 
-def sequential_units(model: nn.Module, example: torch.Tensor) -> list[Unit]:
+def sequential_units(model: nn.Module, example: torch.Tensor) -> list[DropUnit]:
     """Every conv in forward order; droppable when netslim.surgery.depth can remove it and rebuild its successor."""
     order = call_order(model, example, (nn.Conv2d, nn.Linear))
     convs = [n for n in order if isinstance(model.get_submodule(n), nn.Conv2d)]
@@ -94,11 +94,11 @@ def sequential_units(model: nn.Module, example: torch.Tensor) -> list[Unit]:
             why = "changes the resolution"
         elif nxt_mod is None or (isinstance(nxt_mod, nn.Conv2d) and nxt_mod.groups != 1):
             why = "no plain layer follows it"
-        units.append(Unit(name, "conv", conv.out_channels, r, stage, not why, why))
+        units.append(DropUnit(name, "conv", conv.out_channels, r, stage, not why, why))
     return units
 
 
-def block_units(model: nn.Module, example: torch.Tensor) -> list[Unit]:
+def block_units(model: nn.Module, example: torch.Tensor) -> list[DropUnit]:
     """Residual blocks in forward order; droppable when the shortcut is the identity."""
     blocks = residual_blocks(model)
     shapes = io_shapes(model, example, blocks)
@@ -109,11 +109,11 @@ def block_units(model: nn.Module, example: torch.Tensor) -> list[Unit]:
         inp, out = shapes[name]
         block = model.get_submodule(name)
         why = "" if block.downsample is None and inp == out else "its shortcut is not the identity"
-        units.append(Unit(name, "block", int(out[1]), r, stage, not why, why))
+        units.append(DropUnit(name, "block", int(out[1]), r, stage, not why, why))
     return units
 
 
-def decide(units: list[Unit], rule: str = "grow", threshold: float = 0.0, scope: str = "stage",
+def decide(units: list[DropUnit], rule: str = "grow", threshold: float = 0.0, scope: str = "stage",
            saturated: str = "keep") -> list[str]:
     """Mark each unit keep/drop (with its reason) and return the names to drop.
 

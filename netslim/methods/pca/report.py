@@ -11,14 +11,14 @@ from pathlib import Path
 from netslim.methods.base import Artifacts
 from netslim.methods.common.ranking import round_width
 from netslim.methods.common.spectral import energy_kept
-from netslim.methods.pca.analysis import Analysis, Design, dropped
+from netslim.methods.pca.analysis import Design, PcaAnalysis, dropped
 from netslim.plan import Plan
 from netslim.report.markdown import table
 from netslim.report.plots import figure, save_figure
 from netslim.surgery.graph import ChannelGroup
 
 
-def report(a: Analysis, d: Design, plan: Plan, groups: list[ChannelGroup]) -> tuple[list[str], Artifacts]:
+def report(a: PcaAnalysis, d: Design, plan: Plan, groups: list[ChannelGroup]) -> tuple[list[str], Artifacts]:
     """The design section (per-layer dimensions and widths, the depth decision) and its pca_dims.png writer."""
     step = int(plan.meta["round_to"])
     group_of = {n: g for g in groups for n in g.layers}
@@ -77,7 +77,7 @@ def _resolution(shape: tuple[int, ...]) -> str:
     return "×".join(str(s) for s in shape) if shape else "–"
 
 
-def dims_plot(path: Path, a: Analysis, d: Design) -> None:
+def dims_plot(path: Path, a: PcaAnalysis, d: Design) -> None:
     """Significant dimensions of every layer (and residual block output) against depth."""
     panels = [("layer responses", a.layers, d.tau)] + ([("residual block outputs", a.blocks, d.depth_tau)]
                                                        if a.blocks else [])
