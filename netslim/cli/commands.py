@@ -28,6 +28,8 @@ from netslim.cli.options import (
     OptOpt,
     OutOpt,
     OverwriteOpt,
+    RepairImagesOpt,
+    RepairOpt,
     RoundOpt,
     TargetOpt,
     ValFromOpt,
@@ -136,14 +138,19 @@ def compress(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt =
              train_subset: Annotated[int | None, typer.Option(help="fine-tune on this many training images")] = None,
              classes: ClassesOpt = None, device: DeviceOpt = "auto",
              cache_dir: CacheOpt = None, no_latency: bool = False, overwrite: OverwriteOpt = False,
-             val_from: ValFromOpt = "train", distill: DistillOpt = 0.0, as_json: JsonOpt = False) -> None:
-    """Analyse, cut, fine-tune, measure: writes plan.json, model.safetensors, metrics.json, report.md."""
+             val_from: ValFromOpt = "train", distill: DistillOpt = 0.0, repair: RepairOpt = "lsq",
+             repair_images: RepairImagesOpt = 2000, as_json: JsonOpt = False) -> None:
+    """Analyse, cut, repair, fine-tune, measure: writes plan.json, model.safetensors, metrics.json, report.md."""
     from netslim.cost.targets import parse_target
+    from netslim.repair import Repair
     from netslim.train import Schedule
     from netslim.workflows.compress import compress as run
     from netslim.workflows.stages import resolve_init
 
     options = checked_options(method, opt, round_to=round_to)  # before any data is decoded
+    sched = Schedule(epochs=finetune_epochs, lr=lr, batch_size=batch_size, label_smoothing=label_smoothing,
+                     distill=distill)
+    fix = Repair(mode=repair, images=repair_images)
     init = resolve_init(init if init is not None else options.get("init"), method)
     tgt = parse_target(target) if target else None
     if out is not None and out.exists() and not overwrite:
@@ -160,11 +167,9 @@ def compress(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt =
         from netslim.data import calibration_subset
 
         train_set = calibration_subset(train_set, train_subset, seed=1)
-    res = run(net, arch, train_set, test, method=method, target=tgt, options=options,
-              schedule=Schedule(epochs=finetune_epochs, lr=lr, batch_size=batch_size,
-                                label_smoothing=label_smoothing, distill=distill),
+    res = run(net, arch, train_set, test, method=method, target=tgt, options=options, schedule=sched,
               device=dev, calib_size=calib_size, init=init, classes=idx, out=out, overwrite=overwrite,
-              command=shlex.join(["netslim", *sys.argv[1:]]), measure_latency=not no_latency, val=val)
+              command=shlex.join(["netslim", *sys.argv[1:]]), measure_latency=not no_latency, val=val, repair=fix)
     console.print(before_after_table(res.metrics))
     console.print(f"run directory: {out}")
     _emit(res.metrics, as_json)
@@ -246,16 +251,23 @@ def bench(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt = "d
           classes: ClassesOpt = None, opt: OptOpt = None, out: OutOpt = Path("runs/bench"),
           resume: Annotated[bool, typer.Option(help="continue a killed bench in --out")] = False,
           no_latency: bool = False, device: DeviceOpt = "auto", cache_dir: CacheOpt = None,
-          distill: DistillOpt = 0.0, as_json: JsonOpt = False) -> None:
-    """Every method and torch-pruning's criteria at the same budget and fine-tuning schedule, one table."""
+          distill: DistillOpt = 0.0, repair: RepairOpt = "lsq", repair_images: RepairImagesOpt = 2000,
+          as_json: JsonOpt = False) -> None:
+    """Every method and torch-pruning's criteria at the same budget, repair and fine-tuning schedule, one table.
+
+    A method named METHOD+REPAIR (e.g. tp-l1+bn) gets that repair instead of --repair's."""
     from netslim.cost.targets import parse_target
     from netslim.data import calibration_subset
+    from netslim.repair import Repair
     from netslim.train import Schedule
     from netslim.workflows.bench import run_bench
 
     tgts = [parse_target(t.strip()) for t in targets.split(",") if t.strip()]
     names = [m.strip() for m in methods.split(",") if m.strip()]
     options = checked_bench_options(names, opt)  # before any data is decoded
+    sched = Schedule(epochs=finetune_epochs, lr=lr, batch_size=batch_size, label_smoothing=label_smoothing,
+                     schedule=schedule, distill=distill)
+    fix = Repair(mode=repair, images=repair_images)
     train_set, test, idx, net, arch, plan, dev = _setup(data, classes, cache_dir, weights, model, device)
     if idx is not None:
         raise NetslimError("bench compares methods on all classes of the data; drop --classes")
@@ -263,9 +275,7 @@ def bench(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt = "d
     test = calibration_subset(test, test_subset, seed=2) if test_subset else test
     assert out is not None
     res = run_bench(net, arch, train_set if not train_subset else tune, test, methods=names, targets=tgts,
-                    schedule=Schedule(epochs=finetune_epochs, lr=lr, batch_size=batch_size,
-                                      label_smoothing=label_smoothing, schedule=schedule, distill=distill),
-                    out=out, device=dev, calib_size=calib_size, options=options,
+                    schedule=sched, repair=fix, out=out, device=dev, calib_size=calib_size, options=options,
                     measure_latency=not no_latency, resume=resume, command=shlex.join(["netslim", *sys.argv[1:]]),
                     log=console.print)
     console.print((out / "report.md").read_text())

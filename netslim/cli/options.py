@@ -29,6 +29,11 @@ MethodOpt = Annotated[str, typer.Option("--method", help="compression method (ne
 OptOpt = Annotated[list[str] | None, typer.Option("--opt", help="method option key=value, repeatable (`netslim "
                                                                  "methods NAME` lists a method's; in bench, "
                                                                  "METHOD.key=value applies to one method)")]
+RepairOpt = Annotated[str, typer.Option("--repair", help="between the cut and fine-tuning: none | bn (BatchNorm "
+                                        "re-estimation) | lsq (least-squares refit of every layer whose inputs were "
+                                        "cut, then bn)")]
+RepairImagesOpt = Annotated[int, typer.Option("--repair-images", help="training images the least-squares refit fits "
+                                              "on (256 others check it)")]
 DistillOpt = Annotated[float, typer.Option("--distill", help="weight of the unpruned network's softened outputs in "
                                            "the fine-tuning loss, 0..1 (knowledge distillation; 0: labels only)")]
 ValFromOpt = Annotated[str, typer.Option("--val-from", help="validation images for accuracy decisions (lda): "
@@ -68,10 +73,11 @@ def checked_options(method: str, pairs: list[str] | None, **generic: Any) -> dic
 
 def checked_bench_options(methods: list[str], pairs: list[str] | None) -> dict[str, Any]:
     """`--opt` pairs for a bench, each method's share checked (METHOD.key scopes a key to one method)."""
-    from netslim.workflows.bench import check_options
+    from netslim.repair import Repair
+    from netslim.workflows.bench import check_options, row_spec
 
     options = parse_pairs(pairs)
-    check_options(options, methods)
+    check_options(options, list(dict.fromkeys(row_spec(m, Repair())[0] for m in methods)))
     return options
 
 

@@ -33,6 +33,7 @@ def latency_of(summary: dict[str, Any], batch: int, device: str = "cpu") -> floa
 
 
 ACCURACY_STAGES = (("accuracy right after surgery", "accuracy_after_surgery"),
+                   ("after least-squares refit", "accuracy_after_refit"),
                    ("after BatchNorm recalibration", "accuracy_after_bn_recalibration"),
                    ("method's own network, before fine-tuning", "accuracy_before_finetune"))
 

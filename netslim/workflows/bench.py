@@ -8,7 +8,7 @@ AnalysisCache serves them all; each method's own outputs come back in its Method
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from netslim.data import ImageSet
 from netslim.errors import NetslimError
 from netslim.io import atomic_write_text
 from netslim.methods import AnalysisCache, get_method
+from netslim.repair import Repair
 from netslim.report.markdown import table, write_markdown
 from netslim.report.plots import figure, save_figure
 from netslim.train import Schedule
@@ -66,11 +67,22 @@ def check_options(options: dict[str, Any], methods: list[str]) -> None:
         validate_options(m, method_options(options, m))
 
 
+def row_spec(spec: str, default: Repair) -> tuple[str, Repair]:
+    """`METHOD` or `METHOD+REPAIR` (e.g. tp-l1+lsq): the method and the repair its row gets."""
+    method, plus, mode = spec.partition("+")
+    get_method(method)
+    return method, replace(default, mode=mode) if plus else default
+
+
 def run_bench(model: nn.Module, arch: str, train: ImageSet, test: ImageSet, *, methods: list[str],
               targets: list[Target], schedule: Schedule, out: Path, device: str = "cpu", calib_size: int = 5000,
               options: dict[str, Any] | None = None, measure_latency: bool = True, resume: bool = False,
-              command: str = "", log: Any = print) -> dict[str, Any]:
-    check_options(options or {}, methods)
+              command: str = "", log: Any = print, repair: Repair | None = None) -> dict[str, Any]:
+    """Rows are `METHOD` (repaired as `repair` says, default lsq) or `METHOD+REPAIR`, so one table can show a
+    criterion with and without the least-squares refit (tp-l1+bn next to tp-l1+lsq)."""
+    repair = repair or Repair()
+    specs = {m: row_spec(m, repair) for m in methods}
+    check_options(options or {}, list(dict.fromkeys(method for method, _ in specs.values())))
     out = Path(out)
     done_dir = out / "runs"
     if out.exists() and not resume and any(done_dir.glob("*.json")):
@@ -96,12 +108,13 @@ def run_bench(model: nn.Module, arch: str, train: ImageSet, test: ImageSet, *, m
                 continue
             log(f"{target} {method}: analysing…")
             row = _one(model, arch, train, test, method, target, schedule, device, calib_size, options or {},
-                       cache, measure_latency)
+                       cache, measure_latency, specs[method])
             atomic_write_text(path, json.dumps(row, indent=1, default=str))
             rows.append(row)
             log(f"{target} {method}: acc {row['accuracy_after_surgery']:.4f} → {row['accuracy']:.4f}, "
                 f"params {row['params_kept']:.3f}")
-    result = {"arch": arch, "base": base, "rows": rows, "schedule": asdict(schedule), "calibration_images":
+    result = {"arch": arch, "base": base, "rows": rows, "schedule": asdict(schedule), "repair": asdict(repair),
+              "calibration_images":
               calib_size, "machine": machine(), "command": command,
               "statistics_passes": list(cache.passes), "date": _now()}
     write_results(out, result)
@@ -110,22 +123,25 @@ def run_bench(model: nn.Module, arch: str, train: ImageSet, test: ImageSet, *, m
 
 def _one(model: nn.Module, arch: str, train: ImageSet, test: ImageSet, method: str, target: Target,
          schedule: Schedule, device: str, calib_size: int, options: dict[str, Any], cache: AnalysisCache,
-         measure_latency: bool) -> dict[str, Any]:
+         measure_latency: bool, spec: tuple[str, Repair]) -> dict[str, Any]:
     """One (target, method) row: the same stages as `compress` (netslim.workflows.stages), so every accuracy
     column means what it means in a compress report."""
+    label, (method, repair) = method, spec
     options = method_options(options, method)
     knob_target: Target | None = target if method != "pfa-kl" else None  # pfa-kl has no knob to bisect
     passes_before = len(cache.passes)
     found, _, seconds = analyse(model, arch, train, method, knob_target, options, device, calib_size=calib_size,
                                 cache=cache)
     rec = run_stages(model, found, train, test, schedule=schedule, device=device,
-                     init=resolve_init(options.get("init"), method))
+                     init=resolve_init(options.get("init"), method), repair=repair)
     before, size, _ = measured_pair(model, rec.model, tuple(train.images.shape[1:]), device,  # type: ignore[arg-type]
                                     latency=measure_latency)
     plan = found.plan
-    return {"method": method, "target": str(target), "met_target": knob_target is not None,
+    return {"method": label, "target": str(target), "met_target": knob_target is not None, "repair": rec.repair,
+            "repair_seconds": round(rec.repair_seconds, 1),
             **{k: getattr(rec, k) for k in ("accuracy_after_surgery", "accuracy_before_finetune",
-                                            "accuracy_after_bn_recalibration", "accuracy")},
+                                            "accuracy_after_refit", "accuracy_after_bn_recalibration",
+                                            "accuracy")},
             "params": size["params"], "macs": size["macs"], "flops": size["flops"], "bytes": size["bytes"],
             "params_kept": size["params"] / before["params"], "latency": size.get("latency", []),
             "analysis_seconds": round(seconds, 3), "finetune_seconds": round(rec.finetune_seconds, 1),
@@ -151,13 +167,14 @@ def write_results(out: Path, result: dict[str, Any]) -> None:
     """results.json, report.md (the comparison table) and accuracy_vs_macs.png."""
     atomic_write_text(out / "results.json", json.dumps(result, indent=1, default=str))
     base = result["base"]
-    header = ["target", "method", "acc after surgery", "after BN recal.", "method's network", "acc after fine-tune",
-              "params", "kept", "MACs", "CPU ms (b=1)", "CPU ms (b=64)", "bytes", "analysis s"]
-    rows = [["base", "–", base["accuracy"], None, None, base["accuracy"], base["params"], "1.000", base["macs"],
+    header = ["target", "method", "acc after surgery", "after LSQ refit", "after BN recal.", "method's network",
+              "acc after fine-tune", "params", "kept", "MACs", "CPU ms (b=1)", "CPU ms (b=64)", "bytes", "analysis s"]
+    rows = [["base", "–", base["accuracy"], None, None, None, base["accuracy"], base["params"], "1.000", base["macs"],
              _ms(_latency(base, 1)), _ms(_latency(base, 64)), base["bytes"], None]]
     for r in result["rows"]:
         rows.append([r["target"] + ("" if r["met_target"] else " (own size)"), r["method"],
-                     r["accuracy_after_surgery"], r.get("accuracy_after_bn_recalibration"),
+                     r["accuracy_after_surgery"], r.get("accuracy_after_refit"),
+                     r.get("accuracy_after_bn_recalibration"),
                      r.get("accuracy_before_finetune"), r["accuracy"],
                      r["params"], f"{r['params_kept']:.3f}", r["macs"],
                      _ms(_latency(r, 1)), _ms(_latency(r, 64)), r["bytes"], f"{r['analysis_seconds']:.1f}"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -14,10 +14,12 @@ from netslim.cost.targets import Target
 from netslim.data import ImageSet
 from netslim.io import atomic_dir
 from netslim.plan import Plan
+from netslim.repair import Repair
 from netslim.report.rundir import write_run
 from netslim.surgery.apply import apply_plan
 from netslim.train import Schedule
 from netslim.workflows.stages import (
+    StageRecord,
     accuracy,
     analyse,
     machine,
@@ -43,12 +45,13 @@ def compress(model: nn.Module, arch: str, train: ImageSet, test: ImageSet | None
              schedule: Schedule | None = None, device: str = "cpu", calib_size: int = 5000,
              init: str | None = None, classes: list[int] | None = None, out: Path | None = None,
              overwrite: bool = False, command: str = "", measure_latency: bool = True,
-             val: ImageSet | None = None) -> Result:
+             val: ImageSet | None = None, repair: Repair | None = None) -> Result:
     """One call from a trained model to a smaller, fine-tuned, measured one (and a run directory).
 
     `init`: "fine" (alias "inherit": surviving weights), "scratch" (random init), or None for what the
     method's paper does (its `retrain`). `val`: validation images for methods that decide on accuracy
-    (lda), instead of a part held out of `train`; disjoint from `test`."""
+    (lda), instead of a part held out of `train`; disjoint from `test`. `repair`: what happens between the cut
+    and fine-tuning (default: least-squares refit, then BatchNorm re-estimation)."""
     from netslim.methods import validate_options
 
     schedule = schedule or Schedule()
@@ -71,7 +74,7 @@ def compress(model: nn.Module, arch: str, train: ImageSet, test: ImageSet | None
         if classes is not None:  # the saved Plan is relative to the base model, classes included
             plan.num_classes, plan.classes = base_classes, list(classes)
         rec = run_stages(base_model, found, train, test, schedule=schedule, device=device, init=init,
-                         checkpoint_dir=(tmp / ".train") if tmp else None, teacher=model)
+                         checkpoint_dir=(tmp / ".train") if tmp else None, teacher=model, repair=repair)
         small = rec.model
         before, after, speed = measured_pair(model, small, size, device, target=target, latency=measure_latency)
         before["accuracy"] = base_accuracy
@@ -81,14 +84,24 @@ def compress(model: nn.Module, arch: str, train: ImageSet, test: ImageSet | None
                    "calibration_images": len(ctx.calib.labels) if ctx.calib is not None else 0,
                    "validation_images": len(ctx.val.labels) if ctx.val is not None else 0,
                    "validation_from": None if ctx.val is None else "held out of train" if val is None else "given",
-                   "schedule": schedule.__dict__, "history": rec.history, "before": before, "after": after,
+                   "schedule": schedule.__dict__, "repair": _repair_record(rec, repair),
+                   "history": rec.history, "before": before, "after": after,
                    "speed": speed, "widths": _widths(model, small, plan), "machine": machine(), "command": command,
                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        result = Result(plan, small, metrics, out, found.artifacts, found.report)
+        sections = [*found.report, *([rec.refit.to_markdown()] if rec.refit is not None else [])]
+        result = Result(plan, small, metrics, out, found.artifacts, sections)
         if tmp is not None:
-            write_run(tmp, plan=plan, model=small, metrics=metrics, artifacts=found.artifacts,
-                      sections=found.report)
+            write_run(tmp, plan=plan, model=small, metrics=metrics, artifacts=found.artifacts, sections=sections)
     return result
+
+
+def _repair_record(rec: StageRecord, repair: Repair | None) -> dict[str, Any]:
+    """What the repair stage did: its settings, seconds and (for a refit) every layer's error before/after."""
+    out: dict[str, Any] = {"mode": rec.repair, "seconds": round(rec.repair_seconds, 1),
+                           "settings": asdict(repair or Repair())}
+    if rec.refit is not None:
+        out["refit"] = rec.refit.to_dict()
+    return out
 
 
 def _widths(before: nn.Module, after: nn.Module, plan: Plan) -> list[dict[str, Any]]:

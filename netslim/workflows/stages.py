@@ -25,6 +25,8 @@ from netslim.cost.timing import measure_latency as time_model
 from netslim.data import ImageSet, batches, calibration_subset, split_holdout
 from netslim.errors import NetslimError
 from netslim.methods import AnalysisCache, Context, MethodResult, get_method
+from netslim.plan import Plan
+from netslim.repair import RefitReport, Repair, lsq_refit
 from netslim.surgery.apply import apply_plan, find_classifier
 from netslim.train import Schedule, evaluate, finetune, restore_scale
 
@@ -53,6 +55,23 @@ def reinitialise(model: nn.Module) -> None:
             m.reset_parameters()
 
 
+def refit(base: nn.Module, cut: nn.Module, plan: Plan, train: ImageSet, repair: Repair, device: str) -> RefitReport:
+    """Least-squares refit of `cut` (in place) to `base`'s layer outputs, on training images only: `repair.images`
+    to fit, `repair.holdout` disjoint others to check each layer on."""
+    n = min(len(train.labels), repair.images + repair.holdout)
+    pool = calibration_subset(train, n, seed=11)
+    fit_part, hold = (split_holdout(pool, repair.holdout / n, seed=11) if repair.holdout and n > repair.holdout
+                      else (pool, None))
+    was = base.training
+    base.eval()
+    try:
+        return lsq_refit(base, cut.eval(), lambda: batches(fit_part, 128, device=device),
+                         holdout=(lambda: batches(hold, 128, device=device)) if hold is not None else None,
+                         positions=repair.positions, ridge=repair.ridge, device=device, plan=plan)
+    finally:
+        base.train(was)
+
+
 def recalibrated_accuracy(model: nn.Module, train: ImageSet, test: ImageSet | None, schedule: Schedule,
                           device: str) -> float | None:
     """BatchNorm repair (below), then test accuracy; None when it did not run."""
@@ -76,19 +95,24 @@ class StageRecord:
     model: nn.Module
     accuracy_after_surgery: float | None
     accuracy_before_finetune: float | None = None  # the method's own network (lda, lrs), before fine-tuning
+    accuracy_after_refit: float | None = None
     accuracy_after_bn_recalibration: float | None = None
     accuracy: float | None = None  # what the user gets
     history: list[dict[str, Any]] = field(default_factory=list)
     finetune_seconds: float = 0.0
+    repair: str = "none"  # what was done before fine-tuning: none | bn | lsq | the method's own network
+    refit: RefitReport | None = None
+    repair_seconds: float = 0.0
 
     def accuracies(self) -> dict[str, float]:
-        keys = ("accuracy_after_surgery", "accuracy_before_finetune", "accuracy_after_bn_recalibration", "accuracy")
+        keys = ("accuracy_after_surgery", "accuracy_before_finetune", "accuracy_after_refit",
+                "accuracy_after_bn_recalibration", "accuracy")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
 def run_stages(base: nn.Module, result: MethodResult, train: ImageSet, test: ImageSet | None, *,
                schedule: Schedule, device: str, init: str = "fine", checkpoint_dir: Any = None,
-               teacher: nn.Module | None = None) -> StageRecord:
+               teacher: nn.Module | None = None, repair: Repair | None = None) -> StageRecord:
     """Cut `base` to the result's Plan (or take the method's own network), repair, fine-tune; accuracy after each.
 
     The base is never modified. When `schedule.distill` > 0 the `teacher` (default: `base`; the task network
@@ -99,11 +123,19 @@ def run_stages(base: nn.Module, result: MethodResult, train: ImageSet, test: Ima
         reinitialise(cut)
     rec = StageRecord(cut, accuracy(cut, test, device))
     small = cut
+    repair = repair or Repair()
+    t0 = time.perf_counter()
     if result.model is not None and init != "scratch":  # the method fitted the weights itself
         small = result.model.to(device)
-        rec.accuracy_before_finetune = accuracy(small, test, device)
-    elif init != "scratch" and repair_bn(small, train, schedule, device):
-        rec.accuracy_after_bn_recalibration = accuracy(small, test, device)
+        rec.accuracy_before_finetune, rec.repair = accuracy(small, test, device), "method"
+    elif init != "scratch" and repair.mode != "none":
+        rec.repair = repair.mode
+        if repair.mode == "lsq":
+            rec.refit = refit(base, small, result.plan, train, repair, device)
+            rec.accuracy_after_refit = accuracy(small, test, device)
+        if repair_bn(small, train, schedule, device):
+            rec.accuracy_after_bn_recalibration = accuracy(small, test, device)
+    rec.repair_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     rec.history = finetune(small, train, schedule, device, checkpoint_dir=checkpoint_dir,
                            teacher=base if teacher is None else teacher)
@@ -112,7 +144,8 @@ def run_stages(base: nn.Module, result: MethodResult, train: ImageSet, test: Ima
     if rec.history:
         rec.accuracy = accuracy(small, test, device)
     else:
-        last = [rec.accuracy_before_finetune, rec.accuracy_after_bn_recalibration, rec.accuracy_after_surgery]
+        last = [rec.accuracy_before_finetune, rec.accuracy_after_bn_recalibration, rec.accuracy_after_refit,
+            rec.accuracy_after_surgery]
         rec.accuracy = next((a for a in last if a is not None), None)
     return rec
 

@@ -23,7 +23,7 @@ from torch import nn
 from netslim.data import batches, calibration_subset
 from netslim.errors import NetslimError
 from netslim.methods.base import Context, MethodResult, register
-from netslim.methods.lrs.moments import module_call_order, compressed_moments, original_moments
+from netslim.methods.lrs.moments import compressed_moments, module_call_order, original_moments
 from netslim.methods.lrs.options import Config
 from netslim.methods.lrs.report import report
 from netslim.methods.lrs.solver import Moments, allocate, decompose, lowrank_curve, weighted_error

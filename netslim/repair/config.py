@@ -1,0 +1,31 @@
+"""How a cut network is repaired before any training: the `--repair` choice and its calibration budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from netslim.errors import NetslimError
+
+MODES = ("none", "bn", "lsq")
+
+
+@dataclass(frozen=True)
+class Repair:
+    """none: the cut weights as they are; bn: BatchNorm re-estimation (each layer scaled back to its trained
+    variance); lsq: least-squares refit of every layer whose inputs were cut, then the BatchNorm step.
+
+    The refit fits on `images` training images and measures each layer's error on `holdout` others (a refit
+    that does not lower it there is undone); `positions` output positions are sampled per image."""
+
+    mode: str = "lsq"
+    images: int = 2000
+    holdout: int = 256
+    positions: int = 16
+    ridge: float = 1e-4
+
+    def __post_init__(self) -> None:  # refused when made, before any analysis runs
+        if self.mode not in MODES:
+            raise NetslimError(f"--repair must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if self.images < 1 or self.holdout < 0 or self.positions < 1 or self.ridge < 0:
+            raise NetslimError(f"repair needs images >= 1, holdout >= 0, positions >= 1 and ridge >= 0; got "
+                               f"{self.images}, {self.holdout}, {self.positions}, {self.ridge}")
