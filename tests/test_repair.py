@@ -16,6 +16,7 @@ from netslim.data import batches, load_dataset
 from netslim.plan import Plan
 from netslim.repair import accumulate, compensate_bias, find_jobs, lsq_refit, match_rows
 from netslim.surgery.apply import apply_plan
+from netslim.surgery.graph import channel_groups
 from netslim.train import recalibrate_bn
 from netslim.zoo import build
 
@@ -180,7 +181,7 @@ def test_memory_does_not_grow_with_calibration_images() -> None:
                 yield item
 
         with tracker:
-            lsq_refit(net, cut, lambda w=watched: w(), holdout=lambda w=watched: w())
+            lsq_refit(net, cut, lambda w=watched: w(), holdout=lambda w=watched: w(), walk=False)
         peaks.append(max(seen))
     assert shapes[0] == shapes[1]
     assert peaks[1] <= 1.1 * peaks[0], peaks  # 8× the images: a kept activation or patch would show here
@@ -233,3 +234,24 @@ def test_kept_outputs_are_matched_in_the_weights(shape: tuple[int, ...]) -> None
     v = w[rows][:, cols].clone()
     v[2] += 1e-3  # a row that is no original row restricted to the kept inputs
     assert match_rows(w, v) is None
+
+
+def test_walking_the_graphs_gives_the_same_refit_as_a_forward_per_layer() -> None:
+    torch.manual_seed(10)
+    net = build("resnet20", 10).eval()
+    data = _images(48, (3, 16, 16))
+    recalibrate_bn(net, data)
+    plan = Plan("resnet20", 10, (3, 16, 16))
+    groups = channel_groups(net, data[0][0][:2], "fc")
+    for g in groups:
+        keep = sorted(torch.randperm(g.width, generator=torch.Generator().manual_seed(len(g.layers)))[:g.width // 2])
+        for name in g.layers:
+            plan.keep[name] = [int(i) for i in keep]
+    walked, forward, tight = (apply_plan(copy.deepcopy(net), plan) for _ in range(3))
+    a = lsq_refit(net, walked, lambda: data, holdout=lambda: data[:1], plan=plan)
+    b = lsq_refit(net, forward, lambda: data, holdout=lambda: data[:1], plan=plan, walk=False)
+    c = lsq_refit(net, tight, lambda: data, plan=plan, walk_budget=1024)  # activations do not fit: fallback
+    assert (a.walked, b.walked, c.walked) == (True, False, False)
+    assert len(a.refitted) >= 15 and a.refitted == b.refitted
+    for (name, pa), pb in zip(walked.state_dict().items(), forward.state_dict().values(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)

@@ -31,9 +31,20 @@ from torch import nn
 
 from netslim.errors import NetslimError
 from netslim.plan import Plan
-from netslim.repair.capture import Batches, eval_modes, example_batch, iterate, paired_patches, restore_modes, targets
+from netslim.repair.capture import (
+    Batches,
+    eval_modes,
+    example_batch,
+    iterate,
+    paired_patches,
+    patches,
+    restore_modes,
+    sample_positions,
+    targets,
+)
 from netslim.repair.layers import Job, find_jobs
 from netslim.repair.report import LayerRepair, RefitReport
+from netslim.repair.walk import BUDGET_BYTES, Walk, fits, trace
 
 
 @dataclass
@@ -99,14 +110,18 @@ def solve(mom: Moments, ridge: float) -> torch.Tensor | None:
     return torch.stack(out)
 
 
-def accumulate(original: nn.Module, cut: nn.Module, job: Job, batches: Iterable[Any], *, positions: int | None,
-               seed: int, device: str | torch.device, bias: bool) -> Moments:
-    """G, P and ‖Y‖² of one consumer layer over `batches` (the cut network as it is now)."""
+def accumulate(original: nn.Module, cut: nn.Module, job: Job, batches: Iterable[Any] | Walks, *,
+               positions: int | None, seed: int, device: str | torch.device, bias: bool) -> Moments:
+    """G, P and ‖Y‖² of one consumer layer over `batches` (the cut network as it is now): from stepped walks
+    of both networks when given (one forward in all), else by stopping a full forward at the layer."""
     lo, lc = original.get_submodule(job.name), cut.get_submodule(job.name)
     groups = lc.groups if isinstance(lc, nn.Conv2d) else 1
     mom: Moments | None = None
-    for xo, xc, n in paired_patches(original, cut, job.name, batches, positions=positions, seed=seed,
-                                    device=device):
+    if isinstance(batches, Walks):
+        pairs: Iterable[tuple[torch.Tensor, torch.Tensor, int]] = batches.patches(lo, lc, job.name, positions, seed)
+    else:
+        pairs = paired_patches(original, cut, job.name, batches, positions=positions, seed=seed, device=device)
+    for xo, xc, n in pairs:
         y = targets(lo, xo, job.out_idx)
         if mom is None:
             mom = Moments.zeros(groups, xc.shape[1], y.shape[1], bias, xc.device)
@@ -148,38 +163,46 @@ def write(layer: nn.Module, job: Job, w: torch.Tensor) -> None:
 
 def lsq_refit(original: nn.Module, cut: nn.Module, batches: Batches, *, positions: int | None = 16,
               ridge: float = 1e-4, seed: int = 0, device: str | torch.device = "cpu", holdout: Batches | None = None,
-              plan: Plan | None = None, layers: list[str] | None = None) -> RefitReport:
+              plan: Plan | None = None, layers: list[str] | None = None, walk: bool = True,
+              walk_budget: int = BUDGET_BYTES) -> RefitReport:
     """Refit, in place and in forward order, every layer of `cut` whose inputs were cut (see module doc).
 
     `batches` / `holdout`: callables returning fresh iterables of (images, labels) (re-iterable objects
     work too); errors before/after are measured on `holdout` when given (and a refit that does not lower
     the held-out error is not kept), else on the calibration images. `positions=None`: all positions.
     `plan`: where the kept output channels come from (else matched in the weights). `layers`: only these.
-    Both networks must be on `device`.
+    `walk`: step both networks' traced graphs from layer to layer over all images (netslim.repair.walk; one
+    forward pass in all) where they trace and their activations fit in `walk_budget` bytes. Both networks must
+    be on `device`.
     """
     t_start = time.perf_counter()
     report = RefitReport("lsq", positions=positions, ridge=ridge)
     saved = eval_modes(original, cut)
     try:
-        jobs = find_jobs(original, cut, example_batch(batches, device), plan, layers)
+        example = example_batch(batches, device).clone()  # not a view that keeps a whole batch alive
+        jobs = find_jobs(original, cut, example, plan, layers)
+        fit_src, hold_src = stepped(original, cut, batches, holdout, example, device, walk_budget) if walk \
+            else (None, None)
+        report.walked = fit_src is not None
         for i, job in enumerate(jobs):
             kw = {"positions": positions, "seed": seed * 1_000_003 + i, "device": device}
-            report.layers.append(_refit(original, cut, job, batches, holdout, report, ridge, kw))
+            report.layers.append(_refit(original, cut, job, fit_src or batches,
+                                        hold_src if fit_src is not None else holdout, report, ridge, kw))
     finally:
         restore_modes(saved)
     report.seconds = time.perf_counter() - t_start
     return report
 
 
-def _refit(original: nn.Module, cut: nn.Module, job: Job, batches: Batches, holdout: Batches | None,
+def _refit(original: nn.Module, cut: nn.Module, job: Job, batches: Batches | Walks, holdout: Batches | Walks | None,
            report: RefitReport, ridge: float, kw: dict[str, Any]) -> LayerRepair:
     if job.reason is not None:
         return LayerRepair(job.name, False, job.reason)
     t0 = time.perf_counter()
     layer = cut.get_submodule(job.name)
     bias = fits_bias(layer, job)
-    fit = accumulate(original, cut, job, iterate(batches), bias=bias, **kw)
-    test = accumulate(original, cut, job, iterate(holdout), bias=bias, **kw) if holdout is not None else fit
+    fit = accumulate(original, cut, job, _source(batches), bias=bias, **kw)
+    test = accumulate(original, cut, job, _source(holdout), bias=bias, **kw) if holdout is not None else fit
     report.images, report.holdout_images = fit.images, test.images if holdout is not None else 0
     dim = fit.gram.shape[-1]
     w = solve(fit, ridge)
@@ -192,3 +215,37 @@ def _refit(original: nn.Module, cut: nn.Module, job: Job, batches: Batches, hold
         write(layer, job, w)
     return LayerRepair(job.name, kept, None if kept else "no gain on held-out images", before,
                        after if kept else before, fit.rows, dim, time.perf_counter() - t0)
+
+
+def _source(batches: Batches | Walks) -> Iterable[Any] | Walks:
+    return batches if isinstance(batches, Walks) else iterate(batches)
+
+
+class Walks:
+    """Both networks walked in step over one image set (netslim.repair.walk)."""
+
+    def __init__(self, original: Walk, cut: Walk) -> None:
+        self.original, self.cut = original, cut
+
+    def patches(self, lo: nn.Module, lc: nn.Module, name: str, positions: int | None,
+                seed: int) -> Iterable[tuple[torch.Tensor, torch.Tensor, int]]:
+        """Per batch, the layer's input patches in both networks at the same drawn positions (as paired_patches)."""
+        gen = torch.Generator().manual_seed(seed)
+        for xo, xc, n in zip(self.original.inputs(name), self.cut.inputs(name), self.original.sizes, strict=True):
+            idx = sample_positions(lo, xo, positions, gen)
+            yield patches(lo, xo, idx), patches(lc, xc, idx), n
+
+
+def stepped(original: nn.Module, cut: nn.Module, batches: Batches, holdout: Batches | None, example: torch.Tensor,
+            device: str | torch.device, budget: int = BUDGET_BYTES) -> tuple[Walks | None, Walks | None]:
+    """Walks of both networks over the calibration (and held-out) images, or (None, None) when a network does
+    not trace or all their activations would not fit in memory."""
+    gms = trace(original), trace(cut)
+    if gms[0] is None or gms[1] is None:
+        return None, None
+    sets = [list(iterate(batches))] + ([list(iterate(holdout))] if holdout is not None else [])
+    images = sum(int((b[0] if isinstance(b, (tuple, list)) else b).shape[0]) for s in sets for b in s)
+    if not fits(list(gms), example, images, budget):
+        return None, None
+    walks = [Walks(Walk(gms[0], s, device), Walk(gms[1], s, device)) for s in sets]
+    return walks[0], (walks[1] if holdout is not None else None)

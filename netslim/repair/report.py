@@ -31,6 +31,7 @@ class RefitReport:
     positions: int | None = None
     ridge: float | None = None
     seconds: float = 0.0
+    walked: bool = False  # inputs came from stepped graph walks (one forward in all), not a forward per layer
 
     @property
     def refitted(self) -> list[str]:
@@ -50,7 +51,8 @@ class RefitReport:
                 "mean_error_after": sum(after) / len(after) if after else None}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "images": self.images, "holdout_images": self.holdout_images,
+        return {"method": self.method, "walked": self.walked, "images": self.images,
+                "holdout_images": self.holdout_images,
                 "positions": self.positions, "ridge": self.ridge, "totals": self.totals(),
                 "layers": [asdict(r) for r in self.layers]}
 
