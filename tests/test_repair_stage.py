@@ -83,3 +83,17 @@ def test_a_bad_repair_is_refused_before_any_data(tmp_path: Path) -> None:
                                    "--methods", "tp-l1+fix", "--out", str(tmp_path / "b")])
     assert res.exit_code == 2 and "--repair must be one of" in res.stderr
     assert not (tmp_path / "o").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_time_budget_shortens_the_schedule_and_keeps_the_better_network(trained: tuple) -> None:
+    model, train, test = trained
+    res = compress(copy.deepcopy(model), "small_cnn", train, test, method="tp-l1", target=parse_target("params=0.3"),
+                   calib_size=300, measure_latency=False, repair=Repair(images=600, holdout=200),
+                   schedule=Schedule(epochs=500, lr=0.02, batch_size=64, budget_minutes=0.05))
+    history, choice = res.metrics["history"], res.metrics["repair"]["finetune_choice"]
+    assert 1 <= len(history) < 500  # 500 epochs do not fit in 3 seconds; a whole onecycle of fewer does
+    assert sum(h["seconds"] for h in history) < 0.05 * 60
+    assert choice["validation_images"] > 0 and choice["kept"] in ("fine-tuned", "repaired")
+    assert (choice["after"] >= choice["before"]) == (choice["kept"] == "fine-tuned")
+    if choice["kept"] == "repaired":
+        assert res.metrics["after"]["accuracy"] == res.metrics["after"]["accuracy_after_bn_recalibration"]

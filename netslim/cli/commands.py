@@ -16,7 +16,9 @@ import typer
 from rich.table import Table
 
 from netslim.cli.options import (
+    BUDGET_EPOCHS,
     BatchOpt,
+    BudgetOpt,
     CacheOpt,
     ClassesOpt,
     DataOpt,
@@ -139,7 +141,8 @@ def compress(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt =
              classes: ClassesOpt = None, device: DeviceOpt = "auto",
              cache_dir: CacheOpt = None, no_latency: bool = False, overwrite: OverwriteOpt = False,
              val_from: ValFromOpt = "train", distill: DistillOpt = 0.0, repair: RepairOpt = "lsq",
-             repair_images: RepairImagesOpt = 2000, as_json: JsonOpt = False) -> None:
+             repair_images: RepairImagesOpt = 2000, budget_minutes: BudgetOpt = None,
+             as_json: JsonOpt = False) -> None:
     """Analyse, cut, repair, fine-tune, measure: writes plan.json, model.safetensors, metrics.json, report.md."""
     from netslim.cost.targets import parse_target
     from netslim.repair import Repair
@@ -148,8 +151,9 @@ def compress(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt =
     from netslim.workflows.stages import resolve_init
 
     options = checked_options(method, opt, round_to=round_to)  # before any data is decoded
-    sched = Schedule(epochs=finetune_epochs, lr=lr, batch_size=batch_size, label_smoothing=label_smoothing,
-                     distill=distill)
+    sched = Schedule(epochs=finetune_epochs or (BUDGET_EPOCHS if budget_minutes else 0), lr=lr,
+                     batch_size=batch_size, label_smoothing=label_smoothing, distill=distill,
+                     budget_minutes=budget_minutes)
     fix = Repair(mode=repair, images=repair_images)
     init = resolve_init(init if init is not None else options.get("init"), method)
     tgt = parse_target(target) if target else None

@@ -29,6 +29,11 @@ MethodOpt = Annotated[str, typer.Option("--method", help="compression method (ne
 OptOpt = Annotated[list[str] | None, typer.Option("--opt", help="method option key=value, repeatable (`netslim "
                                                                  "methods NAME` lists a method's; in bench, "
                                                                  "METHOD.key=value applies to one method)")]
+BUDGET_EPOCHS = 30  # what --budget-minutes shortens when no --epochs is given (the papers' fine-tune)
+BudgetOpt = Annotated[float | None, typer.Option("--budget-minutes", help="fine-tune for at most this many minutes: "
+                                                 "the onecycle schedule (--epochs, default 30) is shortened to fit, "
+                                                 "and the better of the repaired and the fine-tuned network on "
+                                                 "1,000 held-out training images is kept")]
 RepairOpt = Annotated[str, typer.Option("--repair", help="between the cut and fine-tuning: none | bn (BatchNorm "
                                         "re-estimation) | lsq (least-squares refit of every layer whose inputs were "
                                         "cut, then bn)")]

@@ -42,6 +42,7 @@ class Schedule:
     temperature: float = 4.0  # distillation temperature
     momentum: float = 0.9
     nesterov: bool = True  # only where momentum > 0
+    budget_minutes: float | None = None  # wall-clock limit: the schedule is shortened (still one onecycle) to fit
 
     def __post_init__(self) -> None:  # refused before any analysis runs, not after it
         if self.epochs < 0:
@@ -54,6 +55,8 @@ class Schedule:
             raise NetslimError(f"batch size must be at least 1, got {self.batch_size}")
         if not self.momentum >= 0:
             raise NetslimError(f"momentum must not be negative, got {self.momentum}")
+        if self.budget_minutes is not None and not self.budget_minutes > 0:
+            raise NetslimError(f"--budget-minutes must be positive, got {self.budget_minutes}")
         check_distill(self.distill, self.temperature)
 
 

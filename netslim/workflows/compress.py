@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,13 +46,14 @@ def compress(model: nn.Module, arch: str, train: ImageSet, test: ImageSet | None
              schedule: Schedule | None = None, device: str = "cpu", calib_size: int = 5000,
              init: str | None = None, classes: list[int] | None = None, out: Path | None = None,
              overwrite: bool = False, command: str = "", measure_latency: bool = True,
-             val: ImageSet | None = None, repair: Repair | None = None) -> Result:
+             val: ImageSet | None = None, repair: Repair | None = None, data: str | None = None) -> Result:
     """One call from a trained model to a smaller, fine-tuned, measured one (and a run directory).
 
     `init`: "fine" (alias "inherit": surviving weights), "scratch" (random init), or None for what the
     method's paper does (its `retrain`). `val`: validation images for methods that decide on accuracy
     (lda), instead of a part held out of `train`; disjoint from `test`. `repair`: what happens between the cut
-    and fine-tuning (default: least-squares refit, then BatchNorm re-estimation)."""
+    and fine-tuning (default: least-squares refit, then BatchNorm re-estimation). `data`: the dataset spec,
+    recorded so that `pack` and `export` find the run's own data."""
     from netslim.methods import validate_options
 
     schedule = schedule or Schedule()
@@ -75,12 +77,15 @@ def compress(model: nn.Module, arch: str, train: ImageSet, test: ImageSet | None
             plan.num_classes, plan.classes = base_classes, list(classes)
         rec = run_stages(base_model, found, train, test, schedule=schedule, device=device, init=init,
                          checkpoint_dir=(tmp / ".train") if tmp else None, teacher=model, repair=repair)
+        if tmp is not None:  # the training state only serves a run in progress: compress cannot resume
+            shutil.rmtree(tmp / ".train", ignore_errors=True)
         small = rec.model
         before, after, speed = measured_pair(model, small, size, device, target=target, latency=measure_latency)
         before["accuracy"] = base_accuracy
         after.update(rec.accuracies())
         metrics = {"method": method, "target": str(target) if target else None, "options": options,
-                   "init": init, "classes": classes, "analysis_seconds": round(seconds, 3),
+                   "init": init, "classes": classes, "data": data, "class_names": list(train.classes),
+                   "analysis_seconds": round(seconds, 3),
                    "calibration_images": len(ctx.calib.labels) if ctx.calib is not None else 0,
                    "validation_images": len(ctx.val.labels) if ctx.val is not None else 0,
                    "validation_from": None if ctx.val is None else "held out of train" if val is None else "given",
@@ -91,7 +96,8 @@ def compress(model: nn.Module, arch: str, train: ImageSet, test: ImageSet | None
         sections = [*found.report, *([rec.refit.to_markdown()] if rec.refit is not None else [])]
         result = Result(plan, small, metrics, out, found.artifacts, sections)
         if tmp is not None:
-            write_run(tmp, plan=plan, model=small, metrics=metrics, artifacts=found.artifacts, sections=sections)
+            write_run(tmp, plan=plan, model=small, metrics=metrics, artifacts=found.artifacts, sections=sections,
+                      classes=list(train.classes))
     return result
 
 
@@ -101,6 +107,8 @@ def _repair_record(rec: StageRecord, repair: Repair | None) -> dict[str, Any]:
                            "settings": asdict(repair or Repair())}
     if rec.refit is not None:
         out["refit"] = rec.refit.to_dict()
+    if rec.kept:
+        out["finetune_choice"] = rec.kept
     return out
 
 

@@ -31,6 +31,7 @@ from netslim.surgery.apply import apply_plan, find_classifier
 from netslim.train import Schedule, evaluate, finetune, restore_scale
 
 INITS = ("fine", "inherit", "scratch")
+VAL_IMAGES = 1000  # training images held out to choose between the repaired and the fine-tuned network
 
 
 def resolve_init(init: str | None, method: str) -> str:
@@ -103,6 +104,7 @@ class StageRecord:
     repair: str = "none"  # what was done before fine-tuning: none | bn | lsq | the method's own network
     refit: RefitReport | None = None
     repair_seconds: float = 0.0
+    kept: dict[str, Any] = field(default_factory=dict)  # under a time budget: fine-tuned or repaired, on validation
 
     def accuracies(self) -> dict[str, float]:
         keys = ("accuracy_after_surgery", "accuracy_before_finetune", "accuracy_after_refit",
@@ -137,15 +139,25 @@ def run_stages(base: nn.Module, result: MethodResult, train: ImageSet, test: Ima
             rec.accuracy_after_bn_recalibration = accuracy(small, test, device)
     rec.repair_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    rec.history = finetune(small, train, schedule, device, checkpoint_dir=checkpoint_dir,
+    budgeted = schedule.budget_minutes is not None and schedule.epochs > 0
+    tune, val = split_holdout(train, min(0.1, VAL_IMAGES / len(train.labels)), seed=5) if budgeted else (train, None)
+    before = accuracy(small, val, device) if val is not None else None
+    saved = copy.deepcopy(small.state_dict()) if val is not None else None
+    rec.history = finetune(small, tune, schedule, device, checkpoint_dir=checkpoint_dir,
                            teacher=base if teacher is None else teacher)
+    if val is not None and saved is not None:  # keep the better network on images neither fit nor reported
+        after = accuracy(small, val, device)
+        kept = "fine-tuned" if after is not None and before is not None and after >= before else "repaired"
+        if kept == "repaired":
+            small.load_state_dict(saved)
+        rec.kept = {"kept": kept, "validation_images": len(val.labels), "before": before, "after": after}
     rec.finetune_seconds = time.perf_counter() - t0
     rec.model = small
-    if rec.history:
+    if rec.history and rec.kept.get("kept", "fine-tuned") == "fine-tuned":
         rec.accuracy = accuracy(small, test, device)
     else:
         last = [rec.accuracy_before_finetune, rec.accuracy_after_bn_recalibration, rec.accuracy_after_refit,
-            rec.accuracy_after_surgery]
+                rec.accuracy_after_surgery]
         rec.accuracy = next((a for a in last if a is not None), None)
     return rec
 
