@@ -1,20 +1,22 @@
 """Regenerate the README's "Results" section from committed bench JSON (benchmarks/results/bench_*.json).
 
-    python benchmarks/readme_results.py
+    python -m benchmarks.readme_results [--readme README.md]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks._common import REPO, RESULTS
+
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def _ms(row: dict, batch: int) -> str:
-    from netslim.report import latency_of
+    from netslim.report.markdown import latency_of
 
     ms = latency_of(row, batch)
     return "–" if ms is None else f"{ms:.1f}"
@@ -44,11 +46,14 @@ def section(result: dict, name: str) -> str:
 
 
 def main() -> None:
-    files = sorted((ROOT / "benchmarks" / "results").glob("bench_*.json"))
-    body = ["Generated from `benchmarks/results/bench_*.json` by `python benchmarks/readme_results.py`. "
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--readme", type=Path, default=REPO / "README.md", help="file whose results section is rewritten")
+    args = ap.parse_args()
+    files = sorted(RESULTS.glob("bench_*.json"))
+    body = ["Generated from `benchmarks/results/bench_*.json` by `python -m benchmarks.readme_results`. "
             "CPU numbers come from reduced schedules on a shared 2-core machine (see each file for details).", ""]
     body += [section(json.loads(f.read_text()), f.name) for f in files]
-    readme = ROOT / "README.md"
+    readme = args.readme
     text = readme.read_text()
     new = re.sub(re.escape(START) + ".*?" + re.escape(END), START + "\n" + "\n".join(body) + END, text, flags=re.S)
     readme.write_text(new)

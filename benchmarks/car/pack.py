@@ -1,40 +1,32 @@
 """CAR-pruned + packed VGG-16 (CIFAR-10): bytes per layer before and after, accuracy after fine-tuning.
 
 1. Take the CAR halvings of features.0 (conv1) and features.3 (conv2) from car_prune_cpu.json (each
-   ranked on the unpruned network by `benchmarks/car_prune.py`) and cut both by surgery.
+   ranked on the unpruned network by `python -m benchmarks.car.prune`) and cut both by surgery.
 2. Repair BatchNorm (as compress does after every cut), then fine-tune (reduced CPU schedule), optionally
    distilled from the original network (--distill).
-3. `netslim.pack.pack_model`: magnitude weight pruning + fine-tuning with the mask fixed, k-means weight
-   sharing (8 bits conv, 5 bits Linear), Huffman coding; the packed bytes are decoded and checked
+3. `netslim.workflows.pack.pack_model`: magnitude weight pruning + fine-tuning with the mask fixed,
+   k-means weight sharing (8 bits conv, 5 bits Linear), Huffman coding; the packed bytes are decoded and checked
    (identical weights and predictions) before anything is reported.
 Bytes per layer are compared with the original dense float32 layer (before CAR) and with the CAR-pruned
 dense layer. Test accuracy on the same test images throughout.
 
-    python benchmarks/car_pack.py --ft-images 10000 --test-images 5000
+    python -m benchmarks.car.pack --ft-images 10000 --test-images 5000
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import shlex
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-WEIGHTS = SHARED / "models" / "vgg16_bn_cifar10.safetensors"
-DATA = SHARED / "data" / "cifar10-jpeg.tar.gz"
-RESULTS = REPO / "benchmarks" / "results"
+from benchmarks._common import RESULTS, RUNS, cifar10, parser, stamp, start, trained, write
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__, out="car_pack_cpu.json")
     ap.add_argument("--layers", default="features.0,features.3")
     ap.add_argument("--car-results", type=Path, default=RESULTS / "car_prune_cpu.json")
     ap.add_argument("--ft-images", type=int, default=10000, help="training images per fine-tuning epoch")
@@ -49,30 +41,26 @@ def main() -> None:
     ap.add_argument("--distill", type=float, default=0.0, help="weight of the original network's softened "
                     "outputs in both fine-tunes (knowledge distillation; 0: labels only)")
     ap.add_argument("--test-images", type=int, default=0, help="0: the whole test split")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out-dir", type=Path, default=REPO / "runs" / "car_pack", help="packed run directory")
-    ap.add_argument("--out", type=Path, default=RESULTS / "car_pack_cpu.json")
+    ap.add_argument("--out-dir", type=Path, default=RUNS / "car_pack", help="packed run directory")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    start(args)
 
+    from netslim import Plan, Schedule
     from netslim.data import calibration_subset, split_holdout
-    from netslim.io import atomic_write_text
-    from netslim.plan import Plan
     from netslim.surgery.apply import apply_plan
-    from netslim.train import Schedule, finetune
-    from netslim.workflows.api import load_data, load_trained
+    from netslim.train import finetune
     from netslim.workflows.pack import PackConfig, pack_model, write_pack_dir
-    from netslim.workflows.stages import accuracy, machine, recalibrated_accuracy
+    from netslim.workflows.stages import accuracy, recalibrated_accuracy
 
     t0 = time.perf_counter()
     layers = [n.strip() for n in args.layers.split(",")]
     car = json.loads(args.car_results.read_text())
-    train, test, _, n_classes = load_data(str(DATA))
+    train, test, _, n_classes = cifar10()
     if args.test_images:
         test = calibration_subset(test, args.test_images, seed=0)
     fit_part, _ = split_holdout(train, 0.1, seed=0)
     ft_data = calibration_subset(fit_part, args.ft_images, seed=1)
-    base, arch, _ = load_trained(WEIGHTS, "vgg16_bn", n_classes)
+    base, arch, _ = trained(num_classes=n_classes)
     plan = Plan(arch=arch, num_classes=n_classes, input_size=(3, 32, 32),
                 keep={n: car[n]["accuracy_without_retraining"]["car_kept"] for n in layers}, method="car",
                 meta={"source": str(args.car_results.name)})
@@ -102,14 +90,13 @@ def main() -> None:
                           "bits": row["bits"], "layout": row["mode"], "bits_per_weight": row["bits_per_weight"]})
     conv_original = sum(v for k, v in original.items() if k.startswith("features."))
     conv_packed = sum(r["packed"] for r in per_layer if r["key"].startswith("features."))
-    metrics |= {"source": "vgg16_bn_cifar10 + CAR plan", "arch": arch, "machine": machine(),
-                "command": shlex.join([sys.executable.split("/")[-1], *sys.argv]),
-                "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    stamped = stamp(args)
+    metrics |= {"source": "vgg16_bn_cifar10 + CAR plan", "arch": arch,
+                **{k: stamped[k] for k in ("machine", "command", "date")}}
     write_pack_dir(args.out_dir, blob, metrics, overwrite=True)
     acc = metrics["accuracy"]
     result = {
-        "date": metrics["date"], "machine": machine(), "torch": torch.__version__, "threads": args.threads,
-        "command": metrics["command"], "args": {k: str(v) for k, v in vars(args).items()},
+        **stamped,
         "car_layers": {n: {"kept": len(plan.keep[n]), "of": car[n]["accuracy_without_retraining"]["width"],
                            "car_options": car[n]["options"]} for n in layers},
         "test_images": len(test),
@@ -129,7 +116,7 @@ def main() -> None:
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }
     print(json.dumps({k: v for k, v in result.items() if k not in ("fine_tune",)}, indent=1, default=str))
-    atomic_write_text(args.out, json.dumps(result, indent=1, default=str))
+    write(args.out, result)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """CAR on the shared VGG-16 (CIFAR-10): the paper's half-a-layer experiment and the ablation throughput.
 
 For one layer (features.0 = conv1 or features.3 = conv2), in one process:
-1. CAR greedy halving through `netslim.workflows.compress.analyse(method="car")` on a fixed subset of the training
+1. CAR greedy halving through `netslim.workflows.stages.analyse(method="car")` on a fixed subset of the training
    split (default 2,000 images): the same code path as `netslim compress --method car --layers L`.
    Its first step is the full ranking of all filters; its whole run is the greedy halving.
 2. The naive reference: the full network per ablation, one ablation per forward (mask by a hook), timed
@@ -10,8 +10,8 @@ For one layer (features.0 = conv1 or features.3 = conv2), in one process:
 3. Test accuracy without retraining after removing half of the layer's filters by CAR, by L1 magnitude
    of the filter (sum |w|, Li et al.) and at random (several seeds), through real surgery (apply_plan).
 
-    python benchmarks/car_prune.py --layer features.0 --eval-size 500 --test-images 5000
-    python benchmarks/car_prune.py --layer features.3 --eval-size 500 --test-images 5000
+    python -m benchmarks.car.prune --layer features.0 --eval-size 500 --test-images 5000
+    python -m benchmarks.car.prune --layer features.3 --eval-size 500 --test-images 5000
 
 On a shared two-core CPU, small settings (256-500 evaluation images, re-ranking every 8 removals) keep
 a layer near half an hour of CPU time; `--eval-size 2000 --per-step 1` is the paper's exact reading
@@ -23,39 +23,31 @@ Results are merged into benchmarks/results/car_prune_cpu.json under the layer's 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import fcntl
 import json
-import shlex
-import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-WEIGHTS = SHARED / "models" / "vgg16_bn_cifar10.safetensors"
-DATA = SHARED / "data" / "cifar10-jpeg.tar.gz"
+from benchmarks._common import cifar10, parser, stamp, start, trained, write
+from benchmarks.car.common import cpu_per_eval, images_lost, layer_engine
 
 
 def merge_result(path: Path, key: str, value: dict) -> None:
     """Read-modify-write the shared results file under a lock (runs for two layers may finish together)."""
-    from netslim.io import atomic_write_text
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(Path(tempfile.gettempdir()) / f"{path.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         data = json.loads(path.read_text()) if path.exists() else {}
         data[key] = value
-        atomic_write_text(path, json.dumps(data, indent=1, default=str))
+        write(path, data)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__, out="car_prune_cpu.json")
     ap.add_argument("--layer", default="features.0")
     ap.add_argument("--eval-size", type=int, default=500)
     ap.add_argument("--fixed-blocks", action="store_true", help="re-rank every K removals exactly (not adaptive)")
@@ -64,24 +56,20 @@ def main() -> None:
     ap.add_argument("--naive-ablations", type=int, default=3, help="ablations timed on the naive path")
     ap.add_argument("--random-seeds", type=int, default=3)
     ap.add_argument("--test-images", type=int, default=0, help="0: the whole test split")
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precision", default="fp32")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "car_prune_cpu.json")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    start(args)
 
+    from netslim import Plan
     from netslim.data import calibration_subset
-    from netslim.methods.car.core import eval_set
-    from netslim.methods.car.engine import AblationEngine
-    from netslim.plan import Plan
+    from netslim.methods.car import eval_set
     from netslim.surgery.apply import apply_plan
-    from netslim.workflows.api import load_data, load_trained
-    from netslim.workflows.stages import accuracy, analyse, machine
+    from netslim.workflows.stages import accuracy, analyse
 
-    train, test, _, n_classes = load_data(str(DATA))
+    train, test, _, n_classes = cifar10()
     if args.test_images:
         test = calibration_subset(test, args.test_images, seed=0)
-    model, arch, _ = load_trained(WEIGHTS, "vgg16_bn", n_classes)
+    model, arch, _ = trained(num_classes=n_classes)
     options = {"layers": args.layer, "eval_size": args.eval_size, "per_step": args.per_step,
                "keep_fraction": args.keep_fraction, "precision": args.precision, "adaptive": not args.fixed_blocks}
     t0 = time.perf_counter()
@@ -92,12 +80,11 @@ def main() -> None:
 
     # naive reference on the same evaluation images
     x, y, _ = eval_set(ctx)
-    naive = AblationEngine(model, [(args.layer,)], x, y, n_classes, batch_size=256, masks_per_pass=1, fast=False,
-                           precision=args.precision)
+    naive = layer_engine(model, args.layer, x, y, n_classes, 1, fast=False, precision=args.precision)
     probe = list(range(min(args.naive_ablations, run.width)))
     got = naive.ablate(naive.full_mask(), probe)
-    fast_counts = [round((run.base_accuracy - run.first_car[f]) * run.eval_images) for f in probe]
-    naive_per_eval = naive.stats.cpu_seconds / naive.stats.evaluations
+    fast_counts = images_lost(run, probe)
+    naive_per_eval = cpu_per_eval(naive)
     fast_ranking_per_eval = run.ranking["cpu_seconds"] / run.ranking["evaluations"]
     fast_per_eval = run.engine["cpu_seconds"] / run.engine["evaluations"]
     width, removed = run.width, len(run.removed)
@@ -158,9 +145,7 @@ def main() -> None:
            "rankings": run.rankings, "mode": run.mode}
     print(json.dumps({k: v for k, v in acc.items() if not isinstance(v, list) or k == "random"}, indent=1))
     merge_result(args.out, args.layer, {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-        "torch": torch.__version__, "threads": args.threads, "precision": args.precision,
-        "command": shlex.join([sys.executable.split("/")[-1], *sys.argv]), "options": options,
+        **stamp(args), "precision": args.precision, "options": options,
         "analysis_seconds": round(seconds, 1), "wall_seconds": round(time.perf_counter() - t0, 1),
         "throughput": throughput, "accuracy_without_retraining": acc, "plan_meta": plan.meta})
 

@@ -15,26 +15,17 @@ the exact reading (K = 1); the measured greedy halvings on fewer images are in c
 Times are process CPU seconds, all threads summed (the machine is shared, so wall clock, also recorded,
 mostly measures the other users).
 
-    python benchmarks/car_throughput.py --layer features.0 --threads 2 --halving bf16
+    python -m benchmarks.car.throughput --layer features.0 --threads 2 --halving bf16
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import shlex
-import sys
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
-import torch
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-WEIGHTS = SHARED / "models" / "vgg16_bn_cifar10.safetensors"
-DATA = SHARED / "data" / "cifar10-jpeg.tar.gz"
+from benchmarks._common import parser, stamp, start, write
+from benchmarks.car.common import cpu_per_eval, eval_images, images_lost, layer_engine
 
 
 def greedy_evaluations(width: int, remove: int, per_step: int) -> int:
@@ -51,14 +42,11 @@ def greedy_evaluations(width: int, remove: int, per_step: int) -> int:
 
 def ranking_summary(r: Any, ref: Any, naive_eval: float, half: int) -> dict[str, Any]:
     """Speed of one precision's full ranking and its agreement with the reference (fp32) ranking."""
-    def lost(run: Any) -> list[int]:  # images each filter's removal costs
-        return [round((run.base_accuracy - c) * run.eval_images) for c in run.first_car]
-
     def lowest(run: Any) -> set[int]:  # the half of the filters with the lowest CAR
         return set(sorted(range(run.width), key=lambda f: (run.first_car[f], f))[:half])
 
     per_eval = r.ranking["cpu_seconds"] / r.ranking["evaluations"]
-    diff = [abs(a - b) for a, b in zip(lost(r), lost(ref), strict=True)]
+    diff = [abs(a - b) for a, b in zip(images_lost(r), images_lost(ref), strict=True)]
     return {"evaluations": r.ranking["evaluations"], "cpu_seconds": r.ranking["cpu_seconds"],
             "seconds_wall": r.ranking["seconds"], "evals_per_cpu_second": round(1 / per_eval, 4),
             "speedup_vs_naive_fp32": round(naive_eval / per_eval, 3),
@@ -69,59 +57,43 @@ def ranking_summary(r: Any, ref: Any, naive_eval: float, half: int) -> dict[str,
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__, out="car_throughput_cpu.json", threads=1)
     ap.add_argument("--layer", default="features.0")
     ap.add_argument("--eval-size", type=int, default=2000)
     ap.add_argument("--naive-ablations", type=int, default=3)
     ap.add_argument("--unbatched-ablations", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--precisions", default="fp32,bf16", help="fast-engine precisions for the full ranking")
     ap.add_argument("--halving", default="", help="also run and time the whole greedy halving at this precision")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "car_throughput_cpu.json")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    start(args)
 
-    from netslim.data import split_holdout
-    from netslim.io import atomic_write_text
-    from netslim.methods import Context
-    from netslim.methods.car.core import eval_set, greedy
-    from netslim.methods.car.engine import AblationEngine
-    from netslim.methods.car.options import CAROptions
-    from netslim.workflows.api import load_data, load_trained
-    from netslim.workflows.stages import machine
+    from netslim.methods.car import greedy
 
-    train, _, _, n_classes = load_data(str(DATA))
-    model, arch, _ = load_trained(WEIGHTS, "vgg16_bn", n_classes)
-    fit_part, _ = split_holdout(train, 0.1, seed=0)  # what `compress --method car` sees as ctx.train
-    ctx = Context(model=model, arch=arch, num_classes=n_classes, input_size=(3, 32, 32), train=fit_part,
-                  opts=CAROptions(eval_size=args.eval_size))
-    x, y, _ = eval_set(ctx)
+    model, n_classes, x, y = eval_images(args.eval_size)
     t0 = time.perf_counter()
     rankings = {}
     for precision in args.precisions.split(","):
-        engine = AblationEngine(model, [(args.layer,)], x, y, n_classes, batch_size=256, masks_per_pass=32,
-                                precision=precision)
+        engine = layer_engine(model, args.layer, x, y, n_classes, 32, precision=precision)
         rankings[precision] = (engine, greedy(engine, 0, 0, root=args.layer))  # the first step: full ranking
         print(f"fast ranking, {precision}: {rankings[precision][1].ranking}", flush=True)
     fast, run = rankings.get("fp32", next(iter(rankings.values())))
     width = run.width
 
     probe = list(range(min(args.naive_ablations, width)))
-    unbatched = AblationEngine(model, [(args.layer,)], x, y, n_classes, batch_size=256, masks_per_pass=1)
+    unbatched = layer_engine(model, args.layer, x, y, n_classes, 1)
     unbatched.ablate(unbatched.full_mask(), list(range(min(args.unbatched_ablations, width))))
-    naive = AblationEngine(model, [(args.layer,)], x, y, n_classes, batch_size=256, masks_per_pass=1, fast=False)
+    naive = layer_engine(model, args.layer, x, y, n_classes, 1, fast=False)
     got = naive.ablate(naive.full_mask(), probe)
-    expected = [round((run.base_accuracy - run.first_car[f]) * run.eval_images) for f in probe]
+    expected = images_lost(run, probe)
 
     fast_eval = run.ranking["cpu_seconds"] / run.ranking["evaluations"]
-    unbatched_eval = unbatched.stats.cpu_seconds / unbatched.stats.evaluations
-    naive_eval = naive.stats.cpu_seconds / naive.stats.evaluations
+    unbatched_eval = cpu_per_eval(unbatched)
+    naive_eval = cpu_per_eval(naive)
     half = width // 2
     by_precision = {p: ranking_summary(r, run, naive_eval, half) for p, (_, r) in rankings.items()}
     halving = None
     if args.halving:
-        engine = AblationEngine(model, [(args.layer,)], x, y, n_classes, batch_size=256, masks_per_pass=32,
-                                precision=args.halving)
+        engine = layer_engine(model, args.layer, x, y, n_classes, 32, precision=args.halving)
         h = greedy(engine, 0, half, per_step=8, root=args.layer)
         halving = {"precision": args.halving, "mode": h.mode, "evaluations": h.engine["evaluations"],
                    "rankings": h.rankings, "cpu_seconds": h.engine["cpu_seconds"],
@@ -136,9 +108,7 @@ def main() -> None:
         estimates[f"per_step_{k}"] = {"evaluations": n, "fast_cpu_seconds": round(n * fast_eval, 1),
                                       "naive_cpu_seconds": round(n * naive_eval, 1)}
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-        "torch": torch.__version__, "threads": args.threads,
-        "command": shlex.join([sys.executable.split("/")[-1], *sys.argv]),
+        **stamp(args),
         "layer": args.layer, "filters": width, "eval_images": run.eval_images, "engine_path": fast.path,
         "timing": f"process CPU seconds, {args.threads} thread(s) summed (wall clock in seconds_wall)",
         "fast_full_ranking": {"evaluations": run.ranking["evaluations"], "cpu_seconds": run.ranking["cpu_seconds"],
@@ -165,7 +135,7 @@ def main() -> None:
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }
     print(json.dumps({k: v for k, v in result.items() if k != "first_car"}, indent=1))
-    atomic_write_text(args.out, json.dumps(result, indent=1, default=str))
+    write(args.out, result)
 
 
 if __name__ == "__main__":

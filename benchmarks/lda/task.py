@@ -13,31 +13,21 @@ One task per run (all ten classes, or a subset such as cat,dog,horse). In one pr
 Reported test images are never used for decisions. A reduced CPU schedule (subsets of the
 training split, one-epoch rounds) keeps a run near ten minutes on two threads; the JSON records it.
 
-    python benchmarks/lda_task.py --classes all
-    python benchmarks/lda_task.py --classes cat,dog,horse
+    python -m benchmarks.lda.task --classes all
+    python -m benchmarks.lda.task --classes cat,dog,horse
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import shlex
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-WEIGHTS = SHARED / "models" / "vgg16_bn_cifar10.safetensors"
-DATA = SHARED / "data" / "cifar10-jpeg.tar.gz"
+from benchmarks._common import RESULTS, cifar10, parser, stamp, start, trained, write
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--classes", default="all", help="all | comma-separated CIFAR-10 class names")
     ap.add_argument("--train-per-class", type=int, default=1000, help="training images per class (before the "
                     "10%% validation hold-out)")
@@ -59,31 +49,25 @@ def main() -> None:
     ap.add_argument("--ft-distill", type=float, default=0.0, help="weight of the unpruned task network's softened "
                     "outputs in every round (both networks; 0: labels only)")
     ap.add_argument("--trace-images", type=int, default=10, help="per class")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="result JSON (default: results/lda_<classes>_cpu.json)")
     ap.add_argument("--run-dir", type=Path, default=None, help="also write the LDA run directory here")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    start(args)
 
+    from netslim import Plan, Schedule, Target
     from netslim.cost.size import model_size
-    from netslim.cost.targets import Target
     from netslim.data import batches, calibration_subset, split_holdout
-    from netslim.methods.lda.core import predecision_moments
-    from netslim.methods.lda.loop import LoopOptions, finetune_round
-    from netslim.methods.lda.step import recalibrate
-    from netslim.plan import Plan
+    from netslim.methods.lda import LoopOptions, finetune_round, predecision_moments, recalibrate
     from netslim.surgery.apply import apply_plan, find_classifier
     from netslim.surgery.graph import PRUNABLE, out_width
-    from netslim.train import Schedule
-    from netslim.workflows.api import load_data, load_trained
     from netslim.workflows.compress import compress
-    from netslim.workflows.stages import accuracy, analyse, machine
+    from netslim.workflows.stages import accuracy, analyse
 
     classes = None if args.classes == "all" else [c.strip() for c in args.classes.split(",")]
     tag = "all" if classes is None else "-".join(classes)
-    out = args.out or REPO / "benchmarks" / "results" / f"lda_{tag}_cpu.json"
+    out = args.out or RESULTS / f"lda_{tag}_cpu.json"
     began = time.perf_counter()
-    train, test, idx, _ = load_data(str(DATA), classes)
+    train, test, idx, _ = cifar10(classes)
     k = len(train.classes)
     train = calibration_subset(train, min(args.train_per_class * k, len(train)), seed=0)
     from_test = args.val_from == "test"
@@ -94,7 +78,7 @@ def main() -> None:
     if 0 < args.val_images < len(val):
         val = calibration_subset(val, args.val_images, seed=1)
     test = calibration_subset(test, min(args.test_per_class * k, len(test)), seed=0)
-    base, arch, _ = load_trained(WEIGHTS, "vgg16_bn", 10)
+    base, arch, _ = trained()
     options = {"min_accuracy": args.min_accuracy, "max_drop": args.max_drop, "max_iters": args.max_iters,
                "patience": args.patience, "eta_start": args.eta_start,
                "eta_step": args.eta_step, "ft_images": args.ft_images, "ft_epochs": args.ft_epochs,
@@ -140,9 +124,7 @@ def main() -> None:
 
     chosen = next(r for r in meta["iterations"] if r["index"] == meta["selected_iteration"])
     report = {
-        "benchmark": "lda_task", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(), "torch": torch.__version__, "threads": args.threads,
-        "command": shlex.join(["python", *sys.argv]),
+        "benchmark": "lda_task", **stamp(args),
         "task": {"classes": train.classes, "base_class_indices": idx},
         "data": {"train_images": len(train), "fine_tune_part": len(fit_part), "validation": len(val),
                  "test_images": len(test), "calibration": args.calib},
@@ -164,8 +146,7 @@ def main() -> None:
             {n: out_width(m) for n, m in l1_model.named_modules() if isinstance(m, PRUNABLE)}, l1_seconds)},
         "total_seconds": round(time.perf_counter() - began, 1),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    write(out, report)
     b, lo, pe = report["base"], report["lda"], report["tp_l1"]
     print(f"{tag}: base {b['params']:,} params, test {b['test_accuracy']:.4f} | lda {lo['params']:,} params "
           f"({lo['params_fraction']:.4f}), {lo['macs']:,} MACs, test {lo['test_accuracy_after_surgery']:.4f} cut -> "

@@ -7,50 +7,40 @@ Reported per layer: relative feature-map error ‖Y − Ŷ‖/‖Y‖ on the cal
 training images, relative weight error, bytes (CSR index overhead included); then the test accuracy
 of the whole network with every layer replaced, before any fine-tuning.
 
-    python benchmarks/lrs_layers.py [--fraction 0.1] [--share 0.5] [--threads 1]
+    python -m benchmarks.lrs.layers [--fraction 0.1] [--share 0.5] [--threads 1]
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import sys
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+from benchmarks._common import cifar10, parser, stamp, start, trained, write
+
 METHODS = ("svd", "magnitude", "grebdec", "grebdec-weights")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--weights", default=str(SHARED / "models" / "vgg16_bn_cifar10.safetensors"))
-    ap.add_argument("--data", default=str(SHARED / "data" / "cifar10-jpeg.tar.gz"))
+    ap = parser(__doc__, out="lrs_layers_cpu.json", threads=1, inputs=True)
     ap.add_argument("--fraction", type=float, default=0.1, help="budget per layer, as a fraction of m·d")
     ap.add_argument("--share", type=float, default=0.5, help="GreBdec: fraction of the budget spent on S")
     ap.add_argument("--calib", type=int, default=1024, help="calibration images")
     ap.add_argument("--heldout", type=int, default=512, help="held-out training images for generalisation")
     ap.add_argument("--positions", type=int, default=8, help="output positions sampled per image and layer")
     ap.add_argument("--test-images", type=int, default=2000, help="test images for accuracy (0: all)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the shared CPU is oversubscribed)")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "lrs_layers_cpu.json"))
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    start(args)
 
+    from netslim.cost.size import stored_params
     from netslim.data import batches, calibration_subset, split_holdout
-    from netslim.methods.lrs.moments import original_moments
-    from netslim.methods.lrs.solver import decompose, weighted_error
+    from netslim.methods.lrs import decompose, original_moments, weighted_error
     from netslim.surgery.factorized import build_factorized, matrix_shape
-    from netslim.workflows.api import load_data, load_trained
-    from netslim.workflows.stages import accuracy, machine
+    from netslim.workflows.stages import accuracy
 
-    model, _, _ = load_trained(Path(args.weights), "vgg16_bn", 10)
-    train, test, _, _ = load_data(args.data)
+    model, _, _ = trained(weights=args.weights)
+    train, test, _, _ = cifar10(data=args.data)
     fit_part, hold = split_holdout(train, 0.05, seed=7)
     calib = calibration_subset(fit_part, args.calib, seed=0)
     held = calibration_subset(hold, args.heldout, seed=0)
@@ -117,8 +107,6 @@ def main() -> None:
             layer.set_factors(uu.float(), vv.float(), sp[0].float() if sp else None, sp[1] if sp else None)
             net.set_submodule(n, layer.eval())
         nets[key] = net
-    from netslim.cost.size import stored_params
-
     networks = {}
     for key, net in nets.items():
         t = time.perf_counter()
@@ -129,15 +117,13 @@ def main() -> None:
         print(key, networks[key], f"{time.perf_counter() - t:.0f} s", flush=True)
     dense_conv_bytes = 4 * sum(r["m"] * r["d"] for r in rows)
     result = {
-        "benchmark": "lrs_layers", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(), "torch": torch.__version__, "command": " ".join(["python", *sys.argv]),
-        "settings": vars(args), "calibration_images": len(calib.labels), "heldout_images": len(held.labels),
+        "benchmark": "lrs_layers", **stamp(args), "settings": vars(args),
+        "calibration_images": len(calib.labels), "heldout_images": len(held.labels),
         "test_images": len(test.labels), "moment_seconds": moment_seconds,
         "base": {"accuracy": base_acc, "stored_params": stored_params(model), "conv_bytes": dense_conv_bytes},
         "networks": networks, "layers": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write(args.out, result)
     print(f"base accuracy {base_acc:.4f}; written {args.out}")
 
 

@@ -6,25 +6,21 @@ method; bytes count S's column indices too, so the default 0.075 of the values i
 the bytes. Latency is timed for the base network, the factorized one as trained (S as a masked dense
 conv) and with S run as a CSR sparse matmul (netslim.surgery.factorized.use_sparse_kernel).
 
-    python benchmarks/lrs_network.py [--target 0.075] [--epochs 1] [--finetune-images 5000] [--threads 1]
+    python -m benchmarks.lrs.network [--target 0.075] [--epochs 1] [--finetune-images 5000] [--threads 1]
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
-import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+from benchmarks._common import cifar10, parser, stamp, start, trained, write
 
 
 def sparse_kernel_macs(model: torch.nn.Module, input_size: tuple[int, int, int]) -> int:
@@ -60,9 +56,7 @@ def storage(model: torch.nn.Module) -> dict[str, int]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--weights", default=str(SHARED / "models" / "vgg16_bn_cifar10.safetensors"))
-    ap.add_argument("--data", default=str(SHARED / "data" / "cifar10-jpeg.tar.gz"))
+    ap = parser(__doc__, out="lrs_network_cpu.json", threads=1, inputs=True)
     ap.add_argument("--target", type=float, default=0.075, help="fraction of the stored parameters kept")
     ap.add_argument("--share", type=float, default=0.5, help="fraction of each layer's budget spent on S")
     ap.add_argument("--inputs", default="original", choices=("original", "compressed"))
@@ -73,23 +67,20 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--test-images", type=int, default=5000, help="0: the whole test split")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the shared CPU is oversubscribed)")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "lrs_network_cpu.json"))
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    start(args)
 
+    from netslim import Schedule, Target, load_model
     from netslim.cost.size import count_flops
-    from netslim.cost.targets import Target
     from netslim.cost.timing import measure_latency
     from netslim.data import calibration_subset
-    from netslim.surgery.checkpoint import load_model, save_model
+    from netslim.surgery.checkpoint import save_model
     from netslim.surgery.factorized import factorized_layers, use_sparse_kernel
-    from netslim.train import Schedule, finetune
-    from netslim.workflows.api import load_data, load_trained
-    from netslim.workflows.stages import accuracy, analyse, machine
+    from netslim.train import finetune
+    from netslim.workflows.stages import accuracy, analyse
 
-    model, arch, _ = load_trained(Path(args.weights), "vgg16_bn", 10)
-    train, test, _, _ = load_data(args.data)
+    model, arch, _ = trained(weights=args.weights)
+    train, test, _, _ = cifar10(data=args.data)
     test = calibration_subset(test, args.test_images, seed=2) if args.test_images else test
     shape = tuple(train.images.shape[1:])
     t = time.perf_counter()
@@ -137,9 +128,8 @@ def main() -> None:
             reload_exact = bool(torch.equal(again(x), small(x)))
 
     result = {
-        "benchmark": "lrs_network", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(), "torch": torch.__version__, "command": " ".join(["python", *sys.argv]),
-        "settings": vars(args), "analysis_seconds": seconds, "test_images": len(test.labels),
+        "benchmark": "lrs_network", **stamp(args), "settings": vars(args), "analysis_seconds": seconds,
+        "test_images": len(test.labels),
         "base": {"accuracy": base_acc, **size_base, "macs": int(count_flops(model, shape)["macs"])},
         "lrs": {"accuracy_before_finetune": acc_before, "accuracy_after_finetune": acc_after, **size_small,
                 "macs_masked_dense": int(count_flops(small, shape)["macs"]),
@@ -151,8 +141,7 @@ def main() -> None:
         "latency_cpu": lat,
         "layers": plan.meta["layers"],
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+    write(args.out, result)
     print(json.dumps({k: result[k] for k in ("base", "compression", "latency_cpu")}, indent=1, default=str))
     print(json.dumps({k: v for k, v in result["lrs"].items() if k != "finetune_history"}, indent=1, default=str))
 

@@ -1,38 +1,30 @@
 """PCA-designed VGG-16 against the original VGG-16, both trained from scratch with the same schedule.
 
 The design comes from one PCA pass over the shared trained VGG-16 (CIFAR-10, --variance 0.999 by
-default). Both networks are then re-initialised the same way (netslim.workflows.compress.reinitialise) and
+default). Both networks are then re-initialised the same way (netslim.workflows.stages.reinitialise) and
 trained with the same recipe on the same images, in one run, and compared on test accuracy,
 parameters, MACs and measured CPU latency. Off a GPU the schedule is a reduced CPU one (a training
 subset and a few epochs), stated in the JSON: it compares the two designs under equal training,
 not the paper's full-schedule accuracies.
 
-    python benchmarks/pca_design.py [--train-images 5000] [--epochs 2] [--test-images 2000] [--threads 2]
-    python benchmarks/pca_design.py --latency-only   # re-time the recorded networks, update the JSON
+    python -m benchmarks.pca.design [--train-images 5000] [--epochs 2] [--test-images 2000] [--threads 2]
+    python -m benchmarks.pca.design --latency-only   # re-time the recorded networks, update the JSON
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-DEFAULT_WEIGHTS = SHARED / "models" / "vgg16_bn_cifar10.safetensors"
-DEFAULT_DATA = SHARED / "data" / "cifar10-jpeg.tar.gz"
+from benchmarks._common import RESULTS, cifar10, command, parser, stamp, start, trained, write
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap = parser(__doc__, inputs=True)
     ap.add_argument("--variance", type=float, default=0.999)
     ap.add_argument("--round-to", type=int, default=1)
     ap.add_argument("--images", type=int, default=512, help="calibration images for the PCA pass")
@@ -42,7 +34,6 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--augment", action="store_true", help="random crop + flip (off: few epochs fit faster)")
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--latency-rounds", type=int, default=5)
@@ -52,23 +43,24 @@ def main() -> None:
     if args.latency_only:
         return remeasure(args)
 
+    from netslim import Schedule
     from netslim.data import calibration_subset
     from netslim.surgery.apply import apply_plan
-    from netslim.train import Schedule, finetune
-    from netslim.workflows.api import load_data, load_trained, pick_device
-    from netslim.workflows.stages import accuracy, analyse, machine, measure_model, reinitialise
+    from netslim.train import finetune
+    from netslim.workflows.api import pick_device
+    from netslim.workflows.stages import accuracy, analyse, measure_model, reinitialise
     from netslim.zoo import build
 
-    torch.set_num_threads(args.threads)
+    start(args)
     device = pick_device(args.device)
     gpu = device.startswith("cuda")
-    out = args.out or REPO / "benchmarks" / "results" / f"pca_design_{'gpu' if gpu else 'cpu'}.json"
+    out = args.out or RESULTS / f"pca_design_{'gpu' if gpu else 'cpu'}.json"
     t_start = time.perf_counter()
-    train, test, _, n = load_data(str(args.data))
-    trained, arch, _ = load_trained(args.weights, "vgg16_bn", n)
+    train, test, _, n = cifar10(data=args.data)
+    network, arch, _ = trained(num_classes=n, weights=args.weights)
     options = {"variance": args.variance, "round_to": args.round_to, "images": args.images}
     t0 = time.perf_counter()
-    found, ctx, seconds = analyse(trained, arch, train, "pca", None, options, device)
+    found, ctx, seconds = analyse(network, arch, train, "pca", None, options, device)
     plan = found.plan
     wall = time.perf_counter() - t0
     report = {"structure": plan.meta.get("structure"), "drop": plan.drop,
@@ -104,9 +96,7 @@ def main() -> None:
         "benchmark": "pca_design",
         "schedule_kind": "full (GPU)" if gpu else "REDUCED CPU schedule: a training subset and a few epochs, the "
         "same for both networks; accuracies are far below full-schedule ones and only compare the two designs",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(), "torch": torch.__version__, "threads": args.threads, "device": device,
-        "command": shlex.join([sys.executable, *sys.argv]),
+        **stamp(args), "device": device,
         "data": {"archive": str(args.data.name), "train_images": len(fit_set.labels),
                  "test_images": len(test_set.labels)},
         "schedule": {**sched.__dict__, "init": "scratch (netslim.workflows.compress.reinitialise, same for both)"},
@@ -120,8 +110,7 @@ def main() -> None:
                        "(AlexNet/VGG, full training)",
         "total_seconds": round(time.perf_counter() - t_start, 1),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    write(out, result)
     print(json.dumps(result["ratios"]), "->", out)
 
 
@@ -158,20 +147,20 @@ def notes(o: dict, p: dict, images: int, sched) -> str:
 
 def remeasure(args: argparse.Namespace) -> None:
     """Re-time the two recorded networks (weights do not change latency) and update the results file."""
-    from netslim.plan import Plan
+    from netslim import Plan
     from netslim.surgery.apply import apply_plan
     from netslim.zoo import build
 
-    torch.set_num_threads(args.threads)
-    out = args.out or REPO / "benchmarks" / "results" / "pca_design_cpu.json"
+    start(args)
+    out = args.out or RESULTS / "pca_design_cpu.json"
     result = json.loads(out.read_text())
     plan = Plan.from_dict(result["design"]["plan"])
     models = {"original": build("vgg16_bn"), "pca": apply_plan(build("vgg16_bn"), plan)}
     latency = interleaved_latency(models, args.threads, args.latency_rounds)
     result["cpu_latency"] = latency
     result["ratios"].update(latency_ratios(latency))
-    result["latency_command"] = shlex.join([sys.executable, *sys.argv])
-    out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    result["latency_command"] = command()
+    write(out, result)
     print(json.dumps(latency), "->", out)
 
 

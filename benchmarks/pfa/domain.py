@@ -3,51 +3,40 @@
 PFA-KL on the task's data (classifier cut to the task) against plain fine-tuning of the full network on
 the same task with the same schedule, in one run; plus the size PFA-KL plans for all 10 classes.
 
-    python benchmarks/pfa_domain.py [--train-images 3000] [--epochs 1] [--lr 0.01]
+    python -m benchmarks.pfa.domain [--train-images 3000] [--epochs 1] [--lr 0.01]
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import shlex
-import sys
-from datetime import datetime, timezone
-from pathlib import Path
 
-import torch
-
+from benchmarks._common import cifar10, parser, stamp, start, trained, write
+from netslim import Plan, Schedule
 from netslim.cost.size import plan_size
 from netslim.data import calibration_subset
-from netslim.plan import Plan
+from netslim.repair import Repair
 from netslim.surgery.apply import apply_plan
-from netslim.train import Schedule, finetune
-from netslim.workflows.api import load_data, load_trained
+from netslim.train import finetune
 from netslim.workflows.compress import compress
-from netslim.workflows.stages import accuracy, analyse, machine
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+from netslim.workflows.stages import accuracy, analyse
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__, out="pfa_domain_cpu.json")
     ap.add_argument("--classes", default="cat,dog,horse")
     ap.add_argument("--train-images", type=int, default=3000)
     ap.add_argument("--calib-images", type=int, default=3000)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--lr", type=float, default=0.01)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "pfa_domain_cpu.json")
+    ap.add_argument("--repair", default="bn", choices=["none", "bn", "lsq"],
+                    help="repair after the cut (bn: as in the committed results, made before lsq existed)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    data = str(SHARED / "data" / "cifar10-jpeg.tar.gz")
-    weights = SHARED / "models" / "vgg16_bn_cifar10.safetensors"
+    start(args)
     classes = args.classes.split(",")
-    full_train, _, _, n = load_data(data)
-    train, test, idx, _ = load_data(data, classes)
-    model, arch, _ = load_trained(weights, "vgg16_bn", n)
+    full_train, _, _, n = cifar10()
+    train, test, idx, _ = cifar10(classes)
+    model, arch, _ = trained(num_classes=n)
     sched = Schedule(args.epochs, args.lr, 128, label_smoothing=0.1)
     tune = calibration_subset(train, args.train_images, seed=1)
 
@@ -58,15 +47,14 @@ def main() -> None:
 
     res = compress(model, arch, tune, test, method="pfa-kl", schedule=sched, device="cpu",
                    calib_size=args.calib_images, init="fine", classes=idx,
-                   measure_latency=False)
+                   measure_latency=False, repair=Repair(mode=args.repair))
     task_full = apply_plan(copy.deepcopy(model), Plan(arch=arch, num_classes=n, classes=idx))
     acc_full_before = accuracy(task_full, test, "cpu")
     finetune(task_full, tune, sched, "cpu")
     acc_full_after = accuracy(task_full, test, "cpu")
     task_params = sum(p.numel() for p in task_full.parameters())
     out = {
-        "benchmark": "pfa_domain", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(), "command": shlex.join(["python", *sys.argv]),
+        "benchmark": "pfa_domain", **stamp(args),
         "note": f"reduced CPU schedule: {args.epochs} epoch(s) on {args.train_images} task training images",
         "task": classes, "test_images": len(test.labels),
         "pfa_kl_all_classes": {"params": size10["params"], "macs": size10["macs"],
@@ -82,7 +70,7 @@ def main() -> None:
         "full_finetuned_on_task": {"params": task_params, "accuracy_before": acc_full_before,
                                    "accuracy": acc_full_after},
     }
-    args.out.write_text(json.dumps(out, indent=1, default=str))
+    write(args.out, out)
     print(json.dumps({k: v for k, v in out.items() if k.startswith(("pfa", "full"))}, indent=1, default=str))
 
 

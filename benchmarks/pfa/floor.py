@@ -4,37 +4,27 @@ One τ shared by all layers leaves the last three VGG-16 layers ~10 filters at t
 responses span about as many directions as there are classes). Same budget, same statistics, same
 BN recalibration and fine-tuning for every row, with torch-pruning's uniform L1 alongside.
 
-    python benchmarks/pfa_floor.py [--fractions 0,0.125,0.25] [--train-images 20000] [--epochs 1]
+    python -m benchmarks.pfa.floor [--fractions 0,0.125,0.25] [--train-images 20000] [--epochs 1]
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import shlex
-import sys
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 
-import torch
-
+from benchmarks._common import cifar10, parser, stamp, start, trained, write
+from netslim import Schedule, parse_target
 from netslim.cost.size import count_params
-from netslim.cost.targets import parse_target
 from netslim.data import calibration_subset
 from netslim.methods import AnalysisCache
 from netslim.surgery.apply import apply_plan
-from netslim.train import Schedule, finetune
-from netslim.workflows.api import load_data, load_trained
-from netslim.workflows.stages import accuracy, analyse, machine, recalibrated_accuracy
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+from netslim.train import finetune
+from netslim.workflows.stages import accuracy, analyse, recalibrated_accuracy
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__, out="pfa_floor_cpu.json")
     ap.add_argument("--fractions", default="0,0.125,0.25")
     ap.add_argument("--target", default="params=0.125")
     ap.add_argument("--calib", type=int, default=2000)
@@ -42,12 +32,10 @@ def main() -> None:
     ap.add_argument("--test-images", type=int, default=5000)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--lr", type=float, default=0.02)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "pfa_floor_cpu.json")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    model, arch, _ = load_trained(SHARED / "models" / "vgg16_bn_cifar10.safetensors", "vgg16_bn", 10)
-    train, test, _, _ = load_data(str(SHARED / "data" / "cifar10-jpeg.tar.gz"))
+    start(args)
+    model, arch, _ = trained()
+    train, test, _, _ = cifar10()
     test = calibration_subset(test, args.test_images, seed=2)
     tune = calibration_subset(train, args.train_images, seed=1)
     sched = Schedule(args.epochs, args.lr, 128)
@@ -71,16 +59,13 @@ def main() -> None:
                "finetune_seconds": round(time.perf_counter() - t0, 1)}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    out = {"benchmark": "pfa_floor", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "machine": machine(), "torch": torch.__version__, "threads": args.threads,
-           "command": shlex.join(["python", *sys.argv]), "target": args.target,
+    out = {"benchmark": "pfa_floor", **stamp(args), "target": args.target,
            "schedule": {"epochs": args.epochs, "lr": args.lr, "train_images": len(tune.labels), "batch": 128,
                         "bn_recalibration_images": sched.bn_recal},
            "test_images": len(test.labels), "calibration_images": args.calib,
            "base_accuracy": accuracy(model, test, "cpu"),
            "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1))
+    write(args.out, out)
 
 
 if __name__ == "__main__":

@@ -5,68 +5,60 @@ on a shared network, fine-tunes briefly on a training subset, then times base an
 once more at the target's batch size. Reports the latency ratio (target: within 10% of 0.5) and
 accuracy on a test subset before compression, right after surgery and after fine-tuning.
 
-    python benchmarks/speed_latency_target.py [--arch resnet56] [--batch 64] [--threads 1] [--epochs 3]
+    python -m benchmarks.speed.latency_target [--arch resnet56] [--batch 64] [--threads 1] [--epochs 3]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import sys
 import time
 from dataclasses import replace
-from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
-from netslim.cost.targets import parse_target
+from benchmarks._common import RESULTS, RUNS, TRAINED, cifar10, command, log, parser, stamp, start, trained, write
+from netslim import Schedule, parse_target
 from netslim.cost.timing import Conditions, interleaved_times, prepare_for, random_input, ratio_of
 from netslim.data import calibration_subset
-from netslim.train import Schedule
-from netslim.workflows.api import load_data, load_trained
 from netslim.workflows.compress import compress
-from netslim.workflows.stages import machine
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-WEIGHTS = {"resnet56": "resnet56_cifar10.safetensors", "vgg16_bn": "vgg16_bn_cifar10.safetensors"}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", default="resnet56", choices=sorted(WEIGHTS))
+    ap = parser(__doc__, threads=1)
+    ap.add_argument("--arch", default="resnet56", choices=sorted(TRAINED))
     ap.add_argument("--method", default="pfa-en")
     ap.add_argument("--fraction", type=float, default=0.5)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--round-to", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--train-subset", type=int, default=10000)
     ap.add_argument("--test-subset", type=int, default=2000)
     ap.add_argument("--calib", type=int, default=2000)
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="run directory (default: runs/latency_<arch>_b<batch>)")
+    ap.add_argument("--json", type=Path, default=None,
+                    help="result JSON (default: results/speed_latency_target_<arch>_b<batch>_cpu.json)")
+    ap.add_argument("--repair", default="bn", choices=["none", "bn", "lsq"],
+                    help="repair after the cut (bn: as in the committed results, made before lsq existed)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    out_json = ROOT / "benchmarks" / "results" / f"speed_latency_target_{args.arch}_b{args.batch}_cpu.json"
-    run_dir = args.out or ROOT / "runs" / f"latency_{args.arch}_b{args.batch}"
-    train, test, _, _ = load_data(str(SHARED / "data" / "cifar10-jpeg.tar.gz"))
+    start(args)
+    out_json = args.json or RESULTS / f"speed_latency_target_{args.arch}_b{args.batch}_cpu.json"
+    run_dir = args.out or RUNS / f"latency_{args.arch}_b{args.batch}"
+    train, test, _, _ = cifar10()
     test = calibration_subset(test, args.test_subset, seed=2)
     tune = calibration_subset(train, args.train_subset, seed=1)
-    base, arch, _ = load_trained(SHARED / "models" / WEIGHTS[args.arch], args.arch, 10, 3)
+    base, arch, _ = trained(args.arch)
     target = replace(parse_target(f"latency={args.fraction}"), batch=args.batch, device="cpu", threads=args.threads)
     t0 = time.perf_counter()
     res = compress(base, arch, tune, test, method=args.method, target=target, options={"round_to": args.round_to},
                    schedule=Schedule(epochs=args.epochs, lr=args.lr, batch_size=128), device="cpu",
                    calib_size=args.calib, out=run_dir,
-                   overwrite=True, command=" ".join(["python", *sys.argv]))
+                   overwrite=True, command=command())
     seconds = time.perf_counter() - t0
     # one more check, at the target's batch: base and result in turns, many rounds
     cond = Conditions.make("cpu", args.batch, args.threads)
     pair = [prepare_for(base, cond), prepare_for(res.model, cond)]
-    torch.set_num_threads(args.threads)
+    start(args)  # compress may have left another thread count
     times = interleaved_times(pair, random_input((args.batch, 3, 32, 32), cond), min_rounds=9, max_seconds=60)
     ratio = ratio_of(times, 1)
     m = res.metrics
@@ -84,11 +76,8 @@ def main() -> None:
                      "history": m["history"]},
         "flops_kept": m["after"]["flops"] / m["before"]["flops"], "params_kept": m["after"]["params"] /
         m["before"]["params"], "speed_rows": m["speed"], "seconds": seconds, "run_dir": str(run_dir)}
-    print(json.dumps({k: summary[k] for k in ("final_check", "accuracy", "flops_kept")}, indent=1), file=sys.stderr)
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                    "machine": machine(), "torch": torch.__version__,
-                                    "command": " ".join(["python", *sys.argv]), **summary}, indent=1, default=str))
+    log(json.dumps({k: summary[k] for k in ("final_check", "accuracy", "flops_kept")}, indent=1))
+    write(out_json, {**stamp(args), **summary})
 
 
 if __name__ == "__main__":

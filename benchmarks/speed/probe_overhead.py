@@ -6,7 +6,7 @@ kernel's RSS high-water mark (VmHWM, reset through /proc/self/clear_refs after l
 a plain pass and during collect(); if collect() kept activations, its extra peak would grow with the
 number of images. Linux only (the reset needs /proc).
 
-    python benchmarks/probe_overhead.py [--weights ...] [--data ...] [--threads 1]
+    python -m benchmarks.speed.probe_overhead [--weights ...] [--data ...] [--threads 1]
 """
 
 from __future__ import annotations
@@ -15,32 +15,15 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-DEFAULT_WEIGHTS = SHARED / "models" / "vgg16_bn_cifar10.safetensors"
-DEFAULT_DATA = SHARED / "data" / "cifar10-jpeg.tar.gz"
-DEFAULT_OUT = REPO / "benchmarks" / "results" / "probe_overhead_cpu.json"
-
-
-def load_model(weights: Path) -> torch.nn.Module:
-    from safetensors.torch import load_file
-
-    from netslim.zoo import build
-
-    model = build("vgg16_bn")
-    state = {k: v.float() for k, v in load_file(str(weights)).items()}
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+from benchmarks._common import REPO, parser, stamp, start, trained, write
 
 
 def load_images(data: Path, n: int):
@@ -66,7 +49,7 @@ def timed(fn) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def _proc_status_mb(field: str) -> float:
+def proc_status_mb(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024.0  # kB
@@ -77,9 +60,9 @@ def peak_rss_mb(fn) -> tuple[float, float]:
     """(RSS before, RSS high-water mark while fn runs), in MiB."""
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    before = _proc_status_mb("VmRSS")
+    before = proc_status_mb("VmRSS")
     fn()
-    return before, _proc_status_mb("VmHWM")
+    return before, proc_status_mb("VmHWM")
 
 
 def memory_child(args: argparse.Namespace) -> None:
@@ -87,8 +70,8 @@ def memory_child(args: argparse.Namespace) -> None:
     from netslim.data import batches
     from netslim.probe import collect
 
-    torch.set_num_threads(args.threads)
-    model = load_model(args.weights)
+    start(args)
+    model = trained(weights=args.weights)[0]
     data = batches(load_images(args.data, args.memory_child), args.batch)
     layers = conv_layers(model)
     plain_pass(model, data)  # warm-up: allocator pools, lazily built kernels
@@ -104,7 +87,8 @@ def memory_child(args: argparse.Namespace) -> None:
 def measure_memory(args: argparse.Namespace, n: int) -> dict:
     cmd = [
         sys.executable,
-        __file__,
+        "-m",
+        __spec__.name,  # this module, run from the repository root
         "--memory-child",
         str(n),
         "--weights",
@@ -119,21 +103,17 @@ def measure_memory(args: argparse.Namespace, n: int) -> dict:
     # Every allocation above 64 KiB gets its own mapping, returned on free: RSS then tracks live memory
     # instead of whatever glibc's heap happened to retain from earlier passes.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env, cwd=REPO)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--images", type=int, default=2000)
-    parser.add_argument("--batch", type=int, default=200)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--memory-child", type=int, default=0, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    ap = parser(__doc__, out="probe_overhead_cpu.json", threads=1, inputs=True)
+    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--batch", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--memory-child", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
     if args.memory_child:
         memory_child(args)
         return
@@ -141,8 +121,8 @@ def main() -> None:
     from netslim.data import batches
     from netslim.probe import collect
 
-    torch.set_num_threads(args.threads)
-    model = load_model(args.weights)
+    start(args)
+    model = trained(weights=args.weights)[0]
     ds = load_images(args.data, args.images)
     data = list(batches(ds, args.batch))  # decoded and normalised once, outside every timed region
     layers = conv_layers(model)
@@ -167,15 +147,7 @@ def main() -> None:
     memory = [measure_memory(args, n) for n in (500, args.images)]
     result = {
         "benchmark": "probe_overhead",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-        },
-        "torch": torch.__version__,
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        **stamp(args),
         "setup": {
             "model": "vgg16_bn",
             "weights": args.weights.name,
@@ -200,8 +172,7 @@ def main() -> None:
         "memory_note": "peak RSS (VmHWM) per pass in a fresh process, MALLOC_MMAP_THRESHOLD_=65536; "
         "extra_* = collect peak minus plain-inference peak",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write(args.out, result)
     print(json.dumps(result, indent=2))
 
 

@@ -7,44 +7,35 @@ process (the machine is shared), CPU fp32 at batch 1 and 64 with the thread coun
 the median of per-round base/result ratios, and speedup ÷ FLOP reduction says how much of the FLOP
 saving turns into time. Accuracy right after surgery (no fine-tuning) on a test subset is reported.
 
-    python benchmarks/speed_rounding.py [--threads 1] [--models resnet56,vgg16_bn] [--quick]
+    python -m benchmarks.speed.rounding [--threads 1] [--models resnet56,vgg16_bn]
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import statistics
-import sys
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 
+from benchmarks._common import cifar10, log, parser, stamp, start, trained, write
+from netslim import parse_target
 from netslim.cost.size import count_flops, count_params
-from netslim.cost.targets import parse_target
 from netslim.cost.timing import cpu_threads, interleaved_times, ratio_of
 from netslim.data import calibration_subset
 from netslim.errors import NetslimError
 from netslim.methods import AnalysisCache
 from netslim.surgery.apply import apply_plan
-from netslim.workflows.api import load_data, load_trained
-from netslim.workflows.stages import accuracy, analyse, machine
+from netslim.workflows.stages import accuracy, analyse
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-OUT = ROOT / "benchmarks" / "results" / "speed_rounding_cpu.json"
-MODELS = {"resnet56": ("resnet56_cifar10.safetensors", "flops=0.42"),
-          "vgg16_bn": ("vgg16_bn_cifar10.safetensors", "params=0.125")}
+TARGETS = {"resnet56": "flops=0.42", "vgg16_bn": "params=0.125"}  # the shared networks and their budgets
 VARIANTS = [("pfa-en", 1), ("pfa-en", 8), ("pfa-en", 16), ("tp-l1", 1)]
 
 
-def run_model(arch: str, train, test, threads: int, calib: int, max_seconds: float, log) -> dict:  # noqa: ANN001
-    weights, target_text = MODELS[arch]
+def run_model(arch: str, train, test, threads: int, calib: int, max_seconds: float) -> dict:  # noqa: ANN001
+    target_text = TARGETS[arch]
     target = parse_target(target_text)
-    base, _, _ = load_trained(SHARED / "models" / weights, arch, 10, 3)
+    base, _, _ = trained(arch)
     base.eval()
     size = (3, 32, 32)
     base_flops, base_params = count_flops(base, size).flops, count_params(base)
@@ -89,30 +80,21 @@ def run_model(arch: str, train, test, threads: int, calib: int, max_seconds: flo
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=1)
+    ap = parser(__doc__, out="speed_rounding_cpu.json", threads=1)
     ap.add_argument("--models", default="resnet56,vgg16_bn")
     ap.add_argument("--calib", type=int, default=2000, help="calibration images for PFA's statistics")
     ap.add_argument("--test", type=int, default=2000, help="test images for accuracy after surgery")
     ap.add_argument("--max-seconds", type=float, default=40.0, help="timing budget per batch size")
-    ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    train, test, _, _ = load_data(str(SHARED / "data" / "cifar10-jpeg.tar.gz"))
+    start(args)
+    train, test, _, _ = cifar10()
     test = calibration_subset(test, args.test, seed=2)
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
-    results = [run_model(a.strip(), train, test, args.threads, args.calib, args.max_seconds, log)
+    results = [run_model(a.strip(), train, test, args.threads, args.calib, args.max_seconds)
                for a in args.models.split(",") if a.strip()]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-        "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "threads": args.threads, "device": "cpu", "dtype": "float32", "command": " ".join(["python", *sys.argv]),
+    write(args.out, {
+        **stamp(args), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "device": "cpu", "dtype": "float32",
         "note": "latency: medians of interleaved timings; speedup: median of per-round base/result ratios",
-        "results": results}, indent=1, default=str))
+        "results": results})
 
 
 if __name__ == "__main__":

@@ -4,25 +4,18 @@ Decides the CPU default of `--round-to`: if widths just past a multiple of N cos
 next multiple, rounding kept widths up to N buys filters (accuracy) for free. Units of all widths are
 timed in turns (the machine is shared), median of the rounds, one thread.
 
-    python benchmarks/speed_widths.py [--quick]
+    python -m benchmarks.speed.widths [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import sys
-from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from benchmarks._common import log, parser, stamp, start, write
 from netslim.cost.timing import calls_per_timing, interleaved_times
-from netslim.workflows.stages import machine
-
-OUT = Path(__file__).parent / "results" / "speed_widths_cpu.json"
 
 
 def scan(widths: list[int], batch: int, hw: int, cin: int | None, rounds: int) -> dict[int, float]:
@@ -42,11 +35,10 @@ def block_summary(ms: dict[int, float], block: int) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__, out="speed_widths_cpu.json", threads=1)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    start(args)
     widths = list(range(8, 65, 4 if args.quick else 1))
     settings = [(1, 32, None), (1, 16, 64), (32, 16, None)]
     rows = []
@@ -54,13 +46,8 @@ def main() -> None:
         ms = scan(widths, batch, hw, cin, 5 if args.quick else 9)
         rows.append({"batch": batch, "hw": hw, "cin": cin or "= width", "ms": ms,
                      "staircase": [block_summary(ms, b) for b in (4, 8, 16)]})
-        print(f"batch {batch} {hw}x{hw} cin {cin or 'w'}: " + " ".join(f"{w}:{v:.3f}" for w, v in ms.items()),
-              file=sys.stderr)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                               "machine": machine(), "torch": torch.__version__,
-                               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": args.threads,
-                               "command": " ".join(["python", *sys.argv]), "rows": rows}, indent=1))
+        log(f"batch {batch} {hw}x{hw} cin {cin or 'w'}: " + " ".join(f"{w}:{v:.3f}" for w, v in ms.items()))
+    write(args.out, {**stamp(args), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "rows": rows})
 
 
 if __name__ == "__main__":

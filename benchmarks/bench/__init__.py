@@ -1,0 +1,1 @@
+"""`netslim bench` benchmarks: the statistics pass shared across methods (sharing)."""

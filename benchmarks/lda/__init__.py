@@ -1,0 +1,1 @@
+"""LDA benchmarks: task-dependent deep LDA against torch-pruning L1 at the same size (task)."""

@@ -1,0 +1,1 @@
+"""Low-rank + sparse benchmarks: per layer at equal storage (layers) and the whole network (network)."""

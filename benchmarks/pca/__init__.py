@@ -1,0 +1,1 @@
+"""PCA benchmarks: the PCA-designed network trained from scratch against the original (design)."""

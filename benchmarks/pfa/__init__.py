@@ -1,0 +1,1 @@
+"""PFA benchmarks: domain adaptation (domain) and the per-layer floor (floor)."""

@@ -1,0 +1,1 @@
+"""Speed benchmarks: export runtimes, latency targets, width rounding, width staircase, probe overhead."""
