@@ -7,10 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from netslim.methods.lrs.solver import Moments
+from netslim.repair.capture import paired_patches, patches, sample_positions
 from netslim.surgery.factorized import matrix_shape
 
 
@@ -30,38 +30,6 @@ def module_call_order(model: nn.Module, example: torch.Tensor) -> list[str]:
         for h in handles:
             h.remove()
     return list(dict.fromkeys(order))
-
-
-def patches(module: nn.Module, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-    """Input patches (rows × d, im2col order) of a Conv2d at output positions `idx` (N × p), or a Linear's rows.
-
-    Only the sampled windows are gathered (a strided view of the padded input), not the whole im2col.
-    """
-    if isinstance(module, nn.Linear):
-        return x.reshape(-1, x.shape[-1])
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = module.kernel_size, module.stride, module.padding, module.dilation
-    xp = F.pad(x, (pw, pw, ph, ph)).contiguous()
-    n, c, h, w = xp.shape
-    ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
-    st = xp.stride()
-    win = xp.as_strided((n, c, ho, wo, kh, kw), (st[0], st[1], st[2] * sh, st[3] * sw, st[2] * dh, st[3] * dw))
-    if idx is None:
-        idx = torch.arange(ho * wo, device=x.device).expand(n, -1)
-    rows = torch.arange(n, device=x.device).unsqueeze(1).expand_as(idx).reshape(-1)
-    flat = idx.reshape(-1)
-    return win[rows, :, flat // wo, flat % wo].reshape(rows.numel(), c * kh * kw)
-
-
-def _positions(module: nn.Module, x: torch.Tensor, p: int, gen: torch.Generator) -> torch.Tensor | None:
-    if not isinstance(module, nn.Conv2d):
-        return None
-    h, w = x.shape[-2:]
-    k, s, pad, dil = module.kernel_size, module.stride, module.padding, module.dilation
-    ho = (h + 2 * pad[0] - dil[0] * (k[0] - 1) - 1) // s[0] + 1
-    wo = (w + 2 * pad[1] - dil[1] * (k[1] - 1) - 1) // s[1] + 1
-    if ho * wo <= p:
-        return None
-    return torch.rand(x.shape[0], ho * wo, generator=gen).argsort(1)[:, :p].to(x.device)
 
 
 class _Accumulator:
@@ -119,7 +87,7 @@ def original_moments(model: nn.Module, names: list[str], data: Any, positions: i
     def hook(name: str):
         def run(module: nn.Module, args: tuple) -> None:
             x = args[0]
-            acc[name].add(patches(module, x, _positions(module, x, positions, gen)))
+            acc[name].add(patches(module, x, sample_positions(module, x, positions, gen)))
             if name == last:
                 raise _Stop
 
@@ -142,32 +110,8 @@ def original_moments(model: nn.Module, names: list[str], data: Any, positions: i
 def compressed_moments(reference: nn.Module, model: nn.Module, name: str, data: Any, positions: int,
                        seed: int) -> Moments:
     """Moments of `name` on the inputs the partly compressed `model` gives, against `reference`'s outputs."""
-    ref_mod, mod = reference.get_submodule(name), model.get_submodule(name)
-    acc = _Accumulator(ref_mod)
-    seen: dict[str, Any] = {}
-    gen = torch.Generator().manual_seed(seed)
-
-    def grab(key: str):
-        def run(module: nn.Module, args: tuple) -> None:
-            x = args[0]
-            if key == "ref":
-                seen["idx"] = _positions(module, x, positions, gen)
-            seen[key] = patches(module, x, seen["idx"])
-            raise _Stop
-
-        return run
-
-    handles = [ref_mod.register_forward_pre_hook(grab("ref")), mod.register_forward_pre_hook(grab("new"))]
-    try:
-        with torch.no_grad():
-            for x, _ in data:
-                for net in (reference, model):
-                    try:
-                        net(x)
-                    except _Stop:
-                        pass
-                acc.add(seen["new"], seen["ref"])
-    finally:
-        for h in handles:
-            h.remove()
+    acc = _Accumulator(reference.get_submodule(name))
+    device = next(model.parameters()).device
+    for ref, new, _ in paired_patches(reference, model, name, data, positions=positions, seed=seed, device=device):
+        acc.add(new, ref)
     return acc.moments()
