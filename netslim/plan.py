@@ -46,10 +46,18 @@ class Plan:
         return json.dumps(self.to_dict(), indent=1)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Plan:
+    def from_dict(cls, d: Any) -> Plan:
+        """A Plan from parsed JSON, every field's type checked: a file is data, and a malformed one gets one
+        clear error here instead of a traceback wherever the bad field is first used."""
+        if not isinstance(d, dict):
+            raise NetslimError(f"plan is malformed: expected a JSON object, got {type(d).__name__}")
         d = dict(d)
-        if d.pop("version", VERSION) > VERSION:
+        version = d.pop("version", VERSION)
+        if not _is_int(version):
+            raise NetslimError(f"plan is malformed: 'version' must be an integer, got {version!r}")
+        if version > VERSION:
             raise NetslimError("plan was written by a newer netslim; upgrade to read it")
+        _check_fields(d)
         try:
             plan = cls(**d)
         except TypeError as e:
@@ -57,6 +65,18 @@ class Plan:
         plan.input_size = tuple(plan.input_size)  # type: ignore[assignment]
         plan.keep = {k: sorted(int(i) for i in v) for k, v in plan.keep.items()}
         return plan
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "plan") -> Plan:
+        """from_dict of JSON text; invalid JSON or a malformed Plan is one NetslimError naming `source`."""
+        try:
+            d = json.loads(text)
+        except (json.JSONDecodeError, TypeError) as e:
+            raise NetslimError(f"{source}: the plan is not valid JSON ({e})") from None
+        try:
+            return cls.from_dict(d)
+        except NetslimError as e:
+            raise NetslimError(f"{source}: {e}") from None
 
     def save(self, path: Path) -> None:
         atomic_write_text(Path(path), self.to_json())
@@ -67,6 +87,38 @@ class Plan:
         if not path.is_file():
             raise NetslimError(f"plan file {path} does not exist")
         try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except json.JSONDecodeError as e:
-            raise NetslimError(f"plan file {path} is not valid JSON: {e}") from None
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise NetslimError(f"plan file {path} cannot be read: {e}") from None
+        return cls.from_json(text, f"plan file {path}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int_list(v: Any) -> bool:
+    return isinstance(v, list) and all(_is_int(i) and i >= 0 for i in v)
+
+
+_FIELD_CHECKS: dict[str, tuple[Any, str]] = {
+    "arch": (lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty string"),
+    "num_classes": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "input_size": (lambda v: isinstance(v, list | tuple) and len(v) == 3 and all(_is_int(i) and i >= 1 for i in v),
+                   "three positive integers [C, H, W]"),
+    "keep": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _int_list(i) for k, i in v.items()),
+             "an object mapping layer names to lists of channel indices"),
+    "drop": (lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v), "a list of layer names"),
+    "factorize": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(i, dict)
+                                                        for k, i in v.items()),
+                  "an object mapping layer names to objects"),
+    "classes": (lambda v: v is None or _int_list(v), "null or a list of class indices"),
+    "method": (lambda v: isinstance(v, str), "a string"),
+    "meta": (lambda v: isinstance(v, dict), "an object"),
+}
+
+
+def _check_fields(d: dict[str, Any]) -> None:
+    for name, (ok, what) in _FIELD_CHECKS.items():
+        if name in d and not ok(d[name]):
+            raise NetslimError(f"plan is malformed: {name!r} must be {what}, got {json.dumps(d[name])[:60]}")

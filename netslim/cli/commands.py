@@ -10,7 +10,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -38,25 +38,16 @@ from netslim.cli.options import (
     WeightsOpt,
     checked_bench_options,
     checked_options,
-    classes_of,
 )
 from netslim.cli.options import for_device as _for_device
 from netslim.cli.options import validation_split as _validation
 from netslim.cli.output import before_after_table, console, guarded, option_rows, options_table
 from netslim.cli.output import emit as _emit
+from netslim.cli.prepare import checked_split, refuse_output, setup, train_outputs
 from netslim.errors import NetslimError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn a trained PyTorch network into a physically smaller one that keeps its accuracy.")
-
-
-def _setup(data: str, classes: str | None, cache_dir: Path | None, weights: Path | None, model: str | None,
-           device: str) -> tuple[Any, ...]:
-    from netslim.workflows.api import load_data, load_trained, pick_device
-
-    train, test, idx, n = load_data(data, classes_of(classes), cache_dir)
-    net, arch, plan = load_trained(weights, model, n, int(train.images.shape[1]))
-    return train, test, idx, net, arch, plan, pick_device(device)
 
 
 @app.command()
@@ -66,22 +57,16 @@ def evaluate(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt =
              batch_size: int = 256, device: DeviceOpt = "auto", cache_dir: CacheOpt = None,
              as_json: JsonOpt = False) -> None:
     """Accuracy, parameters, MACs and latency of a trained (or compressed) network on a dataset."""
-    from netslim.plan import Plan
-    from netslim.surgery.apply import apply_plan
     from netslim.workflows.stages import accuracy, measure_model
+    from netslim.workflows.task import task_network
 
-    train, test, idx, net, arch, plan, dev = _setup(data, classes, cache_dir, weights, model, device)
-    if idx is not None and (plan is None or plan.classes is None):
-        from netslim.surgery.apply import find_classifier
-
-        outputs = net.get_submodule(find_classifier(net)).out_features
-        net = apply_plan(net, Plan(arch=arch, num_classes=outputs, input_size=tuple(train.images.shape[1:]),
-                                   classes=idx))
-    net = net.to(dev)
-    acc = accuracy(net, train if split == "train" else test, dev, batch_size)
-    m = measure_model(net, tuple(train.images.shape[1:]), dev)
+    split = checked_split(split)
+    task, dev = setup(data, classes, cache_dir, weights, model, device)
+    net, arch, scored = task_network(task)[0].to(dev), task.arch, task.train if split == "train" else task.test
+    acc = accuracy(net, scored, dev, batch_size)
+    m = measure_model(net, task.train.input_size, dev)
     payload = {"arch": arch, "weights": str(weights) if weights else None, "split": split, "accuracy": acc,
-               "images": len((train if split == "train" else test).labels), **m}
+               "images": len(scored.labels), **m}
     console.print(f"{arch}: {split} accuracy [bold]{acc:.4f}[/bold] on {payload['images']} images · "
                   f"{m['params']:,} params · {m['macs']:,} MACs")
     _emit(payload, as_json)
@@ -98,26 +83,23 @@ def train(model: ModelOpt = "small_cnn", data: DataOpt = "digits", out: OutOpt =
           overwrite: OverwriteOpt = False, as_json: JsonOpt = False) -> None:
     """Train a network (from scratch, or continue from --weights); checkpoints every epoch, --resume."""
     from netslim.io import atomic_dir, atomic_write_text
-    from netslim.plan import Plan
     from netslim.surgery.checkpoint import save_model
     from netslim.train import Schedule, finetune
     from netslim.workflows.stages import accuracy, measure_model
+    from netslim.workflows.task import task_network
 
-    train_set, test, _, net, arch, plan, dev = _setup(data, classes, cache_dir, weights, model, device)
-    assert out is not None
-    state = out.with_name(out.name + ".train-state")
-    if out.exists() and not overwrite:
-        raise NetslimError(f"output directory {out} already exists; pass --overwrite to replace it")
-    if state.exists() and not resume:
-        raise NetslimError(f"{state} holds an interrupted run; pass --resume to continue it or delete it")
     sched = Schedule(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
-                     label_smoothing=label_smoothing, schedule=schedule)
+                     label_smoothing=label_smoothing, schedule=schedule)  # checked before any data is decoded
+    assert out is not None
+    state = train_outputs(out, overwrite, resume)
+    task, dev = setup(data, classes, cache_dir, weights, model, device)
+    (net, plan), arch, train_set, names = task_network(task), task.arch, task.train, task.train.classes
     history = finetune(net.to(dev), train_set, sched, dev, checkpoint_dir=state, resume=resume)
-    acc = accuracy(net, test, dev)
-    plan = plan or Plan(arch=arch, num_classes=len(train_set.classes), input_size=tuple(train_set.images.shape[1:]))
-    metrics = {"arch": arch, "accuracy": acc, "history": history, **measure_model(net, plan.input_size, dev, False)}
-    with atomic_dir(out, overwrite) as tmp:
-        save_model(tmp / "model.safetensors", net, plan, {"test_accuracy": f"{acc:.4f}"})
+    acc = accuracy(net, task.test, dev)
+    metrics = {"arch": arch, "data": data, "class_names": names, "accuracy": acc, "history": history,
+               **measure_model(net, plan.input_size, dev, False)}
+    with atomic_dir(out, overwrite) as tmp:  # the model and its Plan agree: both score the task's classes
+        save_model(tmp / "model.safetensors", net, plan, {"test_accuracy": f"{acc:.4f}"}, classes=names)
         atomic_write_text(tmp / "metrics.json", json.dumps(metrics, indent=1, default=str))
     import shutil
 
@@ -157,10 +139,10 @@ def compress(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt =
     fix = Repair(mode=repair, images=repair_images)
     init = resolve_init(init if init is not None else options.get("init"), method)
     tgt = parse_target(target) if target else None
-    if out is not None and out.exists() and not overwrite:
-        raise NetslimError(f"output directory {out} already exists; pass --overwrite to replace it")
-    train_set, test, idx, net, arch, plan, dev = _setup(data, classes, cache_dir, weights, model, device)
-    val, test = _validation(val_from, test)
+    refuse_output(out, overwrite)
+    task, dev = setup(data, classes, cache_dir, weights, model, device)
+    train_set, net, arch, plan, idx = task.train, task.model, task.arch, task.plan, task.outputs
+    val, test = _validation(val_from, task.test)
     if plan is not None and (plan.keep or plan.drop or plan.factorize):
         raise NetslimError(f"{weights} is already compressed; compress its base network instead")
     tgt, options = _for_device(tgt, options, dev, batch)
@@ -173,7 +155,8 @@ def compress(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt =
         train_set = calibration_subset(train_set, train_subset, seed=1)
     res = run(net, arch, train_set, test, method=method, target=tgt, options=options, schedule=sched,
               device=dev, calib_size=calib_size, init=init, classes=idx, out=out, overwrite=overwrite,
-              command=shlex.join(["netslim", *sys.argv[1:]]), measure_latency=not no_latency, val=val, repair=fix)
+              command=shlex.join(["netslim", *sys.argv[1:]]), measure_latency=not no_latency, val=val, repair=fix,
+              data=data)
     console.print(before_after_table(res.metrics))
     console.print(f"run directory: {out}")
     _emit(res.metrics, as_json)
@@ -192,8 +175,10 @@ def analyze(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt = 
 
     options = checked_options(method, opt, round_to=round_to)  # before any data is decoded
     tgt = parse_target(target) if target else None
-    train_set, test, idx, net, arch, _, dev = _setup(data, classes, cache_dir, weights, model, device)
-    val, _ = _validation(val_from, test)
+    refuse_output(out, overwrite)
+    task, dev = setup(data, classes, cache_dir, weights, model, device)
+    train_set, net, arch, idx = task.train, task.model, task.arch, task.outputs
+    val, _ = _validation(val_from, task.test)
     tgt, options = _for_device(tgt, options, dev, batch)
     metrics = analyse_to_dir(net, arch, train_set, method=method, target=tgt, options=options, device=dev,
                              calib_size=calib_size, classes=idx, out=out, overwrite=overwrite,
@@ -232,11 +217,11 @@ def methods(name: Annotated[str | None, typer.Argument(help="a method: list its 
 @app.command()
 @guarded
 def demo(out: OutOpt = Path("runs/demo"), method: MethodOpt = "pfa-kl", epochs: int = 15,
-         finetune_epochs: int = 8, as_json: JsonOpt = False) -> None:
+         finetune_epochs: int = 8, overwrite: OverwriteOpt = False, as_json: JsonOpt = False) -> None:
     """The whole job offline on the embedded digits data: train a small CNN, compress, fine-tune, compare."""
     from netslim.workflows.demo import run_demo
 
-    metrics = run_demo(out, method, epochs, finetune_epochs, console)
+    metrics = run_demo(out, method, epochs, finetune_epochs, console, overwrite)
     console.print(before_after_table(metrics))
     console.print(f"report: {out / 'report.md' if out else '-'}")
     _emit(metrics, as_json)
@@ -253,7 +238,8 @@ def bench(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt = "d
           train_subset: Annotated[int | None, typer.Option(help="fine-tune on this many training images")] = None,
           test_subset: Annotated[int | None, typer.Option(help="evaluate on this many test images")] = None,
           classes: ClassesOpt = None, opt: OptOpt = None, out: OutOpt = Path("runs/bench"),
-          resume: Annotated[bool, typer.Option(help="continue a killed bench in --out")] = False,
+          resume: Annotated[bool, typer.Option(help="continue a killed bench in --out (same inputs only)")] = False,
+          overwrite: OverwriteOpt = False,
           no_latency: bool = False, device: DeviceOpt = "auto", cache_dir: CacheOpt = None,
           distill: DistillOpt = 0.0, repair: RepairOpt = "lsq", repair_images: RepairImagesOpt = 2000,
           as_json: JsonOpt = False) -> None:
@@ -265,6 +251,7 @@ def bench(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt = "d
     from netslim.repair import Repair
     from netslim.train import Schedule
     from netslim.workflows.bench import run_bench
+    from netslim.workflows.bench_inputs import check_out
 
     tgts = [parse_target(t.strip()) for t in targets.split(",") if t.strip()]
     names = [m.strip() for m in methods.split(",") if m.strip()]
@@ -272,16 +259,17 @@ def bench(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt = "d
     sched = Schedule(epochs=finetune_epochs, lr=lr, batch_size=batch_size, label_smoothing=label_smoothing,
                      schedule=schedule, distill=distill)
     fix = Repair(mode=repair, images=repair_images)
-    train_set, test, idx, net, arch, plan, dev = _setup(data, classes, cache_dir, weights, model, device)
-    if idx is not None:
+    if classes:
         raise NetslimError("bench compares methods on all classes of the data; drop --classes")
-    tune = calibration_subset(train_set, train_subset, seed=1) if train_subset else train_set
-    test = calibration_subset(test, test_subset, seed=2) if test_subset else test
     assert out is not None
-    res = run_bench(net, arch, train_set if not train_subset else tune, test, methods=names, targets=tgts,
-                    schedule=sched, repair=fix, out=out, device=dev, calib_size=calib_size, options=options,
-                    measure_latency=not no_latency, resume=resume, command=shlex.join(["netslim", *sys.argv[1:]]),
-                    log=console.print)
+    check_out(out, resume, overwrite)  # before any data is decoded
+    task, dev = setup(data, None, cache_dir, weights, model, device)
+    tune = calibration_subset(task.train, train_subset, seed=1) if train_subset else task.train
+    test = calibration_subset(task.test, test_subset, seed=2) if test_subset else task.test
+    res = run_bench(task.model, task.arch, tune, test, methods=names, targets=tgts, schedule=sched, repair=fix,
+                    out=out, device=dev, calib_size=calib_size, options=options, measure_latency=not no_latency,
+                    resume=resume, overwrite=overwrite, command=shlex.join(["netslim", *sys.argv[1:]]),
+                    log=console.print, inputs={"data": data, "train_subset": train_subset, "test_subset": test_subset})
     console.print((out / "report.md").read_text())
     _emit(res, as_json)
 

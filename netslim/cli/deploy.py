@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from netslim.cli.commands import app
-from netslim.cli.options import CacheOpt, DataOpt, DeviceOpt, JsonOpt, OutOpt, OverwriteOpt
+from netslim.cli.options import CacheOpt, DeviceOpt, JsonOpt, OutOpt, OverwriteOpt
 from netslim.cli.output import console, guarded
 from netslim.cli.output import emit as _emit
 from netslim.errors import NetslimError
@@ -27,11 +27,12 @@ def export(run: Annotated[Path, typer.Argument(help="run directory (or model.saf
                                                                          "(default: the run's --data)")] = None,
            images: Annotated[int, typer.Option(help="test images to compare predictions on")] = 1000,
            threads: Annotated[int | None, typer.Option(help="CPU threads for the timings")] = None,
-           cache_dir: CacheOpt = None, as_json: JsonOpt = False) -> None:
+           cache_dir: CacheOpt = None, overwrite: Annotated[bool, typer.Option(
+               "--overwrite", help="replace an existing output file")] = False, as_json: JsonOpt = False) -> None:
     """Fold BatchNorm, export (ONNX or torch.export), check predictions against PyTorch, time both."""
     from netslim.workflows.export import export_run
 
-    rep = export_run(run, fmt, out, data, images, threads=threads, cache_dir=cache_dir)
+    rep = export_run(run, fmt, out, data, images, threads=threads, cache_dir=cache_dir, overwrite=overwrite)
     c = rep["check"]
     console.print(f"{rep['format']} ({rep['exporter']}) → {rep['file']} · {rep['batchnorms_folded']}/"
                   f"{rep['batchnorms']} BatchNorms folded · {c['inputs']}: top-1 agreement "
@@ -61,7 +62,9 @@ def _per_layer(pairs: list[str] | None, kind: type) -> dict[str, Any]:
 @app.command()
 @guarded
 def pack(run: Annotated[Path, typer.Argument(help="run directory (or model.safetensors) written by compress")],
-         data: DataOpt = "digits", out: OutOpt = None,
+         data: Annotated[str | None, typer.Option("--data", "-d", help="training and test images (default: the "
+                                                  "run's own --data, recorded in its metrics.json)")] = None,
+         out: OutOpt = None,
          layers: Annotated[str | None, typer.Option(help="comma-separated Conv2d/Linear layers (default all)")] = None,
          sparsity: Annotated[float, typer.Option(help="fraction of conv weights pruned by magnitude")] = 0.5,
          fc_sparsity: Annotated[float, typer.Option(help="fraction of Linear weights pruned")] = 0.5,
@@ -77,22 +80,24 @@ def pack(run: Annotated[Path, typer.Argument(help="run directory (or model.safet
                                                 "outputs in the fine-tuning loss, 0..1 (0: labels only)")] = 0.0,
          as_json: JsonOpt = False) -> None:
     """Storage compression: weight pruning + fine-tuning, k-means sharing, Huffman coding -> packed file."""
-    from netslim.surgery.checkpoint import plan_of, read_tensors
+    from netslim.cli.prepare import pack_data, refuse_output
+    from netslim.surgery.checkpoint import classes_of, plan_of, read_metadata
     from netslim.train import Schedule
     from netslim.workflows.api import pick_device
     from netslim.workflows.pack import PackConfig, load_run_data, pack_run_dir
 
     if not run.exists():
         raise NetslimError(f"{run} does not exist: give a run directory written by compress (or its model file)")
+    sched = Schedule(epochs=finetune_epochs, lr=lr, batch_size=batch_size, distill=distill)  # before any data
     out = out or (run / "packed" if run.is_dir() else run.with_name(run.stem + "-packed"))
-    if out.exists() and not overwrite:
-        raise NetslimError(f"output directory {out} already exists; pass --overwrite to replace it")
-    _, meta = read_tensors(run / "model.safetensors" if run.is_dir() else run)
-    train_set, test = load_run_data(data, plan_of(meta), cache_dir)
+    refuse_output(out, overwrite)
+    source = run / "model.safetensors" if run.is_dir() else run
+    meta = read_metadata(source)
     cfg = PackConfig([n.strip() for n in layers.split(",") if n.strip()] if layers else None, sparsity, fc_sparsity,
                      _per_layer(layer_sparsity, float), conv_bits, fc_bits, _per_layer(layer_bits, int),
-                     finetune=Schedule(epochs=finetune_epochs, lr=lr, batch_size=batch_size, distill=distill),
-                     train_subset=train_subset)
+                     finetune=sched, train_subset=train_subset)
+    train_set, test = load_run_data(pack_data(run, data), plan_of(meta, str(source)), cache_dir,
+                                    classes_of(meta, str(source)), str(source))
     m = pack_run_dir(run, train_set, test, cfg, out, pick_device(device), overwrite,
                      command=shlex.join(["netslim", *sys.argv[1:]]))
     b, acc = m["bytes"], m["accuracy"]

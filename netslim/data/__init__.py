@@ -11,9 +11,10 @@ from netslim.data.sets import (
     ImageSet,
     calibration_subset,
     load_dataset,
+    select_classes,
     split_holdout,
 )
 
 __all__ = ["CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "IMAGENET_MEAN", "IMAGENET_STD", "Batches",
            "ImageSet", "batches", "cache_location", "calibration_subset", "default_cache_dir", "load_dataset",
-           "split_holdout"]
+           "select_classes", "split_holdout"]

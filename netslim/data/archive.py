@@ -48,33 +48,46 @@ class DecodedSplit:
 
 
 # ---------------------------------------------------------------- listing
+def _parts(rel: str) -> list[str]:
+    return [p for p in rel.replace("\\", "/").split("/") if p not in ("", ".")]
+
+
 def _locate(rel: str) -> tuple[str, str, str] | None:
     """(root, split folder, class) for an image path like [top/]split/class/.../file.jpg, else None."""
-    parts = [p for p in rel.replace("\\", "/").split("/") if p not in ("", ".")]
-    if len(parts) < 3 or not parts[-1].lower().endswith(IMAGE_SUFFIXES):
-        return None
+    parts = _parts(rel)
+    ok = len(parts) >= 3 and parts[-1].lower().endswith(IMAGE_SUFFIXES) and not parts[-1].startswith(".")
+    return _class_dir(parts[:-1]) if ok else None
+
+
+def _class_dir(parts: list[str]) -> tuple[str, str, str] | None:
+    """(root, split folder, class) of a directory path like [top/]split/class[/...], else None."""
     if any(p.startswith(".") or p == "__MACOSX" for p in parts):
         return None
     for i in (0, 1):
-        if len(parts) >= i + 3 and parts[i] in ("train", "test", "val"):
+        if len(parts) >= i + 2 and parts[i] in ("train", "test", "val"):
             return "/".join(parts[:i]), parts[i], parts[i + 1]
     return None
 
 
 class _Listing:
-    """Collects the image files of a source and picks the requested split's files."""
+    """Collects the image files of a source and picks the requested split's files; class folders are recorded
+    too, so that one without images is an error rather than a class that vanishes (shifting later labels)."""
 
     def __init__(self, source: Path) -> None:
         self.source = source
         self.found: dict[tuple[str, str], list[tuple[str, str]]] = {}  # (root, split dir) -> [(class, name)]
+        self.class_dirs: set[tuple[str, str, str]] = set()
+
+    def add_dir(self, rel: str) -> None:
+        if (where := _class_dir(_parts(rel))) is not None:
+            self.class_dirs.add(where)
 
     def add(self, rel: str) -> bool:
-        where = _locate(rel)
-        if where is None:
-            return False
-        root, split_dir, cls = where
-        self.found.setdefault((root, split_dir), []).append((cls, rel))
-        return True
+        self.add_dir("/".join(_parts(rel)[:-1]))  # its folder, even when it is not an image
+        where = _locate(rel)  # (root, split dir, class)
+        if where is not None:
+            self.found.setdefault(where[:2], []).append((where[2], rel))
+        return where is not None
 
     def resolve(self, split: str) -> tuple[list[str], list[tuple[int, str]]]:
         """All class names (sorted), and (label, member name) of the split's images in class, name order."""
@@ -90,6 +103,11 @@ class _Listing:
         if not dirs:
             wanted = " or ".join(f"{d}/" for d in SPLIT_DIRS[split])
             raise NetslimError(f"{self.source} has no {split} split: no images under {wanted}")
+        present = {cls for cls, _ in self.found[(root, dirs[0])]}
+        empty = sorted("/".join(p for p in (r, d, c) if p) for r, d, c in self.class_dirs
+                       if (r, d) == (root, dirs[0]) and c not in present)
+        if empty:
+            raise NetslimError(f"{self.source}: class folder {', '.join(empty)} has no images (add some or remove it)")
         classes = sorted({cls for key, files in self.found.items() for cls, _ in files})
         index = {c: i for i, c in enumerate(classes)}
         files = sorted(self.found[(root, dirs[0])])
@@ -158,13 +176,17 @@ def _read_archive(path: Path, split: str) -> tuple[list[str], list[int], list[tu
         if path.name.lower().endswith(".zip"):
             with zipfile.ZipFile(path) as zf:
                 for info in zf.infolist():
-                    if not info.is_dir() and listing.add(info.filename):
+                    if info.is_dir():
+                        listing.add_dir(info.filename)
+                    elif listing.add(info.filename):
                         if _locate(info.filename)[1] in wanted:  # type: ignore[index]
                             blobs[info.filename] = zf.read(info)
         else:
             with tarfile.open(path, "r|*") as tf:
                 for member in tf:
-                    if member.isfile() and listing.add(member.name):
+                    if member.isdir():
+                        listing.add_dir(member.name)
+                    elif member.isfile() and listing.add(member.name):
                         if _locate(member.name)[1] in wanted:  # type: ignore[index]
                             blobs[member.name] = tf.extractfile(member).read()  # type: ignore[union-attr]
     except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
@@ -179,6 +201,7 @@ def _walk_folder(path: Path) -> _Listing:
     for dirpath, dirnames, filenames in os.walk(path):
         dirnames.sort()
         rel_dir = os.path.relpath(dirpath, path)
+        listing.add_dir(rel_dir)
         for fn in filenames:
             listing.add(fn if rel_dir == "." else f"{rel_dir}/{fn}")
     return listing
@@ -201,6 +224,7 @@ def _source_key(path: Path) -> str:
     if path.is_dir():
         for dirpath, dirnames, filenames in os.walk(path):
             dirnames.sort()
+            h.update(f"|{dirpath}/".encode())  # an added (even empty) folder changes the data
             for fn in sorted(filenames):
                 st = os.stat(os.path.join(dirpath, fn))
                 h.update(f"|{dirpath}/{fn}:{st.st_size}:{st.st_mtime_ns}".encode())

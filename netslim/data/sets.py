@@ -145,6 +145,11 @@ def _select(ds: ImageSet, classes: list[str | int], source: str, split: str) -> 
     return replace(ds, images=ds.images[keep], labels=new_labels[keep], classes=names)
 
 
+def select_classes(ds: ImageSet, classes: list[str], source: str = "data", split: str = "train") -> ImageSet:
+    """Only `classes` of `ds` (names), relabelled 0..k-1 in the order given (a model's output order)."""
+    return _select(ds, list(classes), source, split)
+
+
 def load_dataset(spec: str, split: str, classes: list[str] | None = None, cache_dir: Path | None = None,
                  download: bool = False) -> ImageSet:
     """One split of a dataset named by `spec`.

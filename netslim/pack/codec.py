@@ -27,7 +27,7 @@ from torch import nn
 from netslim.errors import NetslimError
 from netslim.pack.huffman import Encoded, decode, encode
 from netslim.plan import Plan
-from netslim.surgery.checkpoint import PLAN_KEY, build_from_plan, load_tensors
+from netslim.surgery.checkpoint import PLAN_KEY, build_from_plan, classes_meta, load_tensors
 
 META_KEY = "netslim_pack"
 VERSION = 1
@@ -141,11 +141,12 @@ def decode_weight(key: str, tensors: dict[str, torch.Tensor], header: dict[str, 
     return w.reshape(shape)
 
 
-def pack_bytes(model: nn.Module, plan: Plan, codebooks: dict[str, tuple[torch.Tensor, int]]
-               ) -> tuple[bytes, list[LayerBytes], int]:
+def pack_bytes(model: nn.Module, plan: Plan, codebooks: dict[str, tuple[torch.Tensor, int]],
+               classes: list[str] | None = None) -> tuple[bytes, list[LayerBytes], int]:
     """The packed file's bytes, the per-layer byte counts, and the bytes of the raw (unpacked) tensors.
 
     `codebooks` maps a layer name to (float16 shared values, bits); its weight must already be quantized.
+    `classes`: the names the outputs score, kept in the metadata as save_model keeps them.
     """
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors: dict[str, torch.Tensor] = {}
@@ -164,7 +165,8 @@ def pack_bytes(model: nn.Module, plan: Plan, codebooks: dict[str, tuple[torch.Te
         tensors[key] = value.clone()
         raw += value.numel() * value.element_size()
     meta = {PLAN_KEY: plan.to_json(), "arch": plan.arch,
-            META_KEY: json.dumps({"version": VERSION, "format": "netslim-pack", "weights": headers})}
+            META_KEY: json.dumps({"version": VERSION, "format": "netslim-pack", "weights": headers}),
+            **classes_meta(classes, plan.out_classes)}
     return save(tensors, metadata=meta), reports, raw
 
 
@@ -178,10 +180,16 @@ def unpack_bytes(blob: bytes, source: str = "packed file") -> tuple[dict[str, to
         raise NetslimError(f"{source} is not a packed netslim file ({e})") from None
     if META_KEY not in meta or PLAN_KEY not in meta:
         raise NetslimError(f"{source} is not a packed netslim file (no pack header)")
-    info = json.loads(meta[META_KEY])
+    try:
+        info = json.loads(meta[META_KEY])
+    except json.JSONDecodeError as e:
+        raise NetslimError(f"{source}: the pack header is not valid JSON ({e})") from None
+    if not isinstance(info, dict) or not isinstance(info.get("weights"), dict) \
+            or not isinstance(info.get("version", 0), int):
+        raise NetslimError(f"{source}: the pack header is malformed")
     if int(info.get("version", 0)) > VERSION:
         raise NetslimError(f"{source} was packed by a newer netslim; upgrade to read it")
-    plan = Plan.from_dict(json.loads(meta[PLAN_KEY]))
+    plan = Plan.from_json(meta[PLAN_KEY], source)
     state = {k: v for k, v in tensors.items() if "::" not in k}
     for key, header in info["weights"].items():
         state[key] = decode_weight(key, tensors, header)

@@ -17,11 +17,13 @@ from netslim.surgery.checkpoint import save_model
 
 
 def write_run(path: Path, *, plan: Plan, model: nn.Module, metrics: dict[str, Any],
-              artifacts: dict[str, Callable[[Path], None]], sections: list[str]) -> None:
-    """plan.json, model.safetensors, metrics.json, report.md and widths.png (plus the method's artifacts)."""
+              artifacts: dict[str, Callable[[Path], None]], sections: list[str],
+              classes: list[str] | None = None) -> None:
+    """plan.json, model.safetensors (with the names of the classes it scores), metrics.json, report.md and
+    widths.png (plus the method's artifacts)."""
     m = metrics
     plan.save(path / "plan.json")
-    save_model(path / "model.safetensors", model, plan)
+    save_model(path / "model.safetensors", model, plan, classes=classes)
     atomic_write_text(path / "metrics.json", json.dumps(m, indent=1, default=str))
     w = m["widths"]
     widths_plot(path / "widths.png", [r["layer"] for r in w], [r["before"] for r in w], [r["after"] for r in w],

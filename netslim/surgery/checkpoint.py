@@ -19,6 +19,7 @@ from netslim.io import atomic_write_bytes
 from netslim.plan import Plan
 
 PLAN_KEY = "netslim_plan"
+CLASSES_KEY = "netslim_classes"  # JSON list of the class names the outputs score, in output order
 
 
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -56,15 +57,57 @@ def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: str
     model.load_state_dict({k: t.to(own[k].dtype) for k, t in tensors.items()}, strict=True, assign=False)
 
 
-def save_model(path: Path, model: nn.Module, plan: Plan, extra: dict[str, str] | None = None) -> None:
-    """Write the model's tensors with the Plan in the metadata, atomically."""
+def save_model(path: Path, model: nn.Module, plan: Plan, extra: dict[str, str] | None = None,
+               classes: list[str] | None = None) -> None:
+    """Write the model's tensors with the Plan (and the class names its outputs score) in the metadata,
+    atomically. Names are stored only when they fit the Plan's outputs, so a file never claims wrong ones."""
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     meta = {PLAN_KEY: plan.to_json(), "arch": plan.arch, "num_classes": str(plan.out_classes), **(extra or {})}
+    meta |= classes_meta(classes, plan.out_classes)
     atomic_write_bytes(Path(path), save(state, metadata=meta))
 
 
-def plan_of(meta: dict[str, str]) -> Plan | None:
-    return Plan.from_dict(json.loads(meta[PLAN_KEY])) if PLAN_KEY in meta else None
+def classes_meta(classes: list[str] | None, outputs: int) -> dict[str, str]:
+    """The metadata entry recording class names, or nothing when they are unknown or do not fit `outputs`."""
+    if classes is None or len(classes) != outputs:
+        return {}
+    return {CLASSES_KEY: json.dumps([str(c) for c in classes])}
+
+
+def plan_of(meta: dict[str, str], source: str = "weights file") -> Plan | None:
+    """The Plan in a file's metadata (None when there is none); malformed metadata is one clear error."""
+    return Plan.from_json(meta[PLAN_KEY], source) if PLAN_KEY in meta else None
+
+
+def classes_of(meta: dict[str, str], source: str = "weights file") -> list[str] | None:
+    """The class names a file's outputs score, in output order (None for files written without them)."""
+    if CLASSES_KEY not in meta:
+        return None
+    try:
+        names = json.loads(meta[CLASSES_KEY])
+    except json.JSONDecodeError as e:
+        raise NetslimError(f"{source}: the stored class names are not valid JSON ({e})") from None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names) \
+            or len(set(names)) != len(names):
+        raise NetslimError(f"{source}: the stored class names must be a list of distinct strings")
+    plan = plan_of(meta, source)
+    if plan is not None and len(names) != plan.out_classes:
+        raise NetslimError(f"{source}: {len(names)} class names are stored for {plan.out_classes} outputs")
+    return names
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """Only the metadata of a safetensors file (its header): cheap, for checks made before any work."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise NetslimError(f"weights file {path} does not exist")
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise NetslimError(f"weights file {path} is corrupt or truncated ({e})") from None
 
 
 def build_from_plan(plan: Plan, device: str | torch.device = "cpu", *, arch: str | None = None) -> nn.Module:
@@ -91,7 +134,7 @@ def load_model(path: Path, device: str | torch.device = "cpu", *, arch: str | No
     if path.is_dir():
         path = path / "model.safetensors"
     tensors, meta = read_tensors(path)
-    plan = plan_of(meta)
+    plan = plan_of(meta, str(path))
     if plan is None:
         raise NetslimError(f"{path} has no netslim plan in its metadata; load it with --model ARCH instead")
     model = build_from_plan(plan, device, arch=arch)

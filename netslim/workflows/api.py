@@ -41,7 +41,7 @@ def load_trained(weights: Path | None, arch: str | None, num_classes: int,
             raise NetslimError("give --model ARCH (and --weights FILE for a trained network)")
         return build(arch, num_classes=num_classes, in_channels=in_channels), arch, None
     tensors, meta = read_tensors(Path(weights))
-    plan = plan_of(meta)
+    plan = plan_of(meta, str(weights))
     if plan is not None:
         if arch is not None and arch != plan.arch:
             raise NetslimError(f"{weights} holds a {plan.arch!r} network, not {arch!r}")

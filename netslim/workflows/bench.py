@@ -18,12 +18,20 @@ from torch import nn
 from netslim.cost.targets import Target
 from netslim.data import ImageSet
 from netslim.errors import NetslimError
-from netslim.io import atomic_write_text
+from netslim.io import atomic_dir, atomic_write_text
 from netslim.methods import AnalysisCache, get_method
 from netslim.repair import Repair
 from netslim.report.markdown import table, write_markdown
 from netslim.report.plots import figure, save_figure
 from netslim.train import Schedule
+from netslim.workflows.bench_inputs import (
+    MANIFEST,
+    bench_inputs,
+    check_out,
+    check_resume,
+    occupied,
+    write_manifest,
+)
 from netslim.workflows.stages import (
     accuracy,
     analyse,
@@ -77,17 +85,39 @@ def row_spec(spec: str, default: Repair) -> tuple[str, Repair]:
 def run_bench(model: nn.Module, arch: str, train: ImageSet, test: ImageSet, *, methods: list[str],
               targets: list[Target], schedule: Schedule, out: Path, device: str = "cpu", calib_size: int = 5000,
               options: dict[str, Any] | None = None, measure_latency: bool = True, resume: bool = False,
-              command: str = "", log: Any = print, repair: Repair | None = None) -> dict[str, Any]:
+              command: str = "", log: Any = print, repair: Repair | None = None, overwrite: bool = False,
+              inputs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Rows are `METHOD` (repaired as `repair` says, default lsq) or `METHOD+REPAIR`, so one table can show a
-    criterion with and without the least-squares refit (tp-l1+bn next to tp-l1+lsq)."""
+    criterion with and without the least-squares refit (tp-l1+bn next to tp-l1+lsq).
+
+    An existing non-empty `out` is continued with `resume` only if it was benched with the same inputs (model
+    weights, data, schedule, repair, calibration, options; `inputs` adds what the caller knows, e.g. the data
+    spec), and replaced with `overwrite` only once the new bench is complete."""
     repair = repair or Repair()
     specs = {m: row_spec(m, repair) for m in methods}
     check_options(options or {}, list(dict.fromkeys(method for method, _ in specs.values())))
     out = Path(out)
+    check_out(out, resume, overwrite)
+    record = bench_inputs(model, arch, train, test, schedule, repair, calib_size, options or {}, measure_latency,
+                          inputs or {})
+    if occupied(out) and resume:
+        check_resume(out, record)
+    args = (model, arch, train, test, methods, targets, schedule, device, calib_size, options or {},
+            measure_latency, command, log, repair, specs, record)
+    if occupied(out) and overwrite:
+        with atomic_dir(out, overwrite=True) as work:  # the old bench stays whole until this one is complete
+            return _bench(work, *args)
+    return _bench(out, *args)
+
+
+def _bench(out: Path, model: nn.Module, arch: str, train: ImageSet, test: ImageSet, methods: list[str],
+           targets: list[Target], schedule: Schedule, device: str, calib_size: int, options: dict[str, Any],
+           measure_latency: bool, command: str, log: Any, repair: Repair, specs: dict[str, tuple[str, Repair]],
+           record: dict[str, Any]) -> dict[str, Any]:
     done_dir = out / "runs"
-    if out.exists() and not resume and any(done_dir.glob("*.json")):
-        raise NetslimError(f"{out} holds an earlier bench; pass --resume to continue it or choose another --out")
     done_dir.mkdir(parents=True, exist_ok=True)
+    if not (out / MANIFEST).is_file():  # first, so that a killed bench can be verified when resumed
+        write_manifest(out, record)
     model = model.to(device).eval()
     size = tuple(train.images.shape[1:])
     base_file = out / "base.json"
@@ -107,7 +137,7 @@ def run_bench(model: nn.Module, arch: str, train: ImageSet, test: ImageSet, *, m
                 log(f"{target} {method}: done earlier, kept")
                 continue
             log(f"{target} {method}: analysing…")
-            row = _one(model, arch, train, test, method, target, schedule, device, calib_size, options or {},
+            row = _one(model, arch, train, test, method, target, schedule, device, calib_size, options,
                        cache, measure_latency, specs[method])
             atomic_write_text(path, json.dumps(row, indent=1, default=str))
             rows.append(row)

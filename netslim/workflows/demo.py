@@ -16,7 +16,14 @@ from netslim.workflows.stages import accuracy
 from netslim.zoo import build
 
 
-def run_demo(out: Path | None, method: str, epochs: int, finetune_epochs: int, console: Console) -> dict[str, Any]:
+def run_demo(out: Path | None, method: str, epochs: int, finetune_epochs: int, console: Console,
+             overwrite: bool = False) -> dict[str, Any]:
+    """Train, compress, fine-tune and compare; an existing `out` is refused before any training unless
+    `overwrite`, and then replaced only once the new run directory is complete."""
+    from netslim.io import refuse_existing
+
+    if out is not None:
+        refuse_existing(out, overwrite)
     torch.manual_seed(0)
     train = load_dataset("digits", "train")
     test = load_dataset("digits", "test")
@@ -28,5 +35,6 @@ def run_demo(out: Path | None, method: str, epochs: int, finetune_epochs: int, c
     console.print(f"compressing with {method}, then fine-tuning {finetune_epochs} epochs…")
     res = compress(model, "small_cnn", train, test, method=method,
                    schedule=Schedule(epochs=finetune_epochs, lr=0.02, batch_size=64), device="cpu",
-                   calib_size=len(train.labels), out=out, overwrite=True, command=f"netslim demo --method {method}")
+                   calib_size=len(train.labels), out=out, overwrite=overwrite, data="digits",
+                   command=f"netslim demo --method {method}")
     return res.metrics

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from netslim.errors import NetslimError
+from netslim.plan import Plan
 
 FORMATS = {"onnx": ".onnx", "torch-export": ".pt2"}
 RTOL = 1e-4  # |exported - pytorch| logits, relative to the largest |logit| of the batch
@@ -102,13 +103,19 @@ def load_runner(path: Path, fmt: str, threads: int) -> Callable[[torch.Tensor], 
 
 
 def data_spec_of(run_dir: Path) -> str | None:
-    """The --data the run was made with, read from its metrics.json command line (None if unknown)."""
+    """The data the run was made with: metrics.json's `data`, else the --data of its command line (None if
+    unknown: runs made before `data` was recorded, with the default data, do not say)."""
     metrics = run_dir / "metrics.json"
     if not metrics.is_file():
         return None
     try:
-        args = shlex.split(json.loads(metrics.read_text()).get("command") or "")
-    except (json.JSONDecodeError, ValueError):
+        record = json.loads(metrics.read_text())
+        if not isinstance(record, dict):
+            return None
+        if isinstance(record.get("data"), str) and record["data"]:
+            return record["data"]
+        args = shlex.split(record.get("command") or "") if isinstance(record.get("command"), str) else []
+    except (json.JSONDecodeError, ValueError, OSError):
         return None
     for i, a in enumerate(args):
         if a in ("--data", "-d") and i + 1 < len(args):
@@ -141,18 +148,19 @@ def check_predictions(reference: nn.Module, runner: Callable[[torch.Tensor], tor
             "disagreements_at_ties": ties, "rtol": rtol, "ok": ok}
 
 
-def _inputs(data: str | None, input_size: Sequence[int], images: int, cache_dir: Path | None,
-            batch: int = 100) -> tuple[list[torch.Tensor], str]:
+def _inputs(data: str | None, plan: Plan, images: int, cache_dir: Path | None, source: str,
+            classes: list[str] | None = None, batch: int = 100) -> tuple[list[torch.Tensor], str]:
+    input_size = tuple(plan.input_size)
     if data is None:
         g = torch.Generator().manual_seed(0)
         return [torch.randn((batch, *input_size), generator=g) for _ in range(max(1, images // batch))], \
             "random normal inputs (no --data given and none recorded in the run)"
     from netslim.data import batches, calibration_subset, load_dataset
+    from netslim.workflows.task import check_input, model_data
 
     test = load_dataset(data, "test", cache_dir=cache_dir)
-    if tuple(test.images.shape[1:]) != tuple(input_size):
-        raise NetslimError(f"data {data!r} has images of shape {tuple(test.images.shape[1:])}, the model takes "
-                           f"{tuple(input_size)}")
+    check_input(plan, test, data, source)
+    test = model_data(test, classes, data, source, "test")
     subset = calibration_subset(test, min(images, len(test.labels)), seed=0)
     return [x for x, _ in batches(subset, batch)], f"{len(subset.labels)} test images of {data}"
 
@@ -178,10 +186,11 @@ def _time(models: dict[str, Callable], input_size: Sequence[int], batches: Seque
 
 def export_run(run_dir: Path, fmt: str = "onnx", out: Path | None = None, data: str | None = None,
                images: int = 1000, batches: Sequence[int] = (1, 64), threads: int | None = None,
-               cache_dir: Path | None = None, max_seconds: float = 10.0) -> dict[str, Any]:
-    """Fold, export, verify and time a run's model; writes the file (and export.json beside a run)."""
-    from netslim.io import atomic_write_text
-    from netslim.surgery.checkpoint import load_model
+               cache_dir: Path | None = None, max_seconds: float = 10.0, overwrite: bool = False) -> dict[str, Any]:
+    """Fold, export, verify and time a run's model; writes the file (and export.json beside a run). An existing
+    file is refused unless `overwrite`, and then replaced only by a checked export."""
+    from netslim.io import atomic_write_text, refuse_existing
+    from netslim.surgery.checkpoint import classes_of, load_model, read_metadata
     from netslim.surgery.fold import count_batchnorms, fold_batchnorm
 
     if fmt not in FORMATS:
@@ -189,16 +198,22 @@ def export_run(run_dir: Path, fmt: str = "onnx", out: Path | None = None, data: 
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise NetslimError(f"run directory {run_dir} does not exist")
+    base_dir = run_dir if run_dir.is_dir() else run_dir.parent
+    out = Path(out) if out is not None else base_dir / f"model{FORMATS[fmt]}"
+    refuse_existing(out, overwrite)
+    if out.is_dir():
+        raise NetslimError(f"--out {out} is a directory; give the file to write")
     model, plan = load_model(run_dir, "cpu")
+    source = str(run_dir / "model.safetensors" if run_dir.is_dir() else run_dir)
+    classes = classes_of(read_metadata(Path(source)), source)
     model = model.float().eval()
     size = tuple(plan.input_size)
     folded = fold_batchnorm(model, input_size=size)
     bns, left = count_batchnorms(model), count_batchnorms(folded)
-    base_dir = run_dir if run_dir.is_dir() else run_dir.parent
-    out = Path(out) if out is not None else base_dir / f"model{FORMATS[fmt]}"
-    out.parent.mkdir(parents=True, exist_ok=True)
     threads = int(threads or torch.get_num_threads())
     data = data or (data_spec_of(run_dir) if run_dir.is_dir() else None)
+    inputs, seen = _inputs(data, plan, images, cache_dir, source, classes)  # checked before the slow export
+    out.parent.mkdir(parents=True, exist_ok=True)
     example = torch.randn((2, *size), generator=torch.Generator().manual_seed(0))
     fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=FORMATS[fmt])
     os.close(fd)
@@ -206,11 +221,10 @@ def export_run(run_dir: Path, fmt: str = "onnx", out: Path | None = None, data: 
     try:
         exporter = export_onnx(folded, example, tmp) if fmt == "onnx" else export_program(folded, example, tmp)
         runner = load_runner(tmp, fmt, threads)
-        inputs, source = _inputs(data, size, images, cache_dir)
         check = check_predictions(model, runner, inputs)
-        check["inputs"] = source
+        check["inputs"] = seen
         if not check["ok"]:
-            raise NetslimError(f"the exported model does not predict like PyTorch on {source}: max relative logit "
+            raise NetslimError(f"the exported model does not predict like PyTorch on {seen}: max relative logit "
                                f"difference {check['max_rel_logit_diff']:.2e} (tolerance {RTOL:g}), top-1 "
                                f"agreement {check['top1_agreement']:.4f}")
         os.replace(tmp, out)

@@ -47,11 +47,17 @@ class PackConfig:
     train_subset: int | None = None  # fine-tune on this many training images (None: all)
 
 
-def load_run_data(spec: str, plan: Plan | None, cache_dir: Path | None = None) -> tuple[ImageSet, ImageSet]:
-    """Train and test splits in the model's own label order (a class-subset run sees only its classes)."""
+def load_run_data(spec: str, plan: Plan | None, cache_dir: Path | None = None, classes: list[str] | None = None,
+                  source: str = "the model") -> tuple[ImageSet, ImageSet]:
+    """Train and test splits in the model's own label order (a class-subset run sees only its classes), checked
+    against the model's input shape and, when its file stores them, its class names."""
     from netslim.workflows.api import load_data
+    from netslim.workflows.task import check_input, model_data
 
     train, test, _, _ = load_data(spec, None, cache_dir)
+    check_input(plan, train, spec, source)
+    if classes is not None:
+        return model_data(train, classes, spec, source, "train"), model_data(test, classes, spec, source, "test")
     if plan is None or plan.classes is None:
         return train, test
     names = [train.classes[i] for i in plan.classes]
@@ -70,10 +76,11 @@ def _acc(pred: torch.Tensor, data: ImageSet) -> float:
 
 
 def pack_model(model: nn.Module, plan: Plan, train: ImageSet | None, test: ImageSet | None, cfg: PackConfig,
-               device: str = "cpu", teacher: nn.Module | None = None) -> tuple[bytes, dict[str, Any], nn.Module]:
+               device: str = "cpu", teacher: nn.Module | None = None,
+               classes: list[str] | None = None) -> tuple[bytes, dict[str, Any], nn.Module]:
     """Prune, fine-tune, quantize and pack a copy of `model`; returns the file bytes, metrics, quantized net.
     With cfg.finetune.distill > 0 fine-tuning also follows `teacher` (default: `model` itself, before weight
-    pruning)."""
+    pruning). `classes`: the names its outputs score, stored in the packed file."""
     net = copy.deepcopy(model).to(device).eval()
     layers = packable_layers(net, cfg.layers)
     modules = dict(net.named_modules())
@@ -103,7 +110,7 @@ def pack_model(model: nn.Module, plan: Plan, train: ImageSet | None, test: Image
     books = quantize_model(net, bits)
     pred_q = predictions(net, test, device) if test else None
     acc["quantized"] = _acc(pred_q, test) if test is not None and pred_q is not None else None
-    blob, reports, raw = pack_bytes(net, plan, {n: (books[n][0], bits[n]) for n in layers})
+    blob, reports, raw = pack_bytes(net, plan, {n: (books[n][0], bits[n]) for n in layers}, classes)
     verify = verify_packed(blob, net, plan, test, pred_q, device)
     acc["unpacked"] = verify.pop("accuracy")
     dense_total = sum(v.numel() * 4 for v in model.state_dict().values() if v.is_floating_point())
@@ -151,13 +158,15 @@ def write_pack_dir(out: Path, blob: bytes, metrics: dict[str, Any], overwrite: b
 
 def pack_run_dir(run: Path, train: ImageSet | None, test: ImageSet | None, cfg: PackConfig, out: Path,
                  device: str = "cpu", overwrite: bool = False, command: str = "") -> dict[str, Any]:
-    from netslim.surgery.checkpoint import load_model
+    from netslim.io import refuse_existing
+    from netslim.surgery.checkpoint import classes_of, load_model, read_metadata
     from netslim.workflows.stages import machine
 
-    if out.exists() and not overwrite:
-        raise NetslimError(f"output directory {out} already exists; pass --overwrite to replace it")
+    refuse_existing(out, overwrite)
     model, plan = load_model(run, device)
-    blob, metrics, _ = pack_model(model, plan, train, test, cfg, device)
+    source = run / "model.safetensors" if run.is_dir() else run
+    blob, metrics, _ = pack_model(model, plan, train, test, cfg, device,
+                                  classes=classes_of(read_metadata(source), str(source)))
     metrics |= {"source": str(run), "arch": plan.arch, "machine": machine(), "command": command,
                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     write_pack_dir(out, blob, metrics, overwrite)
