@@ -184,13 +184,15 @@ def plan_size(plan: Plan, template: nn.Module | None = None) -> dict[str, int]:
     if cache is not None and key in cache:
         cache.move_to_end(key)
         return dict(cache[key])
-    with torch.device("meta"):
-        if template is None:
+    if template is None:
+        with torch.device("meta"):
             model = build(plan.arch, num_classes=plan.num_classes, in_channels=plan.input_size[0])
-        else:
-            model = copy.deepcopy(template).to("meta")
-        apply_plan(model, plan)
-        size = model_size(model, plan.input_size)
+    else:
+        model = copy.deepcopy(template).to("meta")
+    # Surgery runs outside a meta device context: torch-pruning builds index tensors on the default device
+    # and moves them to the weights' (a default of meta breaks its LayerNorm cut).
+    apply_plan(model, plan)
+    size = model_size(model, plan.input_size)
     if cache is not None:
         cache[key] = size
         while len(cache) > PLAN_SIZES_KEPT:

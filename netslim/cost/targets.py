@@ -1,11 +1,12 @@
 """Targets: parse `--target params=F|flops=F|latency=F`, and find the largest knob whose Plan meets one.
 
-Counted targets (params, FLOPs) bisect the method's knob on the Plan's size, computed on the meta
-device (netslim.cost.size). A latency target is measured, not counted: the knob is first bisected on
-the latency table's prediction, then the compressed network is timed against the base, in turns
-(the machine may be shared), and the knob is corrected on those measurements until the measured
-ratio is within 5%: layers timed alone do not add up exactly to a network (layout changes between
-layers, caches), so the table aims and the clock decides.
+Counted targets (params, FLOPs) bisect the method's knob on the Plan's size, computed by the model's
+per-layer size model (netslim.cost.sizemodel; by meta-device surgery where it cannot say). A latency
+target is measured, not counted: the knob is first bisected on the latency table's prediction, then
+the compressed network is timed against the base, in turns (the machine may be shared), and the knob
+is corrected on those measurements until the measured ratio is within 5%: layers timed alone do not
+add up exactly to a network (layout changes between layers, caches), so the table aims and the clock
+decides.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from netslim.cost.latency_table import LatencyModel, shape_key
-from netslim.cost.size import plan_size
+from netslim.cost.sizemodel import fast_plan_size
 from netslim.cost.timing import Conditions
 from netslim.errors import NetslimError
 from netslim.plan import Plan
@@ -62,23 +63,27 @@ def parse_target(text: str) -> Target:
 
 def fits(plan: Plan, target: Target, base: dict[str, int], template: nn.Module | None = None) -> bool:
     """Whether the Plan keeps at most `target.fraction` of the base's counted `target.kind`."""
-    return plan_size(plan, template)[target.kind] <= target.fraction * base[target.kind]
+    return fast_plan_size(plan, template)[target.kind] <= target.fraction * base[target.kind]
 
 
 def bisect(make_plan: Callable[[float], Plan], target: Target, template: nn.Module | None,
-           lo: float, hi: float, *, iters: int = 40) -> Plan:
-    """Largest knob in [lo, hi] whose Plan fits the target; size must grow with the knob."""
+           lo: float, hi: float, *, iters: int = 40, why: Callable[[Plan], str] | None = None) -> Plan:
+    """Largest knob in [lo, hi] whose Plan fits the target; size must grow with the knob.
+
+    `why(smallest_plan)` words what keeps the method's smallest network above an unreachable target (which
+    layers it keeps whole and why, the floor options) for an unreachable target's message."""
     if target.kind == "latency":  # measured, not counted
         return latency_bisect(make_plan, target, template, lo, hi)
     if target.kind not in ("params", "flops"):
         raise NetslimError(f"target {target} cannot be met by bisection on a Plan's size")
     top = make_plan(hi)
-    base = plan_size(replace(top, keep={}, drop=[], factorize={}), template)
+    base = fast_plan_size(replace(top, keep={}, drop=[], factorize={}), template)
     best = make_plan(lo)
     if not fits(best, target, base, template):
-        got = plan_size(best, template)[target.kind] / base[target.kind]
+        got = fast_plan_size(best, template)[target.kind] / base[target.kind]
+        reason = why(best) if why is not None else ""
         raise NetslimError(f"target {target} is unreachable: the smallest network this method builds keeps "
-                           f"{got:.4f} of the {target.kind}")
+                           f"{got:.4f} of the {target.kind}" + (f"; {reason}" if reason else ""))
     if fits(top, target, base, template):
         return top
     for _ in range(iters):

@@ -16,7 +16,8 @@ from netslim.surgery.graph import ChannelGroup
 def top_k(scores: torch.Tensor, k: int) -> list[int]:
     """Indices of the k highest scores (ties broken by lower index), sorted."""
     k = max(1, min(int(k), scores.numel()))
-    order = sorted(range(scores.numel()), key=lambda i: (-float(scores[i]), i))
+    values = scores.tolist()  # Python floats once: indexing the tensor per comparison costs a budget search seconds
+    order = sorted(range(len(values)), key=lambda i: (-values[i], i))
     return sorted(order[:k])
 
 
@@ -24,16 +25,27 @@ def plan_from_widths(ctx: Context, method: str, scores: dict[str, torch.Tensor],
                      widths: dict[str, int], meta: dict | None = None) -> Plan:
     """Keep, in each group (keyed by root layer), its `widths[root]` best-scored channels."""
     plan = ctx.base_plan(method)
-    step = int(ctx.option("round_to", 1))
+    kept = planned_widths(ctx, widths)
     for g in ctx.groups():
-        k = round_width(widths.get(g.root, g.width), g.width, step, nearest=ctx.target is not None)
-        if k >= g.width:
-            continue
-        keep = top_k(scores[g.root], k)
-        for name in g.layers:
-            plan.keep[name] = keep
+        if g.root in kept:
+            keep = top_k(scores[g.root], kept[g.root])
+            for name in g.layers:
+                plan.keep[name] = keep
     plan.meta.update(meta or {})
     return plan
+
+
+def planned_widths(ctx: Context, widths: dict[str, int]) -> dict[str, int]:
+    """The channels plan_from_widths keeps per cut group (by root): `widths` rounded to `round_to`, at least
+    one; groups kept whole are absent. Sizes computed from these equal the Plan's (a budget search needs
+    no Plan per step)."""
+    step = int(ctx.option("round_to", 1))
+    out = {}
+    for g in ctx.groups():
+        k = round_width(widths.get(g.root, g.width), g.width, step, nearest=ctx.target is not None)
+        if k < g.width:
+            out[g.root] = max(1, int(k))
+    return out
 
 
 def round_width(k: int, width: int, step: int, nearest: bool = False) -> int:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from netslim.cost.size import plan_size
+from netslim.cost.sizemodel import SizeModel, enabled, fast_plan_size
 from netslim.cost.targets import bisect, fits
 from netslim.errors import NetslimError
 from netslim.methods.base import Context, MethodResult, register
-from netslim.methods.common.ranking import plan_from_widths
+from netslim.methods.common.ranking import plan_from_widths, planned_widths
 from netslim.methods.pfa.options import MIN_FRACTION, PFAEnOptions, PFAOptions
 from netslim.methods.pfa.report import report
 from netslim.methods.pfa.spectra import GroupSpectrum, spectra
@@ -63,7 +63,8 @@ def pfa_en(ctx: Context) -> MethodResult:
     def make(tau: float) -> Plan:
         return plan_from_widths(ctx, "pfa-en", scores, widths(tau), {"energy": round(tau, 8)})
 
-    plan = bisect(make, ctx.target, ctx.template(), 0.0, 1.0)
+    plan = bisect(make, ctx.target, ctx.template(), 0.0, 1.0,
+                  why=lambda _: _unreachable(ctx, specs, scores, min_keep, min_fraction))
     tau = plan.meta["energy"]  # rounded for the record: the widths come from the plan itself
     kept = plan.widths()
     w, plan = _top_up(ctx, specs, {s.root: kept.get(s.root, s.width) for s in specs},
@@ -77,12 +78,20 @@ def _top_up(ctx: Context, specs: list[GroupSpectrum], widths: dict[str, int],
     eigenvalue holds the most energy, as long as the network still fits. One τ step can move several
     layers at once, so the bisection alone may stop short by more than a filter's worth."""
     assert ctx.target is not None
+    target = ctx.target
     step = max(1, int(ctx.option("round_to", 1)))
     template = ctx.template()
-    base = plan_size(ctx.base_plan("pfa-en"), template)
-    plan = make(widths)
+    base = fast_plan_size(ctx.base_plan("pfa-en"), template)
+    sizes = SizeModel.of(template, ctx.input_size) if enabled() else None
     open_ = {s.root: s for s in specs if s.analysable}
     added = 0
+
+    def fit(w: dict[str, int]) -> bool:
+        """Sized from the widths alone when the size model can (no Plan per trial), else by the Plan."""
+        size = sizes.size_widths(planned_widths(ctx, w)) if sizes is not None else None
+        if size is None:
+            return fits(make(w), target, base, template)
+        return size[target.kind] <= target.fraction * base[target.kind]
 
     def gain(s: GroupSpectrum, k: int) -> float:
         return max(float(e[k:k + step].sum() / e.sum()) if float(e.sum()) > 0 else 0.0 for e in s.eigs)
@@ -92,12 +101,45 @@ def _top_up(ctx: Context, specs: list[GroupSpectrum], widths: dict[str, int],
             if widths[s.root] + step > s.width:
                 del open_[s.root]
                 continue
-            trial = make({**widths, s.root: widths[s.root] + step})
-            if fits(trial, ctx.target, base, template):
-                widths, plan, added = {**widths, s.root: widths[s.root] + step}, trial, added + step
+            trial = {**widths, s.root: widths[s.root] + step}
+            if fit(trial):
+                widths, added = trial, added + step
                 break
             del open_[s.root]  # the budget only shrinks from here: this layer's next step never fits
         else:
             break
+    plan = make(widths)
     plan.meta["topped_up_filters"] = added
     return widths, plan
+
+
+def _unreachable(ctx: Context, specs: list[GroupSpectrum], scores: dict, min_keep: int, min_fraction: float) -> str:
+    """Why PFA-En's smallest network is too big: groups kept whole for want of samples, the floor, or layers
+    that no channel group cuts."""
+    assert ctx.target is not None
+    kind, fraction = ctx.target.kind, ctx.target.fraction
+    template = ctx.template()
+    base = fast_plan_size(ctx.base_plan("pfa-en"), template)[kind]
+
+    def kept(widths: dict[str, int]) -> float:
+        return fast_plan_size(plan_from_widths(ctx, "pfa-en", scores, widths), template)[kind] / base
+
+    whole = sorted((s for s in specs if not s.analysable), key=lambda s: -s.width)
+    could = kept({s.root: s.floor(min_keep, min_fraction) for s in specs}) if whole else 0.0
+    reasons = []
+    if whole:
+        names = ", ".join(f"{s.root} ({s.width})" for s in whole[:3]) + (", ..." if len(whole) > 3 else "")
+        more = (f"at least {whole[0].width + 1} calibration images (--calib-size)" if ctx.option("reduce", "max")
+                != "spatial" else "more calibration images (--calib-size)")
+        reasons.append(f"{len(whole)} of {len(specs)} channel groups are kept whole because they have no more "
+                       f"calibration samples ({min(s.samples for s in whole)}) than channels ({names}); with {more} "
+                       f"PFA can cut them, and its smallest network would keep {could:.4f} of the {kind}")
+    if not whole or could > fraction:
+        lower = "--opt min_fraction=0" + (" and min_keep=1" if min_keep > 1 else "")
+        reasons.append(f"the floor keeps every analysed group at least max(min_keep={min_keep}, "
+                       f"min_fraction={min_fraction:g} of its width) channels ({lower} lowers it)")
+        least = kept(dict.fromkeys((s.root for s in specs), 1))
+        if least > fraction:
+            reasons.append(f"even one channel per group keeps {least:.4f} of the {kind}: the rest is in layers no "
+                           "channel group cuts (grouped convolutions, attention, layers tied to the outputs)")
+    return "; ".join(reasons)
