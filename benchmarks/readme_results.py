@@ -41,7 +41,10 @@ def section(result: dict, name: str) -> str:
                      f"{'–' if recal is None else f'{recal:.4f}'} | "
                      f"{r['accuracy']:.4f} | {r['params']:,} ({r['params_kept']:.3f}) | {r['macs']:,} | "
                      f"{_ms(r, 1)} | {_ms(r, 64)} | {r.get('analysis_seconds', 0):.0f} |")
-    lines += ["", f"Reproduce: `{result['command']}`", ""]
+    command = result["command"]
+    if "repair" not in result and "--repair" not in command:  # made before the refit existed: BN repair only
+        command += " --repair bn"
+    lines += ["", f"Reproduce: `{command}`", ""]
     return "\n".join(lines)
 
 
