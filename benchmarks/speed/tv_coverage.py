@@ -168,7 +168,7 @@ def main() -> None:
     import torchvision.models as tvm
 
     names = [n for n in args.only.split(",") if n] or tvm.list_models(module=tvm)
-    names = sorted(names, key=cost)
+    names = sorted(dict.fromkeys(names), key=cost)
     deadline = time.monotonic() + args.wall
 
     def job(name: str) -> dict[str, Any]:
@@ -182,9 +182,12 @@ def main() -> None:
 
     with ThreadPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(job, names))
+    earlier: list[dict[str, Any]] = []
     if args.only and args.out.exists():  # a re-run of some models replaces their rows in the full table
         fresh = {r["model"] for r in rows}
-        rows = [r for r in json.loads(args.out.read_text())["models"] if r["model"] not in fresh] + rows
+        previous = json.loads(args.out.read_text())
+        rows = [r for r in previous["models"] if r["model"] not in fresh] + rows
+        earlier = [*previous.get("earlier_runs", []), {k: previous.get(k) for k in ("date", "command")}]
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
@@ -194,7 +197,7 @@ def main() -> None:
             refusals.setdefault(r["reason"].split(";")[0].split(":")[0], []).append(r["model"])
     write(args.out, {**stamp(args), "method": "pfa-en", "target": "params=0.5", "options": {"reduce": "spatial"},
                      "calibration_images": args.images, "repair": "none", "finetune_epochs": 0,
-                     "counts": counts, "refusals_by_reason": refusals, "models": rows})
+                     "counts": counts, "refusals_by_reason": refusals, "earlier_runs": earlier, "models": rows})
 
 
 if __name__ == "__main__":
