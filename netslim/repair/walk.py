@@ -93,11 +93,7 @@ class Walk:
     @torch.no_grad()
     def peak_bytes(gm: torch.fx.GraphModule, x: torch.Tensor) -> int:
         """Largest total size of live values during one forward of batch `x`."""
-        walk = Walk.__new__(Walk)
-        walk.gm, walk.nodes = gm, [n for n in gm.graph.nodes if n.op != "output"]
-        walk.last = _last_uses(walk.nodes)
-        holder = next(n for n in walk.nodes if n.op == "placeholder")
-        walk.envs, walk.sizes, walk.pos = [{holder: x}], [int(x.shape[0])], walk.nodes.index(holder) + 1
+        walk = Walk(gm, [x], x.device)
         peak = 0
         for i in range(walk.pos, len(walk.nodes)):
             walk._run(i + 1)

@@ -63,14 +63,9 @@ def refit(base: nn.Module, cut: nn.Module, plan: Plan, train: ImageSet, repair: 
     pool = calibration_subset(train, n, seed=11)
     fit_part, hold = (split_holdout(pool, repair.holdout / n, seed=11) if repair.holdout and n > repair.holdout
                       else (pool, None))
-    was = base.training
-    base.eval()
-    try:
-        return lsq_refit(base, cut.eval(), lambda: batches(fit_part, 128, device=device),
-                         holdout=(lambda: batches(hold, 128, device=device)) if hold is not None else None,
-                         positions=repair.positions, ridge=repair.ridge, device=device, plan=plan)
-    finally:
-        base.train(was)
+    return lsq_refit(base, cut, lambda: batches(fit_part, 128, device=device),  # it sets and restores eval modes
+                     holdout=(lambda: batches(hold, 128, device=device)) if hold is not None else None,
+                     positions=repair.positions, ridge=repair.ridge, device=device, plan=plan)
 
 
 def recalibrated_accuracy(model: nn.Module, train: ImageSet, test: ImageSet | None, schedule: Schedule,
