@@ -2,13 +2,18 @@
 (+ BN), and after each fine-tuning epoch, with the CPU seconds each stage cost — netslim's methods and
 torch-pruning's criteria side by side at the same budgets, on a shared CIFAR-10 network.
 
-Every (target, method) is analysed once; the same Plan is then repaired two ways (bn, lsq) from the same cut,
-so the table separates what the criterion does from what the repair does. `--epochs E` (optional, costly on a
-CPU) fine-tunes the lsq-repaired network with the given schedule and records test accuracy after each epoch.
+Every (target, method) is analysed once; the same Plan is then repaired several ways from the same cut (bn:
+BatchNorm repair alone; lsq: least-squares refit with residual-sum targets, then BN repair kept only if it does
+not lower accuracy on the refit's held-out training images; lsq-layer: the same with every layer fitted to its
+own output), so the table separates what the criterion does from what the repair does. `--epochs E` (optional,
+costly on a CPU) fine-tunes the lsq-repaired network of `--finetune-methods` once per `--distill` weight with
+the same onecycle schedule and records test accuracy and CPU seconds after each epoch.
 Results are written after every row, so a killed run keeps what it finished.
 
     python -m benchmarks.repair.oneshot --arch vgg16_bn --targets flops=0.5,params=0.125 \
         --methods tp-l1,tp-random,tp-taylor,pfa-en --calib 2000 --test-images 5000
+    python -m benchmarks.repair.oneshot --arch resnet56 --targets flops=0.42 --epochs 3 --train-images 10000 \
+        --finetune-methods tp-l1,pfa-en --distill 0,0.5
 """
 
 from __future__ import annotations
@@ -37,35 +42,38 @@ def _row(model: Any, arch: str, train: Any, test: Any, method: str, target: Any,
     row: dict[str, Any] = {"method": method, "target": str(target), "analysis_seconds": round(seconds, 1),
                            "analysis_cpu_seconds": round(_cpu() - c0, 1), "widths": found.plan.widths()}
     none = Schedule(epochs=0, bn_recal=args.bn_images)
-    for mode in ("bn", "lsq"):
+    for mode in args.repairs.split(","):
         c0 = _cpu()
-        rec = run_stages(model, found, train, test, schedule=none, device="cpu",
-                         repair=Repair(mode=mode, images=args.calib, holdout=args.holdout))
+        fix = Repair(mode=mode.split("-")[0], images=args.calib, holdout=args.holdout,
+                     target="layer" if mode.endswith("-layer") else "block")
+        rec = run_stages(model, found, train, test, schedule=none, device="cpu", repair=fix)
         row[mode] = {**rec.accuracies(), "repair_seconds": round(rec.repair_seconds, 1),
-                     "repair_cpu_seconds": round(_cpu() - c0, 1)}
+                     "repair_cpu_seconds": round(_cpu() - c0, 1), "bn_after_refit": rec.bn_after_refit}
         if rec.refit is not None:
             row[mode]["refit"] = {"walked": rec.refit.walked, "refitted": len(rec.refit.refitted),
+                                  "block_targets": sum(r.target == "block" for r in rec.refit.layers),
                                   "skipped": rec.refit.skipped, "seconds": round(rec.refit.seconds, 1),
                                   "layers": [vars(r) for r in rec.refit.layers]}
-        if mode == "lsq" and args.epochs > 0:
-            row["finetune"] = _finetune(rec.model, model, train, test, args)
+        if mode == "lsq" and args.epochs > 0 and method in args.finetune_methods.split(","):
+            row["finetune"] = [_finetune(rec.model, model, train, test, args, float(d))
+                               for d in args.distill.split(",")]
     row["params"] = sum(p.numel() for p in rec.model.parameters())
     return row
 
 
-def _finetune(small: Any, teacher: Any, train: Any, test: Any, args: Any) -> dict[str, Any]:
+def _finetune(small: Any, teacher: Any, train: Any, test: Any, args: Any, distill: float) -> dict[str, Any]:
     """Epochs of the given schedule; test accuracy and cumulative CPU seconds after each (one onecycle run)."""
     from netslim.data import batches
 
     tune = calibration_subset(train, min(args.train_images, len(train.labels)), seed=1)
-    sched = Schedule(epochs=args.epochs, lr=args.lr, batch_size=128, distill=args.distill)
+    sched = Schedule(epochs=args.epochs, lr=args.lr, batch_size=128, distill=distill)
     net = copy.deepcopy(small)
     c0, curve = _cpu(), []
 
     def after_epoch(record: dict[str, Any]) -> None:
         curve.append({"epoch": record["epoch"], "accuracy": accuracy(net, test, "cpu"),
                       "cpu_seconds": round(_cpu() - c0, 1), "train_loss": record["train_loss"]})
-        common.log(f"  epoch {record['epoch']}: {curve[-1]['accuracy']:.4f}")
+        common.log(f"  distill {distill} epoch {record['epoch']}: {curve[-1]['accuracy']:.4f}")
 
     fit(net, batches(tune, 128, shuffle=True, augment=True, drop_last=True), sched, teacher=teacher,
         on_epoch=after_epoch, progress=False)
@@ -84,7 +92,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=0, help="fine-tuning epochs after the lsq repair (0: none)")
     ap.add_argument("--train-images", type=int, default=10000, help="training images per fine-tuning epoch")
     ap.add_argument("--lr", type=float, default=0.01)
-    ap.add_argument("--distill", type=float, default=0.0)
+    ap.add_argument("--distill", default="0", help="comma-separated distillation weights, one fine-tune each")
+    ap.add_argument("--finetune-methods", default="tp-l1,tp-random,tp-taylor,pfa-en")
+    ap.add_argument("--repairs", default="bn,lsq,lsq-layer", help="repairs of each cut (bn, lsq, lsq-layer)")
     ap.add_argument("--out", default=None, help="result JSON (default: results/repair_<arch>_cpu.json)")
     args = ap.parse_args()
     common.start(args)
@@ -101,9 +111,8 @@ def main() -> None:
             common.log(f"{target} {method}…")
             row = _row(model, arch, train, test, method, target, args, cache)
             result["rows"].append(row)
-            common.log(f"{target} {method}: cut {row['bn']['accuracy_after_surgery']:.4f}, "
-                       f"bn {row['bn'].get('accuracy', float('nan')):.4f}, lsq {row['lsq'].get('accuracy'):.4f} "
-                       f"({row['lsq']['repair_seconds']} s)")
+            common.log(f"{target} {method}: " + ", ".join(f"{m} {row[m].get('accuracy')}"
+                                                          for m in args.repairs.split(",")))
             common.write(out, result)
 
 

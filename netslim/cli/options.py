@@ -39,6 +39,8 @@ RepairOpt = Annotated[str, typer.Option("--repair", help="between the cut and fi
                                         "cut, then bn)")]
 RepairImagesOpt = Annotated[int, typer.Option("--repair-images", help="training images the least-squares refit fits "
                                               "on (256 others check it)")]
+RepairTargetOpt = Annotated[str, typer.Option("--repair-target", help="what the refit matches for a layer that feeds "
+                                              "a residual sum: block (the sum) | layer (its own output)")]
 DistillOpt = Annotated[float, typer.Option("--distill", help="weight of the unpruned network's softened outputs in "
                                            "the fine-tuning loss, 0..1 (knowledge distillation; 0: labels only)")]
 ValFromOpt = Annotated[str, typer.Option("--val-from", help="validation images for accuracy decisions (lda): "

@@ -14,8 +14,12 @@ L's input by a hook, so memory does not grow with the number of images; the time
 forward of both networks per layer. Keeping the current layer's inputs of both networks between layers
 (sequential models) would save that, at memory proportional to the images; not done.
 
-Residual networks: each consumer is fitted to its own original output (e.g. a block's conv2 to the
-original conv2, not the block's output after the add); the block-output target is an option for later.
+Residual networks (`block=True`, the default): a layer that feeds a residual sum (directly or through its
+BN) whose other operand is already computed when the layer runs is fitted to the *sum*, not to its own
+output: with s the BN's multiplier, its target becomes Y + (R − R′)/s, R and R′ the other operand in the
+original and the cut network, so the layer also absorbs what earlier cuts left in the skip path (a block's
+conv2 fits the block's output). Other layers (and every layer when the walks cannot be used) fit their own
+output.
 Layers of a dropped block, factorized layers, layers called twice per forward: reported as skipped.
 """
 
@@ -60,6 +64,7 @@ class Moments:
     rows: int = 0
     images: int = 0
     bias: bool = True  # X̃ carries a ones column (last)
+    target: str = "layer"  # Y is the layer's own output, or shifted to fit the residual sum it feeds ("block")
 
     @classmethod
     def zeros(cls, groups: int, inputs: int, outputs: int, bias: bool, device: torch.device) -> Moments:
@@ -111,20 +116,27 @@ def solve(mom: Moments, ridge: float) -> torch.Tensor | None:
 
 
 def accumulate(original: nn.Module, cut: nn.Module, job: Job, batches: Iterable[Any] | Walks, *,
-               positions: int | None, seed: int, device: str | torch.device, bias: bool) -> Moments:
+               positions: int | None, seed: int, device: str | torch.device, bias: bool, block: bool = False
+               ) -> Moments:
     """G, P and ‖Y‖² of one consumer layer over `batches` (the cut network as it is now): from stepped walks
-    of both networks when given (one forward in all), else by stopping a full forward at the layer."""
+    of both networks when given (one forward in all), else by stopping a full forward at the layer. `block`:
+    fit the residual sum the layer feeds, where the walks can see it (see module doc)."""
     lo, lc = original.get_submodule(job.name), cut.get_submodule(job.name)
     groups = lc.groups if isinstance(lc, nn.Conv2d) else 1
     mom: Moments | None = None
     if isinstance(batches, Walks):
-        pairs: Iterable[tuple[torch.Tensor, torch.Tensor, int]] = batches.patches(lo, lc, job.name, positions, seed)
+        pairs: Iterable[tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]] = \
+            batches.patches(lo, lc, job, positions, seed, block)
     else:
-        pairs = paired_patches(original, cut, job.name, batches, positions=positions, seed=seed, device=device)
-    for xo, xc, n in pairs:
+        pairs = ((*p, None) for p in paired_patches(original, cut, job.name, batches, positions=positions,
+                                                     seed=seed, device=device))
+    for xo, xc, n, shift in pairs:
         y = targets(lo, xo, job.out_idx)
+        if shift is not None:
+            y = y + shift.to(y)
         if mom is None:
             mom = Moments.zeros(groups, xc.shape[1], y.shape[1], bias, xc.device)
+            mom.target = "layer" if shift is None else "block"
         mom.add(xc, y, n)
     if mom is None:
         raise NetslimError("repair needs calibration images; the batches were empty")
@@ -164,16 +176,16 @@ def write(layer: nn.Module, job: Job, w: torch.Tensor) -> None:
 def lsq_refit(original: nn.Module, cut: nn.Module, batches: Batches, *, positions: int | None = 16,
               ridge: float = 1e-4, seed: int = 0, device: str | torch.device = "cpu", holdout: Batches | None = None,
               plan: Plan | None = None, layers: list[str] | None = None, walk: bool = True,
-              walk_budget: int = BUDGET_BYTES) -> RefitReport:
+              walk_budget: int = BUDGET_BYTES, block: bool = True) -> RefitReport:
     """Refit, in place and in forward order, every layer of `cut` whose inputs were cut (see module doc).
 
     `batches` / `holdout`: callables returning fresh iterables of (images, labels) (re-iterable objects
     work too); errors before/after are measured on `holdout` when given (and a refit that does not lower
     the held-out error is not kept), else on the calibration images. `positions=None`: all positions.
     `plan`: where the kept output channels come from (else matched in the weights). `layers`: only these.
-    `walk`: step both networks' traced graphs from layer to layer over all images (netslim.repair.walk; one
-    forward pass in all) where they trace and their activations fit in `walk_budget` bytes. Both networks must
-    be on `device`.
+    `block`: fit residual sums where possible (module doc). `walk`: step both networks' traced graphs from
+    layer to layer over all images (netslim.repair.walk; one forward pass in all) where they trace and their
+    activations fit in `walk_budget` bytes. Both networks must be on `device`.
     """
     t_start = time.perf_counter()
     report = RefitReport("lsq", positions=positions, ridge=ridge)
@@ -185,7 +197,7 @@ def lsq_refit(original: nn.Module, cut: nn.Module, batches: Batches, *, position
             else (None, None)
         report.walked = fit_src is not None
         for i, job in enumerate(jobs):
-            kw = {"positions": positions, "seed": seed * 1_000_003 + i, "device": device}
+            kw = {"positions": positions, "seed": seed * 1_000_003 + i, "device": device, "block": block}
             report.layers.append(_refit(original, cut, job, fit_src or batches,
                                         hold_src if fit_src is not None else holdout, report, ridge, kw))
     finally:
@@ -214,7 +226,7 @@ def _refit(original: nn.Module, cut: nn.Module, job: Job, batches: Batches | Wal
     if kept:
         write(layer, job, w)
     return LayerRepair(job.name, kept, None if kept else "no gain on held-out images", before,
-                       after if kept else before, fit.rows, dim, time.perf_counter() - t0)
+                       after if kept else before, fit.rows, dim, time.perf_counter() - t0, fit.target)
 
 
 def _source(batches: Batches | Walks) -> Iterable[Any] | Walks:
@@ -227,13 +239,42 @@ class Walks:
     def __init__(self, original: Walk, cut: Walk) -> None:
         self.original, self.cut = original, cut
 
-    def patches(self, lo: nn.Module, lc: nn.Module, name: str, positions: int | None,
-                seed: int) -> Iterable[tuple[torch.Tensor, torch.Tensor, int]]:
-        """Per batch, the layer's input patches in both networks at the same drawn positions (as paired_patches)."""
+    def patches(self, lo: nn.Module, lc: nn.Module, job: Job, positions: int | None, seed: int, block: bool
+                ) -> Iterable[tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]]:
+        """Per batch, the layer's input patches in both networks at the same drawn positions (as paired_patches),
+        and with `block`, the shift of its target that makes it fit the residual sum it feeds (else None)."""
         gen = torch.Generator().manual_seed(seed)
-        for xo, xc, n in zip(self.original.inputs(name), self.cut.inputs(name), self.original.sizes, strict=True):
+        res = (self.original.residual(job.name), self.cut.residual(job.name)) if block else (None, None)
+        usable = res[0] is not None and res[1] is not None and (job.bn is not None or not res[1][1])
+        scale = bn_scale(job.bn) if usable and job.bn is not None else None
+        xs = zip(self.original.inputs(job.name), self.cut.inputs(job.name), self.original.sizes, strict=True)
+        for k, (xo, xc, n) in enumerate(xs):
             idx = sample_positions(lo, xo, positions, gen)
-            yield patches(lo, xo, idx), patches(lc, xc, idx), n
+            shift = None
+            if usable:
+                shift = at_positions(res[0][0][k], idx)[:, job.out_idx] - at_positions(res[1][0][k], idx)
+                shift = shift if scale is None else shift / scale
+            yield patches(lo, xo, idx), patches(lc, xc, idx), n, shift
+
+
+def bn_scale(bn: nn.Module) -> torch.Tensor:
+    """A BatchNorm's per-channel multiplier in eval mode; ∞ where it is ~0 (the channel's target is not moved)."""
+    a = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        a = a * bn.weight.detach()
+    return torch.where(a.abs() > 1e-8, a, torch.full_like(a, float("inf")))
+
+
+def at_positions(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """Rows (R × C) of an activation at the output positions drawn for a layer (as `patches` orders them)."""
+    if t.dim() != 4:
+        return t.reshape(-1, t.shape[-1]) if t.dim() > 2 else t
+    n, c = t.shape[:2]
+    flat = t.flatten(2).transpose(1, 2)  # N × HW × C
+    if idx is None:
+        return flat.reshape(-1, c)
+    rows = torch.arange(n, device=t.device).unsqueeze(1).expand_as(idx).reshape(-1)
+    return flat[rows, idx.reshape(-1)]
 
 
 def stepped(original: nn.Module, cut: nn.Module, batches: Batches, holdout: Batches | None, example: torch.Tensor,

@@ -18,6 +18,7 @@ class LayerRepair:
     rows: int = 0  # calibration rows (images × positions) the fit used
     dim: int = 0  # unknowns per output channel (bias column included)
     seconds: float = 0.0
+    target: str = "layer"  # "layer": its own output; "block": the residual sum it feeds
 
 
 @dataclass

@@ -16,15 +16,18 @@ one batch in memory.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.fx
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from netslim.errors import NetslimError
 
+ADDS = (operator.add, operator.iadd, torch.add, "add", "add_")  # how a residual sum appears in a graph
 BUDGET_BYTES = 6 * 2**30  # live activations of all calibration images, both networks and the held-out set
 
 
@@ -79,15 +82,43 @@ class Walk:
                     env.pop(node, None)
         self.pos = max(self.pos, stop)
 
-    def inputs(self, name: str) -> list[torch.Tensor]:
-        """The input of layer `name` for every batch (the walk moves to just before the layer's call)."""
+    def _call(self, name: str) -> int:
         at = next((i for i in range(self.pos, len(self.nodes))
                    if self.nodes[i].op == "call_module" and self.nodes[i].target == name), None)
         if at is None:
             raise NetslimError(f"repair: layer {name!r} is not called after the walk's current point")
+        return at
+
+    def inputs(self, name: str) -> list[torch.Tensor]:
+        """The input of layer `name` for every batch (the walk moves to just before the layer's call)."""
+        at = self._call(name)
         self._run(at)
         arg = self.nodes[at].args[0]
         return [env[arg] for env in self.envs]
+
+    def residual(self, name: str) -> tuple[list[torch.Tensor], bool] | None:
+        """The other operand of the residual sum that layer `name` feeds, directly or through its BatchNorm, for
+        every batch, and whether a BatchNorm sits in between; None when the layer feeds no sum or the other
+        operand is computed only after the layer (it is then the one fitted to the sum)."""
+        at = self._call(name)
+        node, via_bn = self.nodes[at], False
+        if len(node.users) == 1 and next(iter(node.users)).op == "call_module":
+            node = next(iter(node.users))
+            if not isinstance(self.gm.get_submodule(str(node.target)), _BatchNorm):
+                return None
+            via_bn = True
+        if len(node.users) != 1:
+            return None
+        add = next(iter(node.users))
+        if add.target not in ADDS or len(add.args) != 2 or add.kwargs:
+            return None
+        other = add.args[1] if add.args[0] is node else add.args[0]
+        if not isinstance(other, torch.fx.Node) or self.nodes.index(other) >= at:
+            return None
+        self._run(at)
+        if any(other not in env for env in self.envs):
+            return None
+        return [env[other] for env in self.envs], via_bn
 
     @staticmethod
     @torch.no_grad()

@@ -41,7 +41,9 @@ ACCURACY_STAGES = (("accuracy right after surgery", "accuracy_after_surgery"),
 def comparison_rows(before: dict[str, Any], after: dict[str, Any]) -> list[list[Any]]:
     """Rows of the before/after table: accuracies at each stage, then sizes and speeds with after/before."""
     acc: list[list[Any]] = [["test accuracy", before.get("accuracy"), after.get("accuracy"), "–"]]
-    acc += [[label, None, after[key], "–"] for label, key in ACCURACY_STAGES if after.get(key) is not None]
+    acc += [[label + (" (not kept: lower on held-out training images)" if key == "accuracy_after_bn_recalibration"
+                      and after.get("bn_recalibration_kept") is False else ""), None, after[key], "–"]
+            for label, key in ACCURACY_STAGES if after.get(key) is not None]
     return acc + size_rows(before, after)
 
 

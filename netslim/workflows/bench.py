@@ -172,6 +172,7 @@ def _one(model: nn.Module, arch: str, train: ImageSet, test: ImageSet, method: s
             **{k: getattr(rec, k) for k in ("accuracy_after_surgery", "accuracy_before_finetune",
                                             "accuracy_after_refit", "accuracy_after_bn_recalibration",
                                             "accuracy")},
+            "bn_after_refit": rec.bn_after_refit,
             "params": size["params"], "macs": size["macs"], "flops": size["flops"], "bytes": size["bytes"],
             "params_kept": size["params"] / before["params"], "latency": size.get("latency", []),
             "analysis_seconds": round(seconds, 3), "finetune_seconds": round(rec.finetune_seconds, 1),

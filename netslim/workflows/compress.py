@@ -83,6 +83,8 @@ def compress(model: nn.Module, arch: str, train: ImageSet, test: ImageSet | None
         before, after, speed = measured_pair(model, small, size, device, target=target, latency=measure_latency)
         before["accuracy"] = base_accuracy
         after.update(rec.accuracies())
+        if rec.bn_after_refit:
+            after["bn_recalibration_kept"] = rec.bn_after_refit["kept"]
         metrics = {"method": method, "target": str(target) if target else None, "options": options,
                    "init": init, "classes": classes, "data": data, "class_names": list(train.classes),
                    "analysis_seconds": round(seconds, 3),
@@ -107,6 +109,8 @@ def _repair_record(rec: StageRecord, repair: Repair | None) -> dict[str, Any]:
                            "settings": asdict(repair or Repair())}
     if rec.refit is not None:
         out["refit"] = rec.refit.to_dict()
+    if rec.bn_after_refit:
+        out["bn_after_refit"] = rec.bn_after_refit
     if rec.kept:
         out["finetune_choice"] = rec.kept
     return out

@@ -56,16 +56,22 @@ def reinitialise(model: nn.Module) -> None:
             m.reset_parameters()
 
 
-def refit(base: nn.Module, cut: nn.Module, plan: Plan, train: ImageSet, repair: Repair, device: str) -> RefitReport:
-    """Least-squares refit of `cut` (in place) to `base`'s layer outputs, on training images only: `repair.images`
-    to fit, `repair.holdout` disjoint others to check each layer on."""
+def refit_images(train: ImageSet, repair: Repair) -> tuple[ImageSet, ImageSet | None]:
+    """The refit's training images: `repair.images` to fit, `repair.holdout` disjoint others to check on."""
     n = min(len(train.labels), repair.images + repair.holdout)
     pool = calibration_subset(train, n, seed=11)
-    fit_part, hold = (split_holdout(pool, repair.holdout / n, seed=11) if repair.holdout and n > repair.holdout
-                      else (pool, None))
+    if repair.holdout and n > repair.holdout:
+        return split_holdout(pool, repair.holdout / n, seed=11)
+    return pool, None
+
+
+def refit(base: nn.Module, cut: nn.Module, plan: Plan, train: ImageSet, repair: Repair, device: str) -> RefitReport:
+    """Least-squares refit of `cut` (in place) to `base`'s layer outputs, on training images only (refit_images)."""
+    fit_part, hold = refit_images(train, repair)
     return lsq_refit(base, cut, lambda: batches(fit_part, 128, device=device),  # it sets and restores eval modes
                      holdout=(lambda: batches(hold, 128, device=device)) if hold is not None else None,
-                     positions=repair.positions, ridge=repair.ridge, device=device, plan=plan)
+                     positions=repair.positions, ridge=repair.ridge, device=device, plan=plan,
+                     block=repair.target == "block")
 
 
 def recalibrated_accuracy(model: nn.Module, train: ImageSet, test: ImageSet | None, schedule: Schedule,
@@ -100,6 +106,7 @@ class StageRecord:
     refit: RefitReport | None = None
     repair_seconds: float = 0.0
     kept: dict[str, Any] = field(default_factory=dict)  # under a time budget: fine-tuned or repaired, on validation
+    bn_after_refit: dict[str, Any] = field(default_factory=dict)  # whether BN repair was kept after the refit
 
     def accuracies(self) -> dict[str, float]:
         keys = ("accuracy_after_surgery", "accuracy_before_finetune", "accuracy_after_refit",
@@ -130,7 +137,8 @@ def run_stages(base: nn.Module, result: MethodResult, train: ImageSet, test: Ima
         if repair.mode == "lsq":
             rec.refit = refit(base, small, result.plan, train, repair, device)
             rec.accuracy_after_refit = accuracy(small, test, device)
-        if repair_bn(small, train, schedule, device):
+            _refit_then_bn(rec, small, train, test, refit_images(train, repair)[1], schedule, device)
+        elif repair_bn(small, train, schedule, device):
             rec.accuracy_after_bn_recalibration = accuracy(small, test, device)
     rec.repair_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -151,10 +159,27 @@ def run_stages(base: nn.Module, result: MethodResult, train: ImageSet, test: Ima
     if rec.history and rec.kept.get("kept", "fine-tuned") == "fine-tuned":
         rec.accuracy = accuracy(small, test, device)
     else:
-        last = [rec.accuracy_before_finetune, rec.accuracy_after_bn_recalibration, rec.accuracy_after_refit,
-                rec.accuracy_after_surgery]
+        bn = rec.accuracy_after_bn_recalibration if rec.bn_after_refit.get("kept", True) else None
+        last = [rec.accuracy_before_finetune, bn, rec.accuracy_after_refit, rec.accuracy_after_surgery]
         rec.accuracy = next((a for a in last if a is not None), None)
     return rec
+
+
+def _refit_then_bn(rec: StageRecord, small: nn.Module, train: ImageSet, test: ImageSet | None,
+                   hold: ImageSet | None, schedule: Schedule, device: str) -> None:
+    """BN repair after the refit, kept only if it does not lower accuracy on the refit's held-out training
+    images: the refit already matched each layer's pre-BN output, and re-estimated statistics can undo that."""
+    before = accuracy(small, hold, device)
+    saved = copy.deepcopy(small.state_dict())
+    if not repair_bn(small, train, schedule, device):
+        return
+    rec.accuracy_after_bn_recalibration = accuracy(small, test, device)
+    after = accuracy(small, hold, device)
+    kept = before is None or after is None or after >= before
+    if not kept:
+        small.load_state_dict(saved)
+    rec.bn_after_refit = {"kept": kept, "validation_images": 0 if hold is None else len(hold.labels),
+                          "refit": before, "refit_bn": after}
 
 
 def measure_speed(base: nn.Module, small: nn.Module, input_size: tuple[int, int, int], device: str,
