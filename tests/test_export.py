@@ -107,7 +107,7 @@ def test_bad_inputs(digits_run: Path, tmp_path: Path) -> None:
 
 def test_cli_export(digits_run: Path, tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["export", str(digits_run), "--format", "onnx", "--out", str(tmp_path / "c.onnx"),
-                                   "--images", "40", "--threads", "1", "--json"])
+                                   "--images", "40", "--threads", "1", "--seconds", "0.2", "--json"])
     assert res.exit_code == 0, res.stderr
     rep = json.loads(res.stdout)
     assert rep["check"]["ok"] and rep["latency"][0]["threads"] == 1

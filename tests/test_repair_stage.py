@@ -81,7 +81,7 @@ def test_a_bad_repair_is_refused_before_any_data(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "--repair must be one of none, bn, lsq" in res.stderr
     res = CliRunner().invoke(app, ["bench", "--data", str(tmp_path / "missing.tar.gz"), "--model", "small_cnn",
                                    "--methods", "tp-l1+fix", "--out", str(tmp_path / "b")])
-    assert res.exit_code == 2 and "--repair must be one of" in res.stderr
+    assert res.exit_code == 2 and "after '+' comes a repair (none, bn, lsq) or a channel selection" in res.stderr
     assert not (tmp_path / "o").exists() and not (tmp_path / "b").exists()
 
 
@@ -95,4 +95,27 @@ def test_a_time_budget_shortens_the_schedule_and_keeps_the_better_network(traine
     assert choice["validation_images"] > 0 and choice["kept"] in ("fine-tuned", "repaired")
     assert (choice["after"] >= choice["before"]) == (choice["kept"] == "fine-tuned")
     if choice["kept"] == "repaired":
-        assert res.metrics["after"]["accuracy"] == res.metrics["after"]["accuracy_after_bn_recalibration"]
+        after = res.metrics["after"]
+        stage = "accuracy_after_bn_recalibration" if after["bn_recalibration_kept"] else "accuracy_after_refit"
+        assert after["accuracy"] == after[stage]
+
+
+def test_bn_repair_after_the_refit_is_kept_only_if_it_helps_on_held_out_training_images(trained: tuple) -> None:
+    res = _run(trained, "lsq")
+    choice, after = res.metrics["repair"]["bn_after_refit"], res.metrics["after"]
+    assert choice["validation_images"] == 200 and choice["kept"] == (choice["refit_bn"] >= choice["refit"])
+    stage = "accuracy_after_bn_recalibration" if choice["kept"] else "accuracy_after_refit"
+    assert after["accuracy"] == after[stage] and after["bn_recalibration_kept"] == choice["kept"]
+
+
+def test_thinet_rows_keep_the_widths_and_record_the_new_channels(trained: tuple, tmp_path: Path) -> None:
+    model, train, test = trained
+    res = run_bench(model, "small_cnn", train, test, methods=["tp-l1+lsq", "tp-l1+lsq+thinet"],
+                    targets=[parse_target("params=0.3")], schedule=Schedule(epochs=0), out=tmp_path / "b",
+                    calib_size=300, measure_latency=False, log=lambda *_: None,
+                    repair=Repair(images=600, holdout=200))
+    own, thin = res["rows"]
+    assert own["widths"] == thin["widths"] and own["params"] == thin["params"]
+    assert own["selection"] is None and thin["plan_meta"]["selection"] == "thinet"
+    assert thin["selection"]["groups"] >= 1 and thin["selection"]["channels_changed"] >= 1
+    assert thin["accuracy_after_surgery"] != own["accuracy_after_surgery"]  # other channels were cut

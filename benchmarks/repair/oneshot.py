@@ -5,7 +5,8 @@ torch-pruning's criteria side by side at the same budgets, on a shared CIFAR-10 
 Every (target, method) is analysed once; the same Plan is then repaired several ways from the same cut (bn:
 BatchNorm repair alone; lsq: least-squares refit with residual-sum targets, then BN repair kept only if it does
 not lower accuracy on the refit's held-out training images; lsq-layer: the same with every layer fitted to its
-own output), so the table separates what the criterion does from what the repair does. `--epochs E` (optional,
+own output; lsq-thinet: lsq on the channels ThiNet's greedy keeps at the method's widths), so the table
+separates what the criterion does from what the repair does. `--epochs E` (optional,
 costly on a CPU) fine-tunes the lsq-repaired network of `--finetune-methods` once per `--distill` weight with
 the same onecycle schedule and records test accuracy and CPU seconds after each epoch.
 Results are written after every row, so a killed run keeps what it finished.
@@ -44,11 +45,13 @@ def _row(model: Any, arch: str, train: Any, test: Any, method: str, target: Any,
     none = Schedule(epochs=0, bn_recal=args.bn_images)
     for mode in args.repairs.split(","):
         c0 = _cpu()
-        fix = Repair(mode=mode.split("-")[0], images=args.calib, holdout=args.holdout,
-                     target="layer" if mode.endswith("-layer") else "block")
+        parts = mode.split("-")
+        fix = Repair(mode=parts[0], images=args.calib, holdout=args.holdout, target="layer" if "layer" in parts
+                     else "block", select="thinet" if "thinet" in parts else "method")
         rec = run_stages(model, found, train, test, schedule=none, device="cpu", repair=fix)
         row[mode] = {**rec.accuracies(), "repair_seconds": round(rec.repair_seconds, 1),
-                     "repair_cpu_seconds": round(_cpu() - c0, 1), "bn_after_refit": rec.bn_after_refit}
+                     "repair_cpu_seconds": round(_cpu() - c0, 1), "bn_after_refit": rec.bn_after_refit,
+                     "selection": rec.selection}
         if rec.refit is not None:
             row[mode]["refit"] = {"walked": rec.refit.walked, "refitted": len(rec.refit.refitted),
                                   "block_targets": sum(r.target == "block" for r in rec.refit.layers),
@@ -94,7 +97,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--distill", default="0", help="comma-separated distillation weights, one fine-tune each")
     ap.add_argument("--finetune-methods", default="tp-l1,tp-random,tp-taylor,pfa-en")
-    ap.add_argument("--repairs", default="bn,lsq,lsq-layer", help="repairs of each cut (bn, lsq, lsq-layer)")
+    ap.add_argument("--repairs", default="bn,lsq,lsq-layer,lsq-thinet",
+                    help="repairs of each cut: bn, lsq, lsq-layer (own-output targets), lsq-thinet (ThiNet's channels)")
     ap.add_argument("--out", default=None, help="result JSON (default: results/repair_<arch>_cpu.json)")
     args = ap.parse_args()
     common.start(args)

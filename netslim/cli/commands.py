@@ -34,6 +34,7 @@ from netslim.cli.options import (
     RepairOpt,
     RepairTargetOpt,
     RoundOpt,
+    SelectOpt,
     TargetOpt,
     ValFromOpt,
     WeightsOpt,
@@ -125,7 +126,7 @@ def compress(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt =
              cache_dir: CacheOpt = None, no_latency: bool = False, overwrite: OverwriteOpt = False,
              val_from: ValFromOpt = "train", distill: DistillOpt = 0.0, repair: RepairOpt = "lsq",
              repair_images: RepairImagesOpt = 2000, repair_target: RepairTargetOpt = "block",
-             budget_minutes: BudgetOpt = None,
+             select: SelectOpt = "method", budget_minutes: BudgetOpt = None,
              as_json: JsonOpt = False) -> None:
     """Analyse, cut, repair, fine-tune, measure: writes plan.json, model.safetensors, metrics.json, report.md."""
     from netslim.cost.targets import parse_target
@@ -138,7 +139,7 @@ def compress(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt =
     sched = Schedule(epochs=finetune_epochs or (BUDGET_EPOCHS if budget_minutes else 0), lr=lr,
                      batch_size=batch_size, label_smoothing=label_smoothing, distill=distill,
                      budget_minutes=budget_minutes)
-    fix = Repair(mode=repair, images=repair_images, target=repair_target)
+    fix = Repair(mode=repair, images=repair_images, target=repair_target, select=select)
     init = resolve_init(init if init is not None else options.get("init"), method)
     tgt = parse_target(target) if target else None
     refuse_output(out, overwrite)
@@ -244,7 +245,7 @@ def bench(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt = "d
           overwrite: OverwriteOpt = False,
           no_latency: bool = False, device: DeviceOpt = "auto", cache_dir: CacheOpt = None,
           distill: DistillOpt = 0.0, repair: RepairOpt = "lsq", repair_images: RepairImagesOpt = 2000,
-          repair_target: RepairTargetOpt = "block", as_json: JsonOpt = False) -> None:
+          repair_target: RepairTargetOpt = "block", select: SelectOpt = "method", as_json: JsonOpt = False) -> None:
     """Every method and torch-pruning's criteria at the same budget, repair and fine-tuning schedule, one table.
 
     A method named METHOD+REPAIR (e.g. tp-l1+bn) gets that repair instead of --repair's."""
@@ -260,7 +261,7 @@ def bench(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt = "d
     options = checked_bench_options(names, opt)  # before any data is decoded
     sched = Schedule(epochs=finetune_epochs, lr=lr, batch_size=batch_size, label_smoothing=label_smoothing,
                      schedule=schedule, distill=distill)
-    fix = Repair(mode=repair, images=repair_images, target=repair_target)
+    fix = Repair(mode=repair, images=repair_images, target=repair_target, select=select)
     if classes:
         raise NetslimError("bench compares methods on all classes of the data; drop --classes")
     assert out is not None

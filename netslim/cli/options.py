@@ -41,6 +41,9 @@ RepairImagesOpt = Annotated[int, typer.Option("--repair-images", help="training 
                                               "on (256 others check it)")]
 RepairTargetOpt = Annotated[str, typer.Option("--repair-target", help="what the refit matches for a layer that feeds "
                                               "a residual sum: block (the sum) | layer (its own output)")]
+SelectOpt = Annotated[str, typer.Option("--select", help="which channels a cut keeps: method (the method's own "
+                                        "choice) | thinet (ThiNet's greedy on the consumers' error, at the method's "
+                                        "widths; with --repair bn or lsq)")]
 DistillOpt = Annotated[float, typer.Option("--distill", help="weight of the unpruned network's softened outputs in "
                                            "the fine-tuning loss, 0..1 (knowledge distillation; 0: labels only)")]
 ValFromOpt = Annotated[str, typer.Option("--val-from", help="validation images for accuracy decisions (lda): "

@@ -20,7 +20,7 @@ from netslim.data import ImageSet
 from netslim.errors import NetslimError
 from netslim.io import atomic_dir, atomic_write_text
 from netslim.methods import AnalysisCache, get_method
-from netslim.repair import Repair
+from netslim.repair import MODES, SELECTIONS, Repair
 from netslim.report.markdown import table, write_markdown
 from netslim.report.plots import figure, save_figure
 from netslim.train import Schedule
@@ -76,10 +76,20 @@ def check_options(options: dict[str, Any], methods: list[str]) -> None:
 
 
 def row_spec(spec: str, default: Repair) -> tuple[str, Repair]:
-    """`METHOD` or `METHOD+REPAIR` (e.g. tp-l1+lsq): the method and the repair its row gets."""
-    method, plus, mode = spec.partition("+")
+    """`METHOD`, `METHOD+REPAIR` (e.g. tp-l1+lsq) and/or `+thinet` (ThiNet's choice of channels at the method's
+    widths, e.g. pfa-en+lsq+thinet): the method and the repair its row gets."""
+    method, *extras = spec.split("+")
     get_method(method)
-    return method, replace(default, mode=mode) if plus else default
+    fix = default
+    for extra in extras:
+        if extra in MODES:
+            fix = replace(fix, mode=extra)
+        elif extra in SELECTIONS:
+            fix = replace(fix, select=extra)
+        else:
+            raise NetslimError(f"bench row {spec!r}: after '+' comes a repair ({', '.join(MODES)}) or a channel "
+                               f"selection ({', '.join(SELECTIONS)}), not {extra!r}")
+    return method, fix
 
 
 def run_bench(model: nn.Module, arch: str, train: ImageSet, test: ImageSet, *, methods: list[str],
@@ -166,13 +176,13 @@ def _one(model: nn.Module, arch: str, train: ImageSet, test: ImageSet, method: s
                      init=resolve_init(options.get("init"), method), repair=repair)
     before, size, _ = measured_pair(model, rec.model, tuple(train.images.shape[1:]), device,  # type: ignore[arg-type]
                                     latency=measure_latency)
-    plan = found.plan
+    plan = rec.plan or found.plan
     return {"method": label, "target": str(target), "met_target": knob_target is not None, "repair": rec.repair,
             "repair_seconds": round(rec.repair_seconds, 1),
             **{k: getattr(rec, k) for k in ("accuracy_after_surgery", "accuracy_before_finetune",
                                             "accuracy_after_refit", "accuracy_after_bn_recalibration",
                                             "accuracy")},
-            "bn_after_refit": rec.bn_after_refit,
+            "bn_after_refit": rec.bn_after_refit, "selection": rec.selection,
             "params": size["params"], "macs": size["macs"], "flops": size["flops"], "bytes": size["bytes"],
             "params_kept": size["params"] / before["params"], "latency": size.get("latency", []),
             "analysis_seconds": round(seconds, 3), "finetune_seconds": round(rec.finetune_seconds, 1),

@@ -79,7 +79,7 @@ def compress(model: nn.Module, arch: str, train: ImageSet, test: ImageSet | None
                          checkpoint_dir=(tmp / ".train") if tmp else None, teacher=model, repair=repair)
         if tmp is not None:  # the training state only serves a run in progress: compress cannot resume
             shutil.rmtree(tmp / ".train", ignore_errors=True)
-        small = rec.model
+        small, plan = rec.model, rec.plan or plan
         before, after, speed = measured_pair(model, small, size, device, target=target, latency=measure_latency)
         before["accuracy"] = base_accuracy
         after.update(rec.accuracies())
@@ -111,6 +111,8 @@ def _repair_record(rec: StageRecord, repair: Repair | None) -> dict[str, Any]:
         out["refit"] = rec.refit.to_dict()
     if rec.bn_after_refit:
         out["bn_after_refit"] = rec.bn_after_refit
+    if rec.selection is not None:
+        out["selection"] = rec.selection
     if rec.kept:
         out["finetune_choice"] = rec.kept
     return out

@@ -1,4 +1,5 @@
-"""`netslim export RUN_DIR --format onnx|torch-export`: a deployable file, checked and timed.
+"""`netslim export RUN_DIR --format onnx|torch-export`: a deployable file, checked and timed
+(`--format onnx-int8` is workflows/export_int8.py, built on this module).
 
 The run's model is rebuilt from its files, BatchNorm is folded into the preceding conv/linear, and
 the result is exported with a dynamic batch size. The file is kept only if it predicts like the
@@ -19,13 +20,16 @@ import warnings
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from netslim.errors import NetslimError
 from netslim.plan import Plan
+
+if TYPE_CHECKING:
+    from netslim.data import ImageSet
 
 FORMATS = {"onnx": ".onnx", "torch-export": ".pt2"}
 RTOL = 1e-4  # |exported - pytorch| logits, relative to the largest |logit| of the batch
@@ -75,8 +79,14 @@ def export_program(model: nn.Module, example: torch.Tensor, path: Path) -> str:
     return "torch.export"
 
 
+# onnxruntime's idle worker threads spin by default: timed in turns with PyTorch, they keep the cores busy
+# while the PyTorch model runs next and inflate its time (3x on a 2-core VGG-16 at batch 1)
+NO_SPINNING = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
+
+
 class OnnxRunner:
-    """An onnxruntime session called like a module: float32 torch tensor in, torch tensor out."""
+    """An onnxruntime session called like a module: float32 torch tensor in, torch tensor out. Its threads
+    sleep when idle (NO_SPINNING), so what is timed next to it gets the cores."""
 
     def __init__(self, path: Path, threads: int) -> None:
         try:
@@ -87,6 +97,8 @@ class OnnxRunner:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        for key, value in NO_SPINNING.items():
+            opts.add_session_config_entry(key, value)
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.name = self.session.get_inputs()[0].name
         self.version = ort.__version__
@@ -148,6 +160,17 @@ def check_predictions(reference: nn.Module, runner: Callable[[torch.Tensor], tor
             "disagreements_at_ties": ties, "rtol": rtol, "ok": ok}
 
 
+def run_split(data: str, split: str, plan: Plan, cache_dir: Path | None, source: str,
+              classes: list[str] | None = None) -> ImageSet:
+    """A split of the run's data, checked against the model's input shape and cut to the classes it scores."""
+    from netslim.data import load_dataset
+    from netslim.workflows.task import check_input, model_data
+
+    images = load_dataset(data, split, cache_dir=cache_dir)
+    check_input(plan, images, data, source)
+    return model_data(images, classes, data, source, split)
+
+
 def _inputs(data: str | None, plan: Plan, images: int, cache_dir: Path | None, source: str,
             classes: list[str] | None = None, batch: int = 100) -> tuple[list[torch.Tensor], str]:
     input_size = tuple(plan.input_size)
@@ -155,14 +178,17 @@ def _inputs(data: str | None, plan: Plan, images: int, cache_dir: Path | None, s
         g = torch.Generator().manual_seed(0)
         return [torch.randn((batch, *input_size), generator=g) for _ in range(max(1, images // batch))], \
             "random normal inputs (no --data given and none recorded in the run)"
-    from netslim.data import batches, calibration_subset, load_dataset
-    from netslim.workflows.task import check_input, model_data
+    from netslim.data import batches, calibration_subset
 
-    test = load_dataset(data, "test", cache_dir=cache_dir)
-    check_input(plan, test, data, source)
-    test = model_data(test, classes, data, source, "test")
+    test = run_split(data, "test", plan, cache_dir, source, classes)
     subset = calibration_subset(test, min(images, len(test.labels)), seed=0)
     return [x for x, _ in batches(subset, batch)], f"{len(subset.labels)} test images of {data}"
+
+
+def predict(model: Callable[[torch.Tensor], torch.Tensor], inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The top-1 class of every image, batch after batch (a PyTorch module or a runner)."""
+    with torch.inference_mode():
+        return torch.cat([model(x).argmax(1) for x in inputs])
 
 
 def _time(models: dict[str, Callable], input_size: Sequence[int], batches: Sequence[int],
@@ -194,7 +220,8 @@ def export_run(run_dir: Path, fmt: str = "onnx", out: Path | None = None, data: 
     from netslim.surgery.fold import count_batchnorms, fold_batchnorm
 
     if fmt not in FORMATS:
-        raise NetslimError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+        hint = " (onnx-int8 is netslim.workflows.export_int8.export_int8_run)" if fmt == "onnx-int8" else ""
+        raise NetslimError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}{hint}")
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise NetslimError(f"run directory {run_dir} does not exist")

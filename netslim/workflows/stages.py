@@ -26,7 +26,7 @@ from netslim.data import ImageSet, batches, calibration_subset, split_holdout
 from netslim.errors import NetslimError
 from netslim.methods import AnalysisCache, Context, MethodResult, get_method
 from netslim.plan import Plan
-from netslim.repair import RefitReport, Repair, lsq_refit
+from netslim.repair import RefitReport, Repair, lsq_refit, thinet_select
 from netslim.surgery.apply import apply_plan, find_classifier
 from netslim.train import Schedule, evaluate, finetune, restore_scale
 
@@ -96,6 +96,7 @@ class StageRecord:
 
     model: nn.Module
     accuracy_after_surgery: float | None
+    plan: Plan | None = None  # the Plan the cut applied (the method's, or a copy with ThiNet's channels)
     accuracy_before_finetune: float | None = None  # the method's own network (lda, lrs), before fine-tuning
     accuracy_after_refit: float | None = None
     accuracy_after_bn_recalibration: float | None = None
@@ -107,6 +108,7 @@ class StageRecord:
     repair_seconds: float = 0.0
     kept: dict[str, Any] = field(default_factory=dict)  # under a time budget: fine-tuned or repaired, on validation
     bn_after_refit: dict[str, Any] = field(default_factory=dict)  # whether BN repair was kept after the refit
+    selection: dict[str, Any] | None = None  # ThiNet's re-choice of the kept channels (Repair.select)
 
     def accuracies(self) -> dict[str, float]:
         keys = ("accuracy_after_surgery", "accuracy_before_finetune", "accuracy_after_refit",
@@ -122,12 +124,17 @@ def run_stages(base: nn.Module, result: MethodResult, train: ImageSet, test: Ima
     The base is never modified. When `schedule.distill` > 0 the `teacher` (default: `base`; the task network
     when a class subset is kept) is distilled from.
     """
-    cut = apply_plan(copy.deepcopy(base), result.plan)
+    repair = repair or Repair()
+    plan, selection = result.plan, None
+    if repair.select == "thinet" and result.model is None and init != "scratch" and repair.mode != "none":
+        plan, fit_part = copy.deepcopy(plan), refit_images(train, repair)[0]
+        selection = thinet_select(base, plan, lambda: batches(fit_part, 128, device=device),
+                                  positions=repair.positions, device=device)
+    cut = apply_plan(copy.deepcopy(base), plan)
     if init == "scratch":
         reinitialise(cut)
-    rec = StageRecord(cut, accuracy(cut, test, device))
+    rec = StageRecord(cut, accuracy(cut, test, device), plan=plan, selection=selection)
     small = cut
-    repair = repair or Repair()
     t0 = time.perf_counter()
     if result.model is not None and init != "scratch":  # the method fitted the weights itself
         small = result.model.to(device)
@@ -135,7 +142,7 @@ def run_stages(base: nn.Module, result: MethodResult, train: ImageSet, test: Ima
     elif init != "scratch" and repair.mode != "none":
         rec.repair = repair.mode
         if repair.mode == "lsq":
-            rec.refit = refit(base, small, result.plan, train, repair, device)
+            rec.refit = refit(base, small, plan, train, repair, device)
             rec.accuracy_after_refit = accuracy(small, test, device)
             _refit_then_bn(rec, small, train, test, refit_images(train, repair)[1], schedule, device)
         elif repair_bn(small, train, schedule, device):
