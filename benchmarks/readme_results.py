@@ -1,4 +1,5 @@
-"""Regenerate the README's "Results" section from committed bench JSON (benchmarks/results/bench_*.json).
+"""Regenerate the README's "Results" section from committed bench JSON (benchmarks/results/bench_*.json) and its
+one-shot repair tables from benchmarks/results/repair_*.json (benchmarks.repair.readme).
 
     python -m benchmarks.readme_results [--readme README.md]
 """
@@ -11,8 +12,10 @@ import re
 from pathlib import Path
 
 from benchmarks._common import REPO, RESULTS
+from benchmarks.repair.readme import sections as repair_sections
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+REPAIR_START, REPAIR_END = "<!-- repair:start -->", "<!-- repair:end -->"
 
 
 def _ms(row: dict, batch: int) -> str:
@@ -57,10 +60,17 @@ def main() -> None:
             "CPU numbers come from reduced schedules on a shared 2-core machine (see each file for details).", ""]
     body += [section(json.loads(f.read_text()), f.name) for f in files]
     readme = args.readme
-    text = readme.read_text()
-    new = re.sub(re.escape(START) + ".*?" + re.escape(END), START + "\n" + "\n".join(body) + END, text, flags=re.S)
-    readme.write_text(new)
-    print(f"README results: {len(files)} bench file(s)")
+    text = _replace(readme.read_text(), START, END, body)
+    text = _replace(text, REPAIR_START, REPAIR_END, repair_sections(RESULTS))
+    readme.write_text(text)
+    print(f"README results: {len(files)} bench file(s), repair tables")
+
+
+def _replace(text: str, start: str, end: str, body: list[str]) -> str:
+    if start not in text or end not in text:
+        raise SystemExit(f"the README has no {start} … {end} block")
+    return re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: start + "\n" + "\n".join(body) + end, text,
+                  flags=re.S)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""netslim: turn a trained PyTorch network into a physically smaller one that keeps its accuracy.
+"""netslim: turn a trained PyTorch network into a physically smaller one and measure what it costs.
 
 The public API is importable from here; names load on first use, so `import netslim` stays cheap and the
 package's layers (see ARCHITECTURE.md) never import each other through this file.

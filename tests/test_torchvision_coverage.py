@@ -77,3 +77,31 @@ def test_googlenet_auxiliary_heads_are_left_alone() -> None:
     model = build("tv:googlenet", num_classes=10).eval()
     groups = channel_groups(model, torch.zeros(1, 3, SIDE, SIDE), find_classifier(model))
     assert groups and not any(n.startswith(("aux1", "aux2")) for g in groups for n in g.layers)
+
+
+def test_googlenet_auxiliary_heads_are_removed_when_asked(tmp_path) -> None:
+    """--unused remove: the heads inference never calls go with the cut, the outputs do not change, and the run
+    directory reloads to the same network."""
+    from netslim.cost.targets import parse_target
+    from netslim.repair import Repair
+    from netslim.surgery.unused import unused_modules
+    from netslim.workflows.api import load_trained
+    from netslim.workflows.compress import compress
+
+    torch.manual_seed(0)
+    model = build("tv:googlenet", num_classes=10).eval()
+    assert unused_modules(model, torch.zeros(1, 3, SIDE, SIDE)) == ["aux1", "aux2"]
+    aux = sum(p.numel() for n in ("aux1", "aux2") for p in model.get_submodule(n).parameters())
+    data = random_images(16)
+    kept = compress(copy.deepcopy(model), "tv:googlenet", data, None, method="tp-l1", target=parse_target("params=0.5"),
+                    calib_size=16, measure_latency=False, repair=Repair(mode="none"))
+    gone = compress(copy.deepcopy(model), "tv:googlenet", data, None, method="tp-l1", target=parse_target("params=0.5"),
+                    calib_size=16, measure_latency=False, repair=Repair(mode="none"), unused="remove",
+                    out=tmp_path / "run")
+    assert [r["module"] for r in gone.metrics["unused_removed"]] == ["aux1", "aux2"]
+    assert stored_params(gone.model) == stored_params(kept.model) - aux
+    x = torch.randn(2, 3, SIDE, SIDE)
+    with torch.no_grad():
+        torch.testing.assert_close(gone.model.eval()(x), kept.model.eval()(x))
+        again, _, _ = load_trained(tmp_path / "run" / "model.safetensors", None, 10)
+        torch.testing.assert_close(again.eval()(x), gone.model(x))

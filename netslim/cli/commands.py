@@ -49,7 +49,7 @@ from netslim.cli.prepare import checked_split, refuse_output, setup, train_outpu
 from netslim.errors import NetslimError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Turn a trained PyTorch network into a physically smaller one that keeps its accuracy.")
+                  help="Turn a trained PyTorch network into a physically smaller one and measure what it costs.")
 
 
 @app.command()
@@ -126,7 +126,10 @@ def compress(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt =
              cache_dir: CacheOpt = None, no_latency: bool = False, overwrite: OverwriteOpt = False,
              val_from: ValFromOpt = "train", distill: DistillOpt = 0.0, repair: RepairOpt = "lsq",
              repair_images: RepairImagesOpt = 2000, repair_target: RepairTargetOpt = "block",
-             select: SelectOpt = "method", budget_minutes: BudgetOpt = None,
+             select: SelectOpt = "method",
+             unused: Annotated[str, typer.Option(help="modules inference never uses (auxiliary heads): keep | remove "
+                                                      "(dropped with the cut)")] = "keep",
+             budget_minutes: BudgetOpt = None,
              as_json: JsonOpt = False) -> None:
     """Analyse, cut, repair, fine-tune, measure: writes plan.json, model.safetensors, metrics.json, report.md."""
     from netslim.cost.targets import parse_target
@@ -140,6 +143,8 @@ def compress(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt =
                      batch_size=batch_size, label_smoothing=label_smoothing, distill=distill,
                      budget_minutes=budget_minutes)
     fix = Repair(mode=repair, images=repair_images, target=repair_target, select=select)
+    if unused not in ("keep", "remove"):
+        raise NetslimError(f"--unused must be keep or remove, not {unused!r}")
     init = resolve_init(init if init is not None else options.get("init"), method)
     tgt = parse_target(target) if target else None
     refuse_output(out, overwrite)
@@ -159,7 +164,7 @@ def compress(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt =
     res = run(net, arch, train_set, test, method=method, target=tgt, options=options, schedule=sched,
               device=dev, calib_size=calib_size, init=init, classes=idx, out=out, overwrite=overwrite,
               command=shlex.join(["netslim", *sys.argv[1:]]), measure_latency=not no_latency, val=val, repair=fix,
-              data=data)
+              data=data, unused=unused)
     console.print(before_after_table(res.metrics))
     console.print(f"run directory: {out}")
     _emit(res.metrics, as_json)

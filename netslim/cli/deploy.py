@@ -86,10 +86,11 @@ def _print_int8(rep: dict[str, Any]) -> None:
                       f"int8 file {sc['int8_bytes_over_fp32']:.2f}× the fp32 one")
     if not rep["base"]["available"]:
         console.print(f"no base network: {rep['base']['reason']}")
-    t = Table("network", "runtime", "batch", "threads", "median ms", "img/s", "speedup vs first row")
+    t = Table("network", "runtime", "batch", "median ms", "img/s", "speedup", title=f"latency on {rep['threads']} "
+              f"CPU threads, all timed in turns (speedup: against the first row)")
     for r in rep["latency"]:
-        t.add_row(r["network"], r["runtime"], str(r["batch"]), str(r["threads"]), f"{r['median_ms']:.3f}",
-                  f"{r['throughput']:,.1f}", f"{r['speedup_vs_first']:.2f}×")
+        t.add_row(r["network"], r["runtime"], str(r["batch"]), f"{r['median_ms']:.3f}", f"{r['throughput']:,.1f}",
+                  f"{r['speedup_vs_first']:.2f}×")
     console.print(t)
     for b, f in rep["factors"].items():
         console.print(f"batch {b}: " + " · ".join(f"{k} {v:.2f}×" for k, v in f.items()))

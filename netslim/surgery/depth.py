@@ -2,7 +2,8 @@
 
 A residual block can go when its shortcut is the identity (its output has its input's shape); a conv
 in an nn.Sequential can go with the BatchNorm and activation that follow it, and the next layer is
-rebuilt (fresh weights) to read the dropped layer's input width.
+rebuilt (fresh weights) to read the dropped layer's input width. A module the inference forward never uses
+(an auxiliary head, netslim.surgery.unused) can go as well.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from netslim.errors import NetslimError
+from netslim.surgery.unused import removable
 
 _FOLLOWERS = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU)
 
@@ -80,7 +82,11 @@ def drop_layers(model: nn.Module, names: list[str], example: torch.Tensor) -> No
     for name in names:
         module = model.get_submodule(name)
         if name not in shapes:
-            raise NetslimError(f"cannot drop {name}: it is not used in the forward pass")
+            if not removable(model, name, example):
+                raise NetslimError(f"cannot drop {name}: it is not called in the forward pass, but its weights are")
+            parent, leaf = _parent(model, name)
+            setattr(parent, leaf, nn.Identity())  # never used at inference (an auxiliary head)
+            continue
         inp, out = shapes[name]
         if isinstance(module, nn.Conv2d):
             _drop_conv(model, name, module, inp, out, order)

@@ -74,9 +74,10 @@ def build_graph(model: nn.Module, example_input: torch.Tensor,
 
     A model torch-pruning cannot trace is one NetslimError line, not its traceback."""
     try:
-        return tp.DependencyGraph().build_dependency(
-            model, example_inputs=example_input, ignored_layers=ignored or [], verbose=False
-        )
+        with torch.enable_grad():  # torch-pruning traces through autograd, also when called under no_grad
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_input, ignored_layers=ignored or [], verbose=False
+            )
     except NetslimError:
         raise
     except Exception as exc:
@@ -196,7 +197,7 @@ def _check_uncalled(model: nn.Module, example_input: torch.Tensor, graph: tp.Dep
                 and not _owned_by_node(n, modules, graph)}
     if not uncalled:
         return
-    used = _used_parameters(model, example_input)
+    used = used_parameters(model, example_input)
     for name, m in uncalled.items():
         if any(id(p) in used for p in m.parameters()):
             raise NetslimError(f"layer {name!r} ({type(m).__name__}) is used without being called (its weights go "
@@ -210,7 +211,7 @@ def _owned_by_node(name: str, modules: dict[str, nn.Module], graph: tp.Dependenc
     return any(modules[".".join(parts[:i])] in graph.module2node for i in range(1, len(parts)))
 
 
-def _used_parameters(model: nn.Module, example_input: torch.Tensor) -> set[int]:
+def used_parameters(model: nn.Module, example_input: torch.Tensor) -> set[int]:
     """ids of the parameters one forward pass reads, from its autograd graph."""
     was = model.training
     try:

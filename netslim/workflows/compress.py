@@ -9,15 +9,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from netslim.cost.targets import Target
 from netslim.data import ImageSet
+from netslim.errors import NetslimError
 from netslim.io import atomic_dir
 from netslim.plan import Plan
 from netslim.repair import Repair
 from netslim.report.rundir import write_run
 from netslim.surgery.apply import apply_plan
+from netslim.surgery.unused import unused_modules
 from netslim.train import Schedule
 from netslim.workflows.stages import (
     StageRecord,
@@ -46,20 +49,24 @@ def compress(model: nn.Module, arch: str, train: ImageSet, test: ImageSet | None
              schedule: Schedule | None = None, device: str = "cpu", calib_size: int = 5000,
              init: str | None = None, classes: list[int] | None = None, out: Path | None = None,
              overwrite: bool = False, command: str = "", measure_latency: bool = True,
-             val: ImageSet | None = None, repair: Repair | None = None, data: str | None = None) -> Result:
+             val: ImageSet | None = None, repair: Repair | None = None, data: str | None = None,
+             unused: str = "keep") -> Result:
     """One call from a trained model to a smaller, fine-tuned, measured one (and a run directory).
 
     `init`: "fine" (alias "inherit": surviving weights), "scratch" (random init), or None for what the
     method's paper does (its `retrain`). `val`: validation images for methods that decide on accuracy
     (lda), instead of a part held out of `train`; disjoint from `test`. `repair`: what happens between the cut
     and fine-tuning (default: least-squares refit, then BatchNorm re-estimation). `data`: the dataset spec,
-    recorded so that `pack` and `export` find the run's own data."""
+    recorded so that `pack` and `export` find the run's own data. `unused`: "remove" also drops the modules
+    inference never uses (auxiliary heads; netslim.surgery.unused), "keep" leaves them."""
     from netslim.methods import validate_options
 
     schedule = schedule or Schedule()
     init = resolve_init(init, method)
     options = dict(options or {})
     validate_options(method, options)  # before anything is measured or analysed
+    if unused not in ("keep", "remove"):
+        raise NetslimError(f"--unused must be keep or remove, not {unused!r}")
     base_model = model.to(device).eval()
     base_classes = outputs(base_model)
     size = tuple(train.images.shape[1:])
@@ -73,6 +80,7 @@ def compress(model: nn.Module, arch: str, train: ImageSet, test: ImageSet | None
         found, ctx, seconds = analyse(model, arch, train, method, target, options, device, calib_size=calib_size,
                                       val=val)
         plan = found.plan
+        removed = _drop_unused(model, plan, train, device) if unused == "remove" else []
         if classes is not None:  # the saved Plan is relative to the base model, classes included
             plan.num_classes, plan.classes = base_classes, list(classes)
         rec = run_stages(base_model, found, train, test, schedule=schedule, device=device, init=init,
@@ -91,7 +99,7 @@ def compress(model: nn.Module, arch: str, train: ImageSet, test: ImageSet | None
                    "calibration_images": len(ctx.calib.labels) if ctx.calib is not None else 0,
                    "validation_images": len(ctx.val.labels) if ctx.val is not None else 0,
                    "validation_from": None if ctx.val is None else "held out of train" if val is None else "given",
-                   "schedule": schedule.__dict__, "repair": _repair_record(rec, repair),
+                   "schedule": schedule.__dict__, "repair": _repair_record(rec, repair), "unused_removed": removed,
                    "history": rec.history, "before": before, "after": after,
                    "speed": speed, "widths": _widths(model, small, plan), "machine": machine(), "command": command,
                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -101,6 +109,14 @@ def compress(model: nn.Module, arch: str, train: ImageSet, test: ImageSet | None
             write_run(tmp, plan=plan, model=small, metrics=metrics, artifacts=found.artifacts, sections=sections,
                       classes=list(train.classes))
     return result
+
+
+def _drop_unused(model: nn.Module, plan: Plan, train: ImageSet, device: str) -> list[dict[str, Any]]:
+    """Add the modules inference never uses to the Plan's drops; each with its parameter count."""
+    p = next(model.parameters())
+    gone = unused_modules(model, torch.zeros(1, *train.images.shape[1:], device=p.device, dtype=p.dtype))
+    plan.drop += [n for n in gone if n not in plan.drop]
+    return [{"module": n, "params": sum(p.numel() for p in model.get_submodule(n).parameters())} for n in gone]
 
 
 def _repair_record(rec: StageRecord, repair: Repair | None) -> dict[str, Any]:
