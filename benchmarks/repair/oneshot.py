@@ -6,9 +6,9 @@ Every (target, method) is analysed once; the same Plan is then repaired several 
 BatchNorm repair alone; lsq: least-squares refit with residual-sum targets, then BN repair kept only if it does
 not lower accuracy on the refit's held-out training images; lsq-layer: the same with every layer fitted to its
 own output; lsq-thinet: lsq on the channels ThiNet's greedy keeps at the method's widths), so the table
-separates what the criterion does from what the repair does. `--epochs E` (optional,
-costly on a CPU) fine-tunes the lsq-repaired network of `--finetune-methods` once per `--distill` weight with
-the same onecycle schedule and records test accuracy and CPU seconds after each epoch.
+separates what the criterion does from what the repair does. `--epochs E` (optional, costly on a CPU) fine-tunes
+the repaired network (`--finetune-from`) of `--finetune-methods` once per `--distill` weight with the same
+onecycle schedule and records test accuracy and CPU seconds after each epoch.
 Results are written after every row, so a killed run keeps what it finished.
 
     python -m benchmarks.repair.oneshot --arch vgg16_bn --targets flops=0.5,params=0.125 \
@@ -57,8 +57,9 @@ def _row(model: Any, arch: str, train: Any, test: Any, method: str, target: Any,
                                   "block_targets": sum(r.target == "block" for r in rec.refit.layers),
                                   "skipped": rec.refit.skipped, "seconds": round(rec.refit.seconds, 1),
                                   "layers": [vars(r) for r in rec.refit.layers]}
-        if mode == "lsq" and args.epochs > 0 and method in args.finetune_methods.split(","):
-            row["finetune"] = [_finetune(rec.model, model, train, test, args, float(d))
+        start = args.finetune_from or args.repairs.split(",")[-1]
+        if mode == start and args.epochs > 0 and method in args.finetune_methods.split(","):
+            row["finetune"] = [{**_finetune(rec.model, model, train, test, args, float(d)), "from": mode}
                                for d in args.distill.split(",")]
     row["params"] = sum(p.numel() for p in rec.model.parameters())
     return row
@@ -97,6 +98,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--distill", default="0", help="comma-separated distillation weights, one fine-tune each")
     ap.add_argument("--finetune-methods", default="tp-l1,tp-random,tp-taylor,pfa-en")
+    ap.add_argument("--finetune-from", default=None, help="the repair whose network is fine-tuned (default: the "
+                    "last of --repairs)")
     ap.add_argument("--repairs", default="bn,lsq,lsq-layer,lsq-thinet",
                     help="repairs of each cut: bn, lsq, lsq-layer (own-output targets), lsq-thinet (ThiNet's channels)")
     ap.add_argument("--out", default=None, help="result JSON (default: results/repair_<arch>_cpu.json)")

@@ -58,17 +58,19 @@ def table(files: list[Path]) -> list[str]:
     curves = [(r, c) for r in rows for c in (r.get("finetune") or [])]
     if curves:
         epochs = max(len(c["curve"]) for _, c in curves)
-        lines += ["", f"Fine-tuning the handed-over network ({curves[0][1]['train_images']:,} training images per "
+        lines += ["", "Fine-tuning a repaired network (the repair in \"fine-tuned from\"; "
+                  f"{curves[0][1]['train_images']:,} training images per "
                   f"epoch, lr {curves[0][1]['schedule']['lr']}, onecycle over {epochs} epochs, batch "
                   f"{curves[0][1]['schedule']['batch_size']}); test accuracy after each epoch and the CPU seconds "
                   "spent:", "",
-                  "| budget | criterion | distillation weight | before | " +
+                  "| budget | criterion | fine-tuned from | distillation weight | before | " +
                   " | ".join(f"epoch {e + 1}" for e in range(epochs)) + " | CPU s |",
-                  "|---" * (epochs + 5) + "|"]
+                  "|---" * (epochs + 6) + "|"]
         for r, c in curves:
             accs = [_acc(p["accuracy"]) for p in c["curve"]] + ["–"] * (epochs - len(c["curve"]))
-            lines.append(f"| {r['target']} | {r['method']} | {c['schedule']['distill']} | "
-                         f"{_acc((r.get('lsq') or {}).get('accuracy'))} | " + " | ".join(accs) +
+            start = c.get("from", "lsq")
+            lines.append(f"| {r['target']} | {r['method']} | {start} | {c['schedule']['distill']} | "
+                         f"{_acc((r.get(start) or {}).get('accuracy'))} | " + " | ".join(accs) +
                          f" | {c['curve'][-1]['cpu_seconds']:.0f} |")
     return lines
 
