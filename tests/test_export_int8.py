@@ -21,12 +21,12 @@ from netslim.cli.commands import app
 from netslim.data import batches, load_dataset
 from netslim.errors import NetslimError
 from netslim.plan import Plan
+from netslim.runtime.ort import NO_SPINNING, OnnxRunner, export_onnx
+from netslim.runtime.quantize import calibration_arrays
 from netslim.surgery.apply import apply_plan
 from netslim.surgery.checkpoint import save_model
 from netslim.train import Schedule, fit
-from netslim.workflows.export import NO_SPINNING, OnnxRunner, export_onnx
 from netslim.workflows.export_int8 import export_int8_run
-from netslim.workflows.quantize import calibration_arrays
 from netslim.zoo import build
 
 torch.set_num_threads(1)

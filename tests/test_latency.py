@@ -205,9 +205,9 @@ class FakeLatency:
     def predicted_ratio(self, plan) -> float:
         return self.knob(plan)
 
-    def measured_ratio(self, plan, max_seconds: float = 10.0) -> tuple[float, float]:
+    def measured_ratio(self, plan, max_seconds: float = 10.0) -> tuple[float, float, float]:
         self.timed.append(self.knob(plan))
-        return self.knob(plan) ** 4, 100.0 * self.knob(plan) ** 4
+        return self.knob(plan) ** 4, 100.0 * self.knob(plan) ** 4, 100.0
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0.2, 0.9])

@@ -34,12 +34,14 @@ from netslim.cli.options import (
     RepairOpt,
     RepairTargetOpt,
     RoundOpt,
+    RuntimeOpt,
     SelectOpt,
     TargetOpt,
     ValFromOpt,
     WeightsOpt,
     checked_bench_options,
     checked_options,
+    checked_runtime,
 )
 from netslim.cli.options import for_device as _for_device
 from netslim.cli.options import validation_split as _validation
@@ -114,7 +116,7 @@ def train(model: ModelOpt = "small_cnn", data: DataOpt = "digits", out: OutOpt =
 @guarded
 def compress(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt = "digits",
              method: MethodOpt = "pfa-kl", target: TargetOpt = None, out: OutOpt = Path("runs/compress"),
-             opt: OptOpt = None, round_to: RoundOpt = None, batch: BatchOpt = 1,
+             opt: OptOpt = None, round_to: RoundOpt = None, batch: BatchOpt = 1, runtime: RuntimeOpt = "torch",
              finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", "--epochs",
                                                           help="epochs of training after surgery")] = 0,
              lr: float = 0.01, batch_size: int = 128, label_smoothing: float = 0.0,
@@ -147,13 +149,14 @@ def compress(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt =
         raise NetslimError(f"--unused must be keep or remove, not {unused!r}")
     init = resolve_init(init if init is not None else options.get("init"), method)
     tgt = parse_target(target) if target else None
+    checked_runtime(tgt, runtime, device)
     refuse_output(out, overwrite)
     task, dev = setup(data, classes, cache_dir, weights, model, device)
     train_set, net, arch, plan, idx = task.train, task.model, task.arch, task.plan, task.outputs
     val, test = _validation(val_from, task.test)
     if plan is not None and (plan.keep or plan.drop or plan.factorize):
         raise NetslimError(f"{weights} is already compressed; compress its base network instead")
-    tgt, options = _for_device(tgt, options, dev, batch)
+    tgt, options = _for_device(tgt, options, dev, batch, runtime)
     if init == "scratch" and finetune_epochs <= 0:
         console.print("[yellow]warning:[/yellow] the network is re-initialised (init scratch) and not trained; "
                       "give --epochs N to train it")
@@ -174,7 +177,8 @@ def compress(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt =
 @guarded
 def analyze(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt = "digits",
             method: MethodOpt = "pfa-kl", target: TargetOpt = None, out: OutOpt = Path("runs/analyze"),
-            opt: OptOpt = None, round_to: RoundOpt = None, batch: BatchOpt = 1, calib_size: int = 5000,
+            opt: OptOpt = None, round_to: RoundOpt = None, batch: BatchOpt = 1, runtime: RuntimeOpt = "torch",
+            calib_size: int = 5000,
             classes: ClassesOpt = None, device: DeviceOpt = "auto", cache_dir: CacheOpt = None,
             overwrite: OverwriteOpt = False, val_from: ValFromOpt = "train", as_json: JsonOpt = False) -> None:
     """Statistics + Plan only (no surgery): writes plan.json, report.md and the method's plots."""
@@ -183,11 +187,12 @@ def analyze(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt = 
 
     options = checked_options(method, opt, round_to=round_to)  # before any data is decoded
     tgt = parse_target(target) if target else None
+    checked_runtime(tgt, runtime, device)
     refuse_output(out, overwrite)
     task, dev = setup(data, classes, cache_dir, weights, model, device)
     train_set, net, arch, idx = task.train, task.model, task.arch, task.outputs
     val, _ = _validation(val_from, task.test)
-    tgt, options = _for_device(tgt, options, dev, batch)
+    tgt, options = _for_device(tgt, options, dev, batch, runtime)
     metrics = analyse_to_dir(net, arch, train_set, method=method, target=tgt, options=options, device=dev,
                              calib_size=calib_size, classes=idx, out=out, overwrite=overwrite,
                              command=shlex.join(["netslim", *sys.argv[1:]]), val=val)

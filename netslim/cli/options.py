@@ -54,6 +54,9 @@ RoundOpt = Annotated[int | None, typer.Option("--round-to", help="round kept wid
                                                                   "(up; to the nearest under --target); default 8 on "
                                                                   "CUDA, 1 on CPU")]
 BatchOpt = Annotated[int, typer.Option("--batch", help="batch size a latency target is timed at")]
+RuntimeOpt = Annotated[str, typer.Option("--runtime", help="what a latency target is timed on: torch (eager "
+                                         "PyTorch) | onnx (onnxruntime fp32) | onnx-int8 (onnxruntime int8, "
+                                         "quantized as `export --format onnx-int8` does); onnx runtimes on the CPU")]
 
 
 def classes_of(text: str | None) -> list[str] | None:
@@ -104,18 +107,32 @@ def validation_split(val_from: str, test: Any) -> tuple[Any, Any]:
     return split_holdout(test, 0.5, seed=0)
 
 
-def for_device(tgt: Any, options: dict[str, Any], device: str, batch: int) -> tuple[Any, dict[str, Any]]:
-    """Width rounding by default for the device (unless given), and a latency target timed on it at `batch`."""
+def checked_runtime(tgt: Any, runtime: str, device: str) -> str:
+    """`--runtime`, checked before any data is decoded: a known runtime, given only with a latency target, and
+    an onnxruntime one neither on an explicit `--device cuda` nor without onnxruntime installed."""
+    from netslim.runtime.forms import check_runtime
+
+    check_runtime(runtime, device)
+    if runtime != "torch" and (tgt is None or tgt.kind != "latency"):
+        raise NetslimError(f"--runtime {runtime} says what a latency target is timed on: give --target latency=F")
+    return runtime
+
+
+def for_device(tgt: Any, options: dict[str, Any], device: str, batch: int,
+               runtime: str = "torch") -> tuple[Any, dict[str, Any]]:
+    """Width rounding by default for the device the target is timed on (unless given), and a latency target
+    timed at `batch` on `runtime`: on `device` for torch, on the CPU for onnxruntime."""
     from dataclasses import replace
 
     from netslim.cost.latency_table import round_to_default
 
+    timed_on = device if runtime == "torch" else "cpu"
     if options.get("round_to") is None:
-        options = options | {"round_to": round_to_default(device)}
+        options = options | {"round_to": round_to_default(timed_on)}
     if int(options["round_to"]) < 1:
         raise NetslimError(f"--round-to must be at least 1, not {options['round_to']}")
     if tgt is not None and tgt.kind == "latency":
         if batch < 1:
             raise NetslimError(f"--batch must be at least 1, not {batch}")
-        tgt = replace(tgt, batch=batch, device=device)
+        tgt = replace(tgt, batch=batch, device=timed_on, runtime=runtime)
     return tgt, options

@@ -4,7 +4,9 @@ A network's latency is predicted as the sum of its units (netslim.cost.units) pl
 spends outside them (pooling, adds, Python). Entries are exact widths, measured the first time they
 are needed and cached on disk, one file per device / torch version / threads / batch / dtype, so a
 device's table is built once and shared by every model, method and run. The prediction aims the
-latency-target search (netslim.cost.targets); the clock (netslim.cost.timing) decides.
+latency-target search (netslim.cost.targets); the clock (netslim.cost.timing) decides. The table is of
+eager PyTorch whatever the target's runtime: for onnxruntime it only aims the first guess, and every
+network the search keeps or rejects is timed on the target's own runtime, next to the base on it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import copy
 import json
 import statistics
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,6 +32,7 @@ from netslim.cost.timing import (
 )
 from netslim.cost.units import REFERENCE, Unit, network_units
 from netslim.plan import Plan
+from netslim.runtime.forms import as_runtime
 
 TABLE_VERSION = 2  # in the cache file's name: entries of another version are not comparable
 REFERENCE_KEY = "reference"  # ms of REFERENCE when the table was started: the scale of every entry
@@ -130,21 +134,24 @@ def shape_key(plan: Plan) -> str:
 
 
 class LatencyModel:
-    """Predicted and measured latency of Plans of one base network under one set of Conditions."""
+    """Predicted (eager PyTorch's table) and measured (on the conditions' runtime) latency of Plans of one base
+    network under one set of Conditions."""
 
     def __init__(self, template: nn.Module, base_plan: Plan, cond: Conditions, *, cache_dir: Path | None = None,
                  log: Callable[[str], None] | None = None) -> None:
         self.template, self.cond, self.base_plan = template, cond, base_plan
-        self.table = LatencyTable(cond, cache_dir)
+        eager = replace(cond, runtime="torch")
+        self.table = LatencyTable(eager, cache_dir)
         self.log = log or (lambda _msg: None)
         self._units: dict[str, list[Unit]] = {}
-        self.base_model = timing_model(template, None, cond)
+        self.base_model = timing_model(template, None, eager)
         x = self._x()
         self.base_ms = statistics.median(interleaved_times([self.base_model], x, min_rounds=5,
-                                                           max_seconds=5.0)[0]) * 1e3
+                                                           max_seconds=5.0)[0]) * 1e3  # eager, the table's scale
         self.base_units_ms = self.table.predict(self.units(base_plan))
         self.table.save()
         self.rest_ms = max(0.0, self.base_ms - self.base_units_ms)  # pooling, adds, the Python between layers
+        self.base_run = self._on_runtime(self.base_model)
 
     def _x(self) -> torch.Tensor:
         return random_input((self.cond.batch, *self.base_plan.input_size), self.cond)
@@ -162,12 +169,17 @@ class LatencyModel:
     def predicted_ratio(self, plan: Plan) -> float:
         return (self.rest_ms + self.table.predict(self.units(plan))) / (self.rest_ms + self.base_units_ms)
 
-    def measured_ratio(self, plan: Plan, max_seconds: float = 10.0) -> tuple[float, float]:
-        """(candidate/base latency ratio, candidate ms): interleaved with the base, median of per-round ratios."""
+    def _on_runtime(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         with cpu_threads(self.cond.threads):
-            small = timing_model(self.template, plan, self.cond)
-            times = interleaved_times([self.base_model, small], self._x(), min_rounds=7, max_seconds=max_seconds)
-        return ratio_of(times, 1), statistics.median(times[1]) * 1e3
+            return as_runtime(model, self.cond.runtime, self.base_plan.input_size, self.cond.threads)
+
+    def measured_ratio(self, plan: Plan, max_seconds: float = 10.0) -> tuple[float, float, float]:
+        """(candidate/base latency ratio, candidate ms, base ms) on the conditions' runtime: the two timed in
+        turns, the ratio the median of per-round ratios."""
+        small = self._on_runtime(timing_model(self.template, plan, self.cond))
+        with cpu_threads(self.cond.threads):
+            times = interleaved_times([self.base_run, small], self._x(), min_rounds=7, max_seconds=max_seconds)
+        return ratio_of(times, 1), statistics.median(times[1]) * 1e3, statistics.median(times[0]) * 1e3
 
 
 def round_to_default(device: str) -> int:

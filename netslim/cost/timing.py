@@ -24,23 +24,29 @@ from torch import nn
 
 from netslim.cost.size import placement, sample_shape
 from netslim.errors import NetslimError
+from netslim.runtime.forms import as_runtime, check_runtime
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
 class Conditions:
-    """What a latency depends on besides the network: device, dtype, threads (CPU) and batch size."""
+    """What a latency depends on besides the network: device, dtype, threads (CPU), batch size and the runtime
+    that runs it (netslim.runtime.forms: eager PyTorch, or onnxruntime fp32 or int8 on the CPU)."""
 
     device: str = "cpu"
     batch: int = 1
     threads: int = 1
     dtype: str = "float32"
+    runtime: str = "torch"
 
     @classmethod
     def make(cls, device: str = "cpu", batch: int = 1, threads: int | None = None,
-             dtype: str | None = None) -> Conditions:
+             dtype: str | None = None, runtime: str = "torch") -> Conditions:
         dev = torch.device(device)
+        check_runtime(runtime, str(dev))
+        if runtime != "torch" and dtype not in (None, "float32"):
+            raise NetslimError(f"runtime {runtime} takes float32 inputs, not {dtype}")
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise NetslimError(f"device {device!r} was requested but no CUDA GPU is available")
         if batch < 1:
@@ -48,7 +54,7 @@ class Conditions:
         dtype = dtype or ("bfloat16" if dev.type == "cuda" else "float32")
         if dtype not in DTYPES:
             raise NetslimError(f"unknown dtype {dtype}; choose from {', '.join(DTYPES)}")
-        return cls(str(dev), int(batch), int(threads or torch.get_num_threads()), dtype)
+        return cls(str(dev), int(batch), int(threads or torch.get_num_threads()), dtype, runtime)
 
     @property
     def cuda(self) -> bool:
@@ -60,15 +66,17 @@ class Conditions:
         return platform.processor() or platform.machine()
 
     def key(self) -> str:
-        """File-name-safe identity of these conditions: device model, torch version, threads, batch, dtype."""
+        """File-name-safe identity of these conditions: device model, torch version, threads, batch, dtype (and the
+        runtime when it is not eager PyTorch: the names of existing tables stay as they were)."""
         name = "".join(c if c.isalnum() else "-" for c in self.device_name()).strip("-") or "cpu"
         kind = "cuda" if self.cuda else "cpu"
         torch_version = torch.__version__.split("+")[0]
-        return f"{kind}-{name}-torch{torch_version}-t{self.threads}-b{self.batch}-{self.dtype}"
+        runtime = "" if self.runtime == "torch" else f"-{self.runtime}"
+        return f"{kind}-{name}-torch{torch_version}-t{self.threads}-b{self.batch}-{self.dtype}{runtime}"
 
     def describe(self) -> dict[str, Any]:
         return {"device": self.device, "device_name": self.device_name(), "batch": self.batch,
-                "threads": self.threads if not self.cuda else None, "dtype": self.dtype}
+                "threads": self.threads if not self.cuda else None, "dtype": self.dtype, "runtime": self.runtime}
 
 
 @contextmanager
@@ -174,20 +182,23 @@ def _defaults(cuda: bool, batches: Sequence[int] | None,
 
 def compare_speed(base: nn.Module, small: nn.Module, input_size: Sequence[int], device: str = "cpu",
                   batches: Sequence[int] | None = None, threads: int | None = None, *,
-                  dtypes: Sequence[str] | None = None, max_seconds: float = 8.0) -> list[dict[str, Any]]:
+                  dtypes: Sequence[str] | None = None, max_seconds: float = 8.0,
+                  runtime: str = "torch") -> list[dict[str, Any]]:
     """Latency and throughput of `small` next to `base`, timed interleaved in this process.
 
     One row per (dtype, batch): medians in ms, images/s, and speedup = median of per-round
     base/small ratios. Defaults: CPU fp32 at batch 1 and 64; on CUDA, batch 1 and 1024 in fp32 and
     bf16 (channels-last). A batch that does not fit in GPU memory gets an `error` instead of times.
+    `runtime` onnx or onnx-int8: both networks as onnxruntime runs them (netslim.runtime.forms; fp32 inputs).
     """
     cuda = torch.device(device).type == "cuda"
-    batches, dtypes = _defaults(cuda, batches, dtypes)
+    batches, dtypes = _defaults(cuda, batches, None if runtime != "torch" else dtypes)
     rows: list[dict[str, Any]] = []
     for dtype in dtypes:
-        cond = Conditions.make(device, 1, threads, dtype)
+        cond = Conditions.make(device, 1, threads, dtype, runtime)
         with cpu_threads(cond.threads):
-            pair = [prepare_for(copy.deepcopy(m), cond) for m in (base, small)]
+            pair = [as_runtime(prepare_for(copy.deepcopy(m), cond), runtime, input_size, cond.threads)
+                    for m in (base, small)]
             for b in batches:
                 row: dict[str, Any] = {**cond.describe(), "batch": int(b)}
                 try:
@@ -215,7 +226,7 @@ def latency_rows(speed: list[dict[str, Any]], which: str) -> list[dict[str, Any]
             continue
         ms = r["base_ms"] if which == "base" else r["ms"]
         out.append({"batch": r["batch"], "device": r["device"], "device_name": r["device_name"],
-                    "threads": r["threads"], "dtype": r["dtype"], "median_ms": ms,
+                    "threads": r["threads"], "dtype": r["dtype"], "runtime": r.get("runtime", "torch"), "median_ms": ms,
                     "throughput": r["batch"] / ms * 1e3, "repeats": r["rounds"], "interleaved": True})
     return out
 

@@ -24,10 +24,12 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def latency_of(summary: dict[str, Any], batch: int, device: str = "cpu") -> float | None:
+def latency_of(summary: dict[str, Any], batch: int, device: str = "cpu", runtime: str = "torch") -> float | None:
+    """The fp32 median ms at `batch` on `device` and `runtime` (rows before runtimes were recorded: torch)."""
     for row in summary.get("latency", []):
         fp32 = row.get("dtype", "float32") in ("fp32", "float32")
-        if row["batch"] == batch and row["device"].startswith(device) and fp32:
+        if row["batch"] == batch and row["device"].startswith(device) and fp32 \
+                and row.get("runtime", "torch") == runtime:
             return row["median_ms"]
     return None
 
@@ -58,6 +60,11 @@ def size_rows(before: dict[str, Any], after: dict[str, Any]) -> list[list[Any]]:
     for batch in (1, 64):
         a, b = latency_of(before, batch), latency_of(after, batch)
         rows.append([f"CPU latency batch {batch} (ms, median)", a, b, ratio(a, b)])
+    runtimes = dict.fromkeys(r["runtime"] for r in before.get("latency", []) if r.get("runtime", "torch") != "torch")
+    for runtime in runtimes:  # a latency target timed on onnxruntime: the result on it too
+        for batch in dict.fromkeys(r["batch"] for r in before["latency"] if r.get("runtime") == runtime):
+            a, b = latency_of(before, batch, runtime=runtime), latency_of(after, batch, runtime=runtime)
+            rows.append([f"CPU {runtime} latency batch {batch} (ms, median)", a, b, ratio(a, b)])
     for batch in (1, 1024):
         a, b = latency_of(before, batch, "cuda"), latency_of(after, batch, "cuda")
         if a is not None:

@@ -99,6 +99,7 @@ def compress(model: nn.Module, arch: str, train: ImageSet, test: ImageSet | None
                    "calibration_images": len(ctx.calib.labels) if ctx.calib is not None else 0,
                    "validation_images": len(ctx.val.labels) if ctx.val is not None else 0,
                    "validation_from": None if ctx.val is None else "held out of train" if val is None else "given",
+                   "latency_target": plan.meta.get("latency"),  # its runtime, conditions and timings
                    "schedule": schedule.__dict__, "repair": _repair_record(rec, repair), "unused_removed": removed,
                    "history": rec.history, "before": before, "after": after,
                    "speed": speed, "widths": _widths(model, small, plan), "machine": machine(), "command": command,

@@ -3,7 +3,7 @@ end against its fp32 forms and against the base network it was cut from.
 
 Each network (the run's, and the base when it is known) is exported three ways — eager PyTorch as loaded,
 fp32 ONNX with BatchNorm folded (`--format onnx`'s file, checked against PyTorch the same way), and int8
-ONNX quantized by onnxruntime from that file on training images (workflows/quantize.py), with the layers that
+ONNX quantized by onnxruntime from that file on training images (runtime/quantize.py), with the layers that
 quantize badly kept in fp32 when `max_drop` is set (workflows/sensitivity.py). The report gives test
 accuracy and file bytes of each, top-1 agreement of int8 with fp32, and the latency of all six at each batch
 size, timed in turns in this process, with the factors from pruning and from quantization apart.
@@ -26,16 +26,17 @@ import torch
 from torch import nn
 
 from netslim.errors import NetslimError
-from netslim.workflows.export import RTOL, OnnxRunner, check_predictions, data_spec_of, export_onnx, predict, run_split
-from netslim.workflows.quantize import (
+from netslim.runtime.forms import write_onnx
+from netslim.runtime.ort import OnnxRunner
+from netslim.runtime.quantize import (
     calibration_arrays,
     check_method,
     fp32_neighbourhood,
     layer_nodes,
-    preprocess,
     quantize,
     settings,
 )
+from netslim.workflows.export import RTOL, check_predictions, data_spec_of, predict, run_split
 from netslim.workflows.sensitivity import check_max_drop, kept_in_fp32, layer_sensitivity
 
 RUNTIMES = ("pytorch fp32", "onnxruntime fp32", "onnxruntime int8")
@@ -57,14 +58,10 @@ def _forms(model: nn.Module, name: str, size: tuple[int, ...], work: Path, array
            sens: tuple[list[torch.Tensor], torch.Tensor, float, int] | None = None) -> tuple[Forms, dict | None]:
     """Fold, export, pre-process and quantize `model` in `work`; with `sens` (held-out inputs, labels, max
     drop, threads) the layers that lose more than the max drop alone are kept fp32."""
-    from netslim.surgery.fold import fold_batchnorm
-
-    fp32, ready, int8 = work / f"{name}-fp32.onnx", work / f"{name}-pre.onnx", work / f"{name}-int8.onnx"
-    example = torch.randn((2, *size), generator=torch.Generator().manual_seed(0))
-    exporter = export_onnx(fold_batchnorm(model, input_size=size), example, fp32)
-    how = preprocess(fp32, ready)
     cache = work / f"{name}-ranges.json"
-    quantize(ready, int8, arrays, method, cache=cache)
+    files = write_onnx(model, size, work, name, arrays, method, cache=cache)
+    ready, int8 = files.ready, files.int8
+    assert ready is not None and int8 is not None  # quantized: calibration arrays were given
     report = None
     if sens is not None:
         inputs, labels, max_drop, threads = sens
@@ -74,7 +71,7 @@ def _forms(model: nn.Module, name: str, size: tuple[int, ...], work: Path, array
         report |= {"max_drop": max_drop, "kept_fp32": [names[n] for n in nodes], "kept_fp32_nodes": excluded}
         if nodes:
             quantize(ready, int8, arrays, method, exclude=excluded, cache=cache)
-    return Forms(model, fp32, int8, exporter, how), report
+    return Forms(model, files.fp32, int8, files.exporter, str(files.preprocess)), report
 
 
 def _scores(forms: Forms, inputs: list[torch.Tensor], labels: torch.Tensor, threads: int) -> dict[str, Any]:

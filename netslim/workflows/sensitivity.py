@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from netslim.errors import NetslimError
-from netslim.workflows.export import OnnxRunner, predict
-from netslim.workflows.quantize import layer_nodes, quantize
+from netslim.runtime.ort import OnnxRunner
+from netslim.runtime.quantize import layer_nodes, quantize
+from netslim.workflows.export import predict
 
 
 def check_max_drop(max_drop: float | None) -> None:

@@ -192,12 +192,16 @@ def _refit_then_bn(rec: StageRecord, small: nn.Module, train: ImageSet, test: Im
 def measure_speed(base: nn.Module, small: nn.Module, input_size: tuple[int, int, int], device: str,
                   target: Target | None = None) -> list[dict[str, Any]]:
     """Latency and throughput of the result next to the base, timed in turns: CPU fp32 at batch 1 and 64,
-    and on CUDA batch 1 and 1024 in fp32 and bf16 (plus a latency target's own batch and threads)."""
+    and on CUDA batch 1 and 1024 in fp32 and bf16 (plus a latency target's own batch and threads); a target
+    timed on onnxruntime adds rows of both networks on that runtime (`runtime` in each row)."""
     lat = target if target is not None and target.kind == "latency" else None
     on_cuda = lat is not None and str(lat.device).startswith("cuda")
     threads = lat.threads if lat is not None and not on_cuda else None
     cpu_extra = (lat.batch,) if lat is not None and not on_cuda else ()
     rows = compare_speed(base, small, input_size, "cpu", tuple(dict.fromkeys((1, 64, *cpu_extra))), threads)
+    if lat is not None and lat.runtime != "torch":
+        rows += compare_speed(base, small, input_size, "cpu", tuple(dict.fromkeys((1, 64, *cpu_extra))), threads,
+                              runtime=lat.runtime)
     if torch.cuda.is_available() and str(device).startswith("cuda"):
         cuda_extra = (lat.batch,) if on_cuda else ()
         rows += compare_speed(base, small, input_size, device, tuple(dict.fromkeys((1, 1024, *cuda_extra))))

@@ -8,7 +8,8 @@ u8×s8 kernels; int8 ones measured slower than fp32 on a Zen 4 core), with weigh
 core lacks VNNI (saturation); elsewhere int8 activations. What is netslim's:
 refusing a calibration set that cannot calibrate (empty, wrong shape, not finite) in one line before
 onnxruntime sees it, and naming each conv/linear node after the layer it came from, so that a user reads
-`features.10` where onnxruntime says `/features/features.10/Conv`.
+`features.10` where onnxruntime says `/features/features.10/Conv`. The same `quantize` makes the export's int8
+file and the int8 networks a `--runtime onnx-int8` latency target is timed on (netslim.runtime.forms).
 """
 
 from __future__ import annotations
