@@ -20,16 +20,17 @@ def _acc(v: Any) -> str:
 
 def _cells(row: dict[str, Any]) -> list[str]:
     bn, lsq, layer, thin = (row.get(k) or {} for k in ("bn", "lsq", "lsq-layer", "lsq-thinet"))
-    if not layer and lsq and "bn_after_refit" not in lsq:  # made before residual-sum targets: own outputs only
-        layer, lsq = lsq, {"accuracy_after_bn_recalibration": lsq.get("accuracy_after_bn_recalibration"),
-                           "repair_cpu_seconds": lsq.get("repair_cpu_seconds")}
-    refit_bn = lsq.get("accuracy_after_bn_recalibration")
+    old = not layer and lsq and "bn_after_refit" not in lsq  # made before residual-sum targets: own outputs only
+    if old:
+        layer, lsq = lsq, {"repair_cpu_seconds": lsq.get("repair_cpu_seconds")}
+    refit_bn = _acc(lsq.get("accuracy_after_bn_recalibration") if not old else
+                    layer.get("accuracy_after_bn_recalibration")) + (" †" if old else "")
     kept = lsq.get("bn_after_refit", {}).get("kept")
     handed = lsq.get("accuracy") if "bn_after_refit" in lsq else None
     handed_s = "–" if handed is None else f"{handed:.3f} ({'refit + BN' if kept in (True, None) else 'refit'})"
     surgery = (bn or lsq or layer).get("accuracy_after_surgery")
     return [_acc(surgery), _acc(bn.get("accuracy")), _acc(layer.get("accuracy_after_refit")),
-            _acc(lsq.get("accuracy_after_refit")), _acc(refit_bn), handed_s, _acc(thin.get("accuracy")),
+            _acc(lsq.get("accuracy_after_refit")), refit_bn, handed_s, _acc(thin.get("accuracy")),
             str(round(lsq.get("repair_cpu_seconds") or layer.get("repair_cpu_seconds") or 0))]
 
 
@@ -55,6 +56,9 @@ def table(files: list[Path]) -> list[str]:
              f"({', '.join(f'`{f.name}`' for f in files)}):", "",
              "| budget | criterion | params | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 3) + "|"]
     lines += [f"| {r['target']} | {r['method']} | {r['params']:,} | " + " | ".join(_cells(r)) + " |" for r in rows]
+    if any("†" in line for line in lines[4:]):
+        lines += ["", "† BN re-estimated after the refit with own-output targets (a file made before residual-sum "
+                  "targets existed)."]
     curves = [(r, c) for r in rows for c in (r.get("finetune") or [])]
     if curves:
         epochs = max(len(c["curve"]) for _, c in curves)
