@@ -84,7 +84,7 @@ def test_googlenet_auxiliary_heads_are_removed_when_asked(tmp_path) -> None:
     directory reloads to the same network."""
     from netslim.cost.targets import parse_target
     from netslim.repair import Repair
-    from netslim.surgery.unused import unused_modules
+    from netslim.surgery.depth import unused_modules
     from netslim.workflows.api import load_trained
     from netslim.workflows.compress import compress
 

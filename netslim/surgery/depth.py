@@ -3,7 +3,7 @@
 A residual block can go when its shortcut is the identity (its output has its input's shape); a conv
 in an nn.Sequential can go with the BatchNorm and activation that follow it, and the next layer is
 rebuilt (fresh weights) to read the dropped layer's input width. A module the inference forward never uses
-(an auxiliary head, netslim.surgery.unused) can go as well.
+(an auxiliary head, `unused_modules`) can go as well.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from netslim.errors import NetslimError
-from netslim.surgery.unused import removable
+from netslim.surgery.graph import used_parameters
 
 _FOLLOWERS = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU)
 
@@ -73,6 +73,23 @@ def _channels_of(layer: nn.Linear) -> int:
     return getattr(layer, "_netslim_in_channels", layer.in_features)
 
 
+def unused_modules(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Outermost parameter-holding modules that one eval forward of `example` never uses (e.g. GoogLeNet's and
+    Inception's auxiliary heads, used only in training): never called, and none of their parameters read
+    functionally (autograd does not reach them), so removing them cannot change the output."""
+    called = set(call_order(model, example, (nn.Module,)))
+    used = used_parameters(model, example)
+    out: list[str] = []
+    for name, m in model.named_modules():
+        if not name or name in called or any(name.startswith(o + ".") for o in out):
+            continue
+        params = list(m.parameters())
+        inner_called = any(f"{name}.{sub}" in called for sub, _ in m.named_modules() if sub)
+        if params and not inner_called and not any(id(p) in used for p in params):
+            out.append(name)
+    return out
+
+
 def drop_layers(model: nn.Module, names: list[str], example: torch.Tensor) -> None:
     """Remove the named blocks or sequential convs in place (see module docstring for the rules)."""
     if not names:
@@ -82,7 +99,7 @@ def drop_layers(model: nn.Module, names: list[str], example: torch.Tensor) -> No
     for name in names:
         module = model.get_submodule(name)
         if name not in shapes:
-            if not removable(model, name, example):
+            if name not in unused_modules(model, example):
                 raise NetslimError(f"cannot drop {name}: it is not called in the forward pass, but its weights are")
             parent, leaf = _parent(model, name)
             setattr(parent, leaf, nn.Identity())  # never used at inference (an auxiliary head)

@@ -20,7 +20,7 @@ from netslim.plan import Plan
 from netslim.repair import Repair
 from netslim.report.rundir import write_run
 from netslim.surgery.apply import apply_plan
-from netslim.surgery.unused import unused_modules
+from netslim.surgery.depth import unused_modules
 from netslim.train import Schedule
 from netslim.workflows.stages import (
     StageRecord,
@@ -58,7 +58,7 @@ def compress(model: nn.Module, arch: str, train: ImageSet, test: ImageSet | None
     (lda), instead of a part held out of `train`; disjoint from `test`. `repair`: what happens between the cut
     and fine-tuning (default: least-squares refit, then BatchNorm re-estimation). `data`: the dataset spec,
     recorded so that `pack` and `export` find the run's own data. `unused`: "remove" also drops the modules
-    inference never uses (auxiliary heads; netslim.surgery.unused), "keep" leaves them."""
+    inference never uses (auxiliary heads; netslim.surgery.depth.unused_modules), "keep" leaves them."""
     from netslim.methods import validate_options
 
     schedule = schedule or Schedule()
