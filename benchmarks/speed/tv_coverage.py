@@ -13,7 +13,8 @@ A target refused for want of calibration samples says nothing about surgery, so 
 a random Plan (half of every channel group's channels): `random_plan` records whether the size model, the
 meta-device surgery and the real cut network agree on its parameter count and the cut network runs.
 
-Input: 64×64 where the model takes it (inception_v3 needs 75, ViT/Swin/MaxViT 224). Each model runs in its
+Input: 64×64 where the model takes it (inception_v3 needs 75, ViT/Swin/MaxViT 224; with --small-vit the large
+ViTs are built for a small image instead, their position embeddings sized for it). Each model runs in its
 own process on one thread, two at a time by default, cheapest first (torchvision's GFLOPs scaled to the input).
 
     python -m benchmarks.speed.tv_coverage [--limit 150] [--wall 1440] [--jobs 2] [--only resnet18,googlenet]
@@ -36,9 +37,12 @@ import torch
 from benchmarks._common import REPO, log, parser, stamp, start, write
 
 BIG_INPUT = {"inception_v3": 75}  # the smallest input the model accepts, when 64 is too small
+SMALL_VIT = {"vit_l_16": 64, "vit_l_32": 64, "vit_h_14": 56}  # built for this image size (--small-vit)
 
 
-def input_side(name: str) -> int:
+def input_side(name: str, small_vit: bool = False) -> int:
+    if small_vit and name in SMALL_VIT:
+        return SMALL_VIT[name]
     if name.startswith(("vit_", "swin_", "maxvit")):
         return 224
     return BIG_INPUT.get(name, 64)
@@ -56,7 +60,7 @@ def cost(name: str) -> float:
     return gflops * (input_side(name) / 224) ** 2 + params / 2e7
 
 
-def one(name: str, images: int) -> dict[str, Any]:
+def one(name: str, images: int, small_vit: bool = False) -> dict[str, Any]:
     """Compress one model in this process; the record of it."""
     from benchmarks.speed.plan_sizing import random_images
     from netslim.cost.size import meta_template
@@ -70,11 +74,17 @@ def one(name: str, images: int) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    side = input_side(name)
+    side = input_side(name, small_vit)
     rec: dict[str, Any] = {"model": name, "input": side}
     t0 = time.perf_counter()
     try:
-        model = build(f"tv:{name}", num_classes=10).eval()
+        if side != input_side(name):  # a ViT's position embedding is sized for its image: build it for this one
+            import torchvision.models as tvm
+
+            model = tvm.get_model(name, num_classes=10, image_size=side).eval()
+            rec["built_for_image_size"] = side
+        else:
+            model = build(f"tv:{name}", num_classes=10).eval()
         rec["base_params"] = sum(p.numel() for p in model.parameters())
         res = compress(model, f"tv:{name}", random_images(images, side), None, method="pfa-en",
                        target=parse_target("params=0.5"), options={"reduce": "spatial"},
@@ -136,13 +146,14 @@ def random_cut(model: torch.nn.Module, name: str, side: int) -> dict[str, Any]:
                 "traceback": traceback.format_exc(limit=-6)}
 
 
-def run_child(name: str, images: int, limit: float) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "benchmarks.speed.tv_coverage", "--one", name, "--images", str(images)]
+def run_child(name: str, images: int, limit: float, small_vit: bool = False) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "benchmarks.speed.tv_coverage", "--one", name, "--images", str(images),
+           *(["--small-vit"] if small_vit else [])]
     t0 = time.perf_counter()
     try:
         done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=max(1.0, limit))
     except subprocess.TimeoutExpired:
-        return {"model": name, "input": input_side(name), "status": "not run (time)",
+        return {"model": name, "input": input_side(name, small_vit), "status": "not run (time)",
                 "reason": f"stopped after {limit:.0f} s", "seconds": round(time.perf_counter() - t0, 1)}
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if not lines:
@@ -160,10 +171,12 @@ def main() -> None:
     ap.add_argument("--wall", type=float, default=1440.0, help="seconds for the whole run")
     ap.add_argument("--jobs", type=int, default=2, help="models compressed at once (one thread each)")
     ap.add_argument("--only", default="", help="comma-separated model names (default: all)")
+    ap.add_argument("--small-vit", action="store_true", help="build the large ViTs for a small image "
+                    f"({', '.join(f'{k} {v}' for k, v in SMALL_VIT.items())} px) instead of 224")
     args = ap.parse_args()
     start(args)
     if args.one:
-        print(json.dumps(one(args.one, args.images)), flush=True)
+        print(json.dumps(one(args.one, args.images, args.small_vit)), flush=True)
         return
     import torchvision.models as tvm
 
@@ -176,7 +189,7 @@ def main() -> None:
         if left < 10:
             return {"model": name, "input": input_side(name), "status": "not run (time)",
                     "reason": f"the {args.wall:.0f} s wall for the whole run was spent first", "seconds": 0.0}
-        rec = run_child(name, args.images, min(args.limit, left))
+        rec = run_child(name, args.images, min(args.limit, left), args.small_vit)
         log(f"{name:22s} {rec['status']:15s} {rec['seconds']:6.1f} s  {rec.get('reason', '')[:110]}")
         return rec
 
