@@ -25,6 +25,7 @@ torch.set_num_threads(1)
 
 TV = ["tv:resnet18", "tv:mobilenet_v2", "tv:mobilenet_v3_small", "tv:densenet121", "tv:efficientnet_b0",
       "tv:regnet_x_400mf"]
+ATTENTION = {"vit_tiny"}
 
 
 def random_plan(sizes: SizeModel, arch: str, seed: int) -> Plan:
@@ -46,6 +47,9 @@ def test_size_model_equals_surgery_on_random_plans(arch: str) -> None:
     model = build(arch, num_classes=10).eval()
     template = meta_template(model)
     sizes = SizeModel.of(template, size)
+    if arch in ATTENTION:  # attention's matmuls are no Conv/Linear MACs: by design no SizeModel, surgery sizes
+        assert sizes is None
+        return
     assert sizes is not None and sizes.groups
     assert all(e is not None for e in sizes.effects)  # every group of these models is expressible
     for seed in range(3):

@@ -1,4 +1,4 @@
-"""Architecture registry: shared checkpoints load key for key, every arch runs, hooks see each ReLU once."""
+"""Architecture registry: shared checkpoints load key for key, every arch runs, hooks see each activation once."""
 
 from __future__ import annotations
 
@@ -45,10 +45,10 @@ def test_forward_shape_and_classifier(arch: str) -> None:
 
 
 @pytest.mark.parametrize("arch", list_archs())
-def test_every_relu_is_its_own_module_and_fires_once(arch: str) -> None:
+def test_every_activation_is_its_own_module_and_fires_once(arch: str) -> None:
     info = arch_info(arch)
     model = build(arch).eval()
-    acts = [m for _, m in model.named_modules(remove_duplicate=False) if isinstance(m, (nn.ReLU, nn.ReLU6))]
+    acts = [m for _, m in model.named_modules(remove_duplicate=False) if isinstance(m, (nn.ReLU, nn.ReLU6, nn.GELU))]
     assert acts and len({id(m) for m in acts}) == len(acts)
     calls: dict[int, int] = {}
     for m in acts:
@@ -59,7 +59,7 @@ def test_every_relu_is_its_own_module_and_fires_once(arch: str) -> None:
 
 
 def test_families_and_channels() -> None:
-    assert {arch_info(a).family for a in list_archs()} == {"vgg", "resnet", "mobilenetv2", "alexnet", "small"}
+    assert {arch_info(a).family for a in list_archs()} == {"vgg", "resnet", "mobilenetv2", "alexnet", "small", "vit"}
     assert arch_info("small_cnn").input_size == (1, 16, 16)
     assert build("small_cnn").features[0].in_channels == 1
     assert build("small_cnn", in_channels=3).features[0].in_channels == 3

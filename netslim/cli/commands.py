@@ -27,6 +27,7 @@ from netslim.cli.options import (
     JsonOpt,
     MethodOpt,
     ModelOpt,
+    OptimizerOpt,
     OptOpt,
     OutOpt,
     OverwriteOpt,
@@ -38,6 +39,7 @@ from netslim.cli.options import (
     SelectOpt,
     TargetOpt,
     ValFromOpt,
+    WarmupOpt,
     WeightsOpt,
     checked_bench_options,
     checked_options,
@@ -82,6 +84,7 @@ def train(model: ModelOpt = "small_cnn", data: DataOpt = "digits", out: OutOpt =
           weights: WeightsOpt = None, epochs: int = 20, lr: float = 0.05, batch_size: int = 128,
           weight_decay: float = 5e-4, label_smoothing: float = 0.0,
           schedule: Annotated[str, typer.Option(help="onecycle | cosine | constant")] = "onecycle",
+          optimizer: OptimizerOpt = "sgd", warmup_epochs: WarmupOpt = 0,
           resume: Annotated[bool, typer.Option(help="continue an interrupted run into --out")] = False,
           classes: ClassesOpt = None, device: DeviceOpt = "auto", cache_dir: CacheOpt = None,
           overwrite: OverwriteOpt = False, as_json: JsonOpt = False) -> None:
@@ -92,8 +95,9 @@ def train(model: ModelOpt = "small_cnn", data: DataOpt = "digits", out: OutOpt =
     from netslim.workflows.stages import accuracy, measure_model
     from netslim.workflows.task import task_network
 
-    sched = Schedule(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
-                     label_smoothing=label_smoothing, schedule=schedule)  # checked before any data is decoded
+    sched = Schedule(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, optimizer=optimizer,
+                     label_smoothing=label_smoothing, schedule=schedule,
+                     warmup_epochs=warmup_epochs)  # checked before any data is decoded
     assert out is not None
     state = train_outputs(out, overwrite, resume)
     task, dev = setup(data, classes, cache_dir, weights, model, device)

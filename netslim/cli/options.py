@@ -14,8 +14,9 @@ import typer
 
 from netslim.errors import NetslimError
 
-ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="architecture: vgg16_bn, resnet56, tv:resnet18, "
-                                                                    "pkg.module:function (read from netslim files)")]
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="architecture: vgg16_bn, resnet56, vit_tiny, "
+                                                                    "tv:resnet18, pkg.module:function (read from "
+                                                                    "netslim files)")]
 WeightsOpt = Annotated[Path | None, typer.Option("--weights", "-w", help="trained weights (.safetensors)")]
 DataOpt = Annotated[str, typer.Option("--data", "-d", help="digits | cifar10:ROOT | archive.tar.gz | ImageFolder dir")]
 ClassesOpt = Annotated[str | None, typer.Option("--classes", help="comma-separated subset of classes (task)")]
@@ -53,6 +54,11 @@ ValFromOpt = Annotated[str, typer.Option("--val-from", help="validation images f
 RoundOpt = Annotated[int | None, typer.Option("--round-to", help="round kept widths to a multiple of this "
                                                                   "(up; to the nearest under --target); default 8 on "
                                                                   "CUDA, 1 on CPU")]
+OptimizerOpt = Annotated[str, typer.Option("--optimizer", help="sgd (momentum, nesterov; decays every parameter) | "
+                                           "adamw (as transformers are trained: no decay on biases, norms, position "
+                                           "embedding and class token; e.g. --lr 1e-3 --weight-decay 0.05)")]
+WarmupOpt = Annotated[int, typer.Option("--warmup-epochs", help="epochs of linear learning-rate warm-up before the "
+                                        "cosine or constant schedule (onecycle warms up on its own)")]
 BatchOpt = Annotated[int, typer.Option("--batch", help="batch size a latency target is timed at")]
 RuntimeOpt = Annotated[str, typer.Option("--runtime", help="what a latency target is timed on: torch (eager "
                                          "PyTorch) | onnx (onnxruntime fp32) | onnx-int8 (onnxruntime int8, "

@@ -1,4 +1,4 @@
-"""The SGD training loop: bf16 autocast and channels-last on CUDA, DDP under torchrun, resumable epochs."""
+"""The training loop (SGD or AdamW): bf16 autocast and channels-last on CUDA, DDP under torchrun, resumable epochs."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from netslim.errors import NetslimError
 from netslim.train.distributed import all_reduce_, barrier, count_batches, dist_info, resolve_device, set_epoch
 from netslim.train.distributed import shard as shard_batches
 from netslim.train.evaluation import evaluate, to_device_input, unwrap
-from netslim.train.schedule import Schedule, lr_at
+from netslim.train.optim import make_optimizer
+from netslim.train.schedule import LATER_FIELDS, Schedule, lr_at
 from netslim.train.state import read_meta, restore_training, save_state
 
 _NONE = 2**62  # "no bad step yet" in the non-finite-loss tracker (min-reduced across ranks)
@@ -48,8 +49,9 @@ def _check_resume(meta: dict[str, Any], schedule: Schedule, steps: int, checkpoi
             f"run has {steps} (batch size, data or process count changed); use a new checkpoint directory"
         )
     mine = asdict(schedule)
-    # netslim.train/1 saved only epochs, schedule and lr; later formats save the whole Schedule as "recipe"
-    saved = meta.get("recipe") or {k: meta[k] for k in ("epochs", "schedule", "lr") if k in meta}
+    # netslim.train/1 saved only epochs, schedule and lr; later formats save the whole Schedule as "recipe";
+    # a recipe saved before a LATER_FIELDS field existed was trained with its default
+    saved = LATER_FIELDS | (meta.get("recipe") or {k: meta[k] for k in ("epochs", "schedule", "lr") if k in meta})
     differ = [k for k in mine if k in saved and saved[k] != mine[k]]
     if differ:
         was = ", ".join(f"{k}={saved[k]!r}" for k in differ)
@@ -86,7 +88,8 @@ def fit(
     seed: int = 0,
     teacher: nn.Module | None = None,
 ) -> list[dict[str, Any]]:
-    """Train `model` in place with SGD as `schedule` says and return one record per epoch (resumed ones too).
+    """Train `model` in place as `schedule` says (its optimizer, curve, warm-up) and return one record per epoch
+    (resumed ones too).
 
     Everything about the recipe comes from the Schedule (its batch_size, augment and bn_recal are for whoever
     builds `batches`); the keywords say where and how to run. Each record: epoch (1-based), train_loss,
@@ -106,13 +109,7 @@ def fit(
     if dev.type == "cuda":
         module.to(memory_format=torch.channels_last)
     use_amp = dev.type == "cuda" if amp is None else amp
-    optimizer = torch.optim.SGD(
-        module.parameters(),
-        lr=schedule.lr,
-        momentum=schedule.momentum,
-        weight_decay=schedule.weight_decay,
-        nesterov=schedule.nesterov and schedule.momentum > 0,
-    )
+    optimizer = make_optimizer(module, schedule)
     source = shard_batches(batches, rank, world)
     steps = count_batches(source)
     if world > 1:  # every rank must take the same number of steps or DDP's all-reduce waits forever
@@ -234,7 +231,7 @@ class _EpochLoop:
             for i, (x, y) in enumerate(self.source):
                 if i >= self.steps:
                     break
-                lr_now = lr_at(recipe.schedule, recipe.lr, step, total)
+                lr_now = lr_at(recipe.schedule, recipe.lr, step, total, recipe.warmup_epochs * self.steps)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr_now
                 x, y = to_device_input(x, dev), y.to(dev, non_blocking=True)

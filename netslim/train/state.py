@@ -1,7 +1,9 @@
 """Training checkpoints without pickle: tensors in safetensors, bookkeeping in JSON, both renamed into place.
 
 The JSON is written last and acts as the commit marker. The same JSON also rides in the safetensors
-metadata, so a crash between the two renames leaves a tensor file that still describes itself.
+metadata, so a crash between the two renames leaves a tensor file that still describes itself. The optimizer's
+per-parameter state rides along: SGD's momentum buffers under "momentum/<param>" (as always), any other state
+(AdamW's moments and step) under "optim/<key>/<param>".
 """
 
 from __future__ import annotations
@@ -20,7 +22,21 @@ from netslim.errors import NetslimError
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
 _META_KEY = "netslim_train_state"
-_MODEL, _MOMENTUM = "model/", "momentum/"
+_MODEL, _MOMENTUM, _OPTIM = "model/", "momentum/", "optim/"
+
+
+def _state_name(key: str, param: str) -> str:
+    return _MOMENTUM + param if key == "momentum_buffer" else f"{_OPTIM}{key}/{param}"
+
+
+def _parse_state_name(name: str) -> tuple[str, str] | None:
+    """(state key, parameter name) of a stored optimizer tensor; None for model weights."""
+    if name.startswith(_MOMENTUM):
+        return "momentum_buffer", name[len(_MOMENTUM) :]
+    if name.startswith(_OPTIM):
+        key, _, param = name[len(_OPTIM) :].partition("/")
+        return key, param
+    return None
 
 
 def _fsync_replace(tmp: Path, final: Path) -> None:
@@ -30,16 +46,16 @@ def _fsync_replace(tmp: Path, final: Path) -> None:
 
 
 def save_state(directory: Path, module: nn.Module, optimizer: torch.optim.Optimizer, meta: dict) -> None:
-    """Write model weights, SGD momentum buffers and `meta` (epoch, step, history, ...) atomically."""
+    """Write model weights, the optimizer's state and `meta` (epoch, step, history, ...) atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     for key, value in module.state_dict().items():  # copies: safetensors rejects shared or strided storage
         tensors[_MODEL + key] = value.detach().to("cpu", copy=True).contiguous()
     for name, param in module.named_parameters():
-        buf = optimizer.state.get(param, {}).get("momentum_buffer")
-        if buf is not None:
-            tensors[_MOMENTUM + name] = buf.detach().to("cpu", copy=True).contiguous()
+        for key, value in optimizer.state.get(param, {}).items():
+            if isinstance(value, torch.Tensor):
+                tensors[_state_name(key, name)] = value.detach().to("cpu", copy=True).contiguous()
     text = json.dumps(meta, indent=1, allow_nan=False)
     suffix = f".tmp{os.getpid()}"
     tmp = directory / (STATE_TENSORS + suffix)
@@ -75,7 +91,8 @@ def read_meta(directory: Path) -> dict | None:
 
 
 def restore_training(directory: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load weights and momentum buffers into existing objects (they keep their device and layout)."""
+    """Load weights and optimizer state into existing objects (they keep their device and layout; a 0-dim state
+    such as AdamW's step count stays on the CPU, where torch keeps it)."""
     path = Path(directory) / STATE_TENSORS
     try:
         tensors = load_file(str(path))
@@ -86,7 +103,13 @@ def restore_training(directory: Path, module: nn.Module, optimizer: torch.optim.
         module.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
         raise NetslimError(f"training checkpoint {path} does not match this model: {exc}") from exc
-    for name, param in module.named_parameters():
-        buf = tensors.get(_MOMENTUM + name)
-        if buf is not None:
-            optimizer.state[param]["momentum_buffer"] = torch.empty_like(param).copy_(buf)
+    params = dict(module.named_parameters())
+    for stored, value in tensors.items():
+        parsed = _parse_state_name(stored)
+        if parsed is None:
+            continue
+        key, name = parsed
+        if name not in params:
+            raise NetslimError(f"training checkpoint {path} holds optimizer state of {name!r}, which this model lacks")
+        param = params[name]
+        optimizer.state[param][key] = value if value.dim() == 0 else torch.empty_like(param).copy_(value)

@@ -18,7 +18,7 @@ def finetune(model: nn.Module, train: ImageSet, sched: Schedule, device: str, va
              checkpoint_dir: Path | None = None, resume: bool = False,
              mask_hook: Callable[[nn.Module], None] | None = None,
              teacher: nn.Module | None = None) -> list[dict[str, Any]]:
-    """`sched.epochs` of SGD on shuffled (and, with sched.augment, augmented) full batches of `train`; with
+    """`sched.epochs` of training on shuffled (and, with sched.augment, augmented) full batches of `train`; with
     sched.distill > 0 the `teacher`'s outputs join the labels. 0 epochs trains nothing and returns []."""
     if sched.epochs <= 0:
         return []
@@ -49,13 +49,18 @@ def fit_budget(model: nn.Module, train: ImageSet, sched: Schedule, device: str,
     t0 = time.perf_counter()
     fit(copy.deepcopy(model), batches(probe, sched.batch_size, shuffle=True, augment=sched.augment, device=device,
                                       drop_last=True),
-        replace(sched, epochs=1, budget_minutes=None), device=device, progress=False,
+        replace(shorter(sched, 1), budget_minutes=None), device=device, progress=False,
         teacher=teacher if sched.distill > 0 else None)
     per_step = (time.perf_counter() - t0) / max(1, len(probe.labels) // sched.batch_size)
     steps = int(sched.budget_minutes * 60 * BUDGET_SHARE / per_step) if sched.budget_minutes else 0
     if steps >= sched.epochs * per_epoch:
         return train, sched
     if steps >= per_epoch:
-        return train, replace(sched, epochs=steps // per_epoch)
+        return train, shorter(sched, steps // per_epoch)
     images = max(sched.batch_size, steps * sched.batch_size)
-    return calibration_subset(train, min(images, len(train.labels)), seed=4), replace(sched, epochs=1)
+    return calibration_subset(train, min(images, len(train.labels)), seed=4), shorter(sched, 1)
+
+
+def shorter(sched: Schedule, epochs: int) -> Schedule:
+    """`sched` over fewer epochs, its warm-up shortened in proportion (a whole number of epochs, fewer than all)."""
+    return replace(sched, epochs=epochs, warmup_epochs=sched.warmup_epochs * epochs // max(sched.epochs, 1))

@@ -15,7 +15,7 @@ from torch import nn
 from netslim.data import ImageSet
 from netslim.errors import NetslimError
 from netslim.repair import Repair
-from netslim.train import Schedule
+from netslim.train import Schedule, recorded
 
 MANIFEST = "bench.json"
 
@@ -55,7 +55,7 @@ def bench_inputs(model: nn.Module, arch: str, train: ImageSet, test: ImageSet, s
     """Everything the rows depend on, as JSON (the weights and the images by content hash); `given` adds what
     only the caller knows (the data spec, subsets)."""
     record = {"arch": arch, "weights_sha256": _digest(sorted(model.state_dict().items())),
-              "train_data": _data(train), "test_data": _data(test), "schedule": asdict(schedule),
+              "train_data": _data(train), "test_data": _data(test), "schedule": recorded(schedule),
               "repair": asdict(repair), "calibration_images": calib_size, "options": options,
               "latency": measure_latency, **given}
     return json.loads(json.dumps(record, default=str))

@@ -83,6 +83,23 @@ def check_input(plan: Plan | None, data: ImageSet, spec: str, source: str) -> No
                            f"images of shape {_shape(data.input_size)}")
 
 
+def check_runs(model: nn.Module, data: ImageSet, spec: str, arch: str) -> None:
+    """One error line when a network that records no input shape cannot run the data's images: a CNN takes any
+    size, but a ViT's position embedding fixes its image size, and its forward would fail minutes later."""
+    import torch
+
+    was = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *data.input_size))
+    except Exception as exc:
+        detail = " ".join(str(exc).split())[:200]
+        raise NetslimError(f"{arch} cannot take the images of {spec} (shape {_shape(data.input_size)}, C×H×W): "
+                           f"{detail}") from None
+    finally:
+        model.train(was)
+
+
 def _shape(size: tuple[int, ...] | list[int]) -> str:
     return "×".join(str(int(s)) for s in size)
 
@@ -112,6 +129,8 @@ def load_task(data: str, classes: list[str] | None, cache_dir: Path | None, weig
     test = test if keep is None else select_classes(test, keep, data, "test")
     model, arch, plan = load_trained(weights, arch, len(full.classes), full.input_size[0])
     check_input(plan, train, data, str(weights))
+    if plan is None:
+        check_runs(model, train, data, arch)
     return Task(train, test, model, arch, plan, outputs, stored)
 
 

@@ -23,9 +23,10 @@ from netslim.zoo.mobilenet import MobileNetV2
 from netslim.zoo.resnet import DEPTHS, BasicBlock, CifarResNet, resnet
 from netslim.zoo.small import SmallCNN
 from netslim.zoo.vgg import CONFIGS, VGG, vgg
+from netslim.zoo.vit import vit_tiny
 
 __all__ = ["ArchInfo", "BasicBlock", "CifarAlexNet", "CifarResNet", "MobileNetV2", "SmallCNN", "VGG",
-           "arch_info", "build", "list_archs"]
+           "arch_info", "build", "list_archs", "vit_tiny"]
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class ArchInfo:
     """What callers need without reading the model: family, default (C, H, W) input, final classifier name."""
 
     name: str
-    family: str  # "vgg" | "resnet" | "mobilenetv2" | "alexnet" | "small" | "other"
+    family: str  # "vgg" | "resnet" | "mobilenetv2" | "alexnet" | "small" | "vit" | "other"
     input_size: tuple[int, int, int]
     classifier: str
 
@@ -54,6 +55,7 @@ for _name in DEPTHS:
 _REGISTRY["mobilenetv2"] = _Entry(MobileNetV2, "mobilenetv2", (3, 32, 32), "classifier.1")
 _REGISTRY["alexnet"] = _Entry(CifarAlexNet, "alexnet", (3, 32, 32), "classifier.4")
 _REGISTRY["small_cnn"] = _Entry(SmallCNN, "small", (1, 16, 16), "classifier")
+_REGISTRY["vit_tiny"] = _Entry(vit_tiny, "vit", (3, 32, 32), "heads.head")
 
 # Names seen in checkpoint metadata ("vgg16_bn_cifar") map to the canonical ones.
 _ALIASES = {f"{n}_cifar": n for n in _REGISTRY} | {"mobilenet_v2": "mobilenetv2", "small": "small_cnn"}
