@@ -70,14 +70,15 @@ def test_impossible_targets(base: Path, tmp_path: Path, target: str, message: st
 def test_compress_distils_from_the_unpruned_network(base: Path, tmp_path: Path) -> None:
     out = tmp_path / "kd"
     code, stdout, err = run("compress", "--weights", str(base), "--method", "l1", "--target", "params=0.25",
-                            "--finetune-epochs", "2", "--distill", "0.7", "--out", str(out), "--no-latency", "--json")
+                            "--finetune-epochs", "2", "--out", str(out), "--no-latency", "--json")
     assert code == 0, err
-    metrics = json.loads(stdout)
-    assert metrics["schedule"]["distill"] == 0.7 and metrics["schedule"]["temperature"] == 4.0
+    metrics = json.loads(stdout)  # distillation is compress's default (weight 0.5)
+    assert metrics["schedule"]["distill"] == 0.5 and metrics["schedule"]["temperature"] == 4.0
     assert len(metrics["history"]) == 2
     assert metrics["after"]["accuracy"] > metrics["after"]["accuracy_after_surgery"] + 0.05
     code, stdout, err = run("compress", "--weights", str(base), "--method", "l1", "--target", "params=0.25",
-                            "--finetune-epochs", "2", "--out", str(tmp_path / "plain"), "--no-latency", "--json")
+                            "--finetune-epochs", "2", "--distill", "0", "--out", str(tmp_path / "plain"),
+                            "--no-latency", "--json")
     assert code == 0, err
     plain = json.loads(stdout)
     assert plain["schedule"]["distill"] == 0.0

@@ -130,7 +130,7 @@ def compress(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt =
              train_subset: Annotated[int | None, typer.Option(help="fine-tune on this many training images")] = None,
              classes: ClassesOpt = None, device: DeviceOpt = "auto",
              cache_dir: CacheOpt = None, no_latency: bool = False, overwrite: OverwriteOpt = False,
-             val_from: ValFromOpt = "train", distill: DistillOpt = 0.0, repair: RepairOpt = "lsq",
+             val_from: ValFromOpt = "train", distill: DistillOpt = 0.5, repair: RepairOpt = "lsq",
              repair_images: RepairImagesOpt = 2000, repair_target: RepairTargetOpt = "block",
              select: SelectOpt = "method",
              unused: Annotated[str, typer.Option(help="modules inference never uses (auxiliary heads): keep | remove "
@@ -258,7 +258,7 @@ def bench(weights: WeightsOpt = None, model: ModelOpt = None, data: DataOpt = "d
           resume: Annotated[bool, typer.Option(help="continue a killed bench in --out (same inputs only)")] = False,
           overwrite: OverwriteOpt = False,
           no_latency: bool = False, device: DeviceOpt = "auto", cache_dir: CacheOpt = None,
-          distill: DistillOpt = 0.0, repair: RepairOpt = "lsq", repair_images: RepairImagesOpt = 2000,
+          distill: DistillOpt = 0.5, repair: RepairOpt = "lsq", repair_images: RepairImagesOpt = 2000,
           repair_target: RepairTargetOpt = "block", select: SelectOpt = "method", as_json: JsonOpt = False) -> None:
     """Every method and torch-pruning's criteria at the same budget, repair and fine-tuning schedule, one table.
 
