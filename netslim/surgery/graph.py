@@ -81,7 +81,7 @@ def build_graph(model: nn.Module, example_input: torch.Tensor,
     except NetslimError:
         raise
     except Exception as exc:
-        _check_forward(model, example_input)
+        check_forward(model, example_input)
         where = traceback.extract_tb(exc.__traceback__)[-1].name
         detail = " ".join(str(exc).split())[:160]
         raise NetslimError(f"torch-pruning cannot trace the channel dependencies of this model ({type(exc).__name__} "
@@ -89,16 +89,17 @@ def build_graph(model: nn.Module, example_input: torch.Tensor,
                            "shuffle, is one cause, so netslim cannot cut its channels") from None
 
 
-def _check_forward(model: nn.Module, example_input: torch.Tensor) -> None:
-    """A NetslimError when the model itself cannot run the example (not torch-pruning's fault)."""
+def check_forward(model: nn.Module, example_input: torch.Tensor, what: str | None = None) -> None:
+    """A NetslimError (`what`, or a default saying the input shape) when the model itself cannot run the
+    example: a wrong input found here is one line, not a traceback from deep inside a later stage."""
     was = model.training
     try:
         with torch.no_grad():
             model.eval()(example_input)
     except Exception as exc:
         detail = " ".join(str(exc).split())[:200]
-        raise NetslimError(f"the model does not accept an input of shape {tuple(example_input.shape[1:])}: "
-                           f"{detail}") from None
+        what = what or f"the model does not accept an input of shape {tuple(example_input.shape[1:])}"
+        raise NetslimError(f"{what}: {detail}") from None
     finally:
         model.train(was)
 

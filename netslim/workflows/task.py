@@ -88,16 +88,10 @@ def check_runs(model: nn.Module, data: ImageSet, spec: str, arch: str) -> None:
     size, but a ViT's position embedding fixes its image size, and its forward would fail minutes later."""
     import torch
 
-    was = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, *data.input_size))
-    except Exception as exc:
-        detail = " ".join(str(exc).split())[:200]
-        raise NetslimError(f"{arch} cannot take the images of {spec} (shape {_shape(data.input_size)}, C×H×W): "
-                           f"{detail}") from None
-    finally:
-        model.train(was)
+    from netslim.surgery.graph import check_forward
+
+    check_forward(model, torch.zeros(1, *data.input_size),
+                  f"{arch} cannot take the images of {spec} (shape {_shape(data.input_size)}, C×H×W)")
 
 
 def _shape(size: tuple[int, ...] | list[int]) -> str:
