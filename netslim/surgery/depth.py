@@ -96,10 +96,11 @@ def drop_layers(model: nn.Module, names: list[str], example: torch.Tensor) -> No
         return
     shapes = io_shapes(model, example, names)
     order = call_order(model, example, (nn.Conv2d, nn.Linear))
+    unused = unused_modules(model, example) if set(names) - set(shapes) else []
     for name in names:
         module = model.get_submodule(name)
         if name not in shapes:
-            if name not in unused_modules(model, example):
+            if name not in unused:
                 raise NetslimError(f"cannot drop {name}: it is not called in the forward pass, but its weights are")
             parent, leaf = _parent(model, name)
             setattr(parent, leaf, nn.Identity())  # never used at inference (an auxiliary head)

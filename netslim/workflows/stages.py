@@ -65,9 +65,10 @@ def refit_images(train: ImageSet, repair: Repair) -> tuple[ImageSet, ImageSet | 
     return pool, None
 
 
-def refit(base: nn.Module, cut: nn.Module, plan: Plan, train: ImageSet, repair: Repair, device: str) -> RefitReport:
-    """Least-squares refit of `cut` (in place) to `base`'s layer outputs, on training images only (refit_images)."""
-    fit_part, hold = refit_images(train, repair)
+def refit(base: nn.Module, cut: nn.Module, plan: Plan, images: tuple[ImageSet, ImageSet | None], repair: Repair,
+          device: str) -> RefitReport:
+    """Least-squares refit of `cut` (in place) to `base`'s layer outputs, on the training images of refit_images."""
+    fit_part, hold = images
     return lsq_refit(base, cut, lambda: batches(fit_part, 128, device=device),  # it sets and restores eval modes
                      holdout=(lambda: batches(hold, 128, device=device)) if hold is not None else None,
                      positions=repair.positions, ridge=repair.ridge, device=device, plan=plan,
@@ -126,9 +127,11 @@ def run_stages(base: nn.Module, result: MethodResult, train: ImageSet, test: Ima
     """
     repair = repair or Repair()
     plan, selection = result.plan, None
-    if repair.select == "thinet" and result.model is None and init != "scratch" and repair.mode != "none":
-        plan, fit_part = copy.deepcopy(plan), refit_images(train, repair)[0]
-        selection = thinet_select(base, plan, lambda: batches(fit_part, 128, device=device),
+    thinet = repair.select == "thinet" and result.model is None and init != "scratch" and repair.mode != "none"
+    images = refit_images(train, repair) if thinet or repair.mode == "lsq" else (train, None)
+    if thinet:
+        plan = copy.deepcopy(plan)
+        selection = thinet_select(base, plan, lambda: batches(images[0], 128, device=device),
                                   positions=repair.positions, device=device)
     cut = apply_plan(copy.deepcopy(base), plan)
     if init == "scratch":
@@ -142,9 +145,9 @@ def run_stages(base: nn.Module, result: MethodResult, train: ImageSet, test: Ima
     elif init != "scratch" and repair.mode != "none":
         rec.repair = repair.mode
         if repair.mode == "lsq":
-            rec.refit = refit(base, small, plan, train, repair, device)
+            rec.refit = refit(base, small, plan, images, repair, device)
             rec.accuracy_after_refit = accuracy(small, test, device)
-            _refit_then_bn(rec, small, train, test, refit_images(train, repair)[1], schedule, device)
+            _refit_then_bn(rec, small, train, test, images[1], schedule, device)
         elif repair_bn(small, train, schedule, device):
             rec.accuracy_after_bn_recalibration = accuracy(small, test, device)
     rec.repair_seconds = time.perf_counter() - t0
