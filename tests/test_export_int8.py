@@ -210,4 +210,11 @@ def test_pruned_resnet56_int8_agrees_on_cifar(tmp_path: Path) -> None:
     rep = export_int8_run(tmp_path, data=str(data), images=300, batches=(1,), max_seconds=0.2)
     ours = rep["networks"]["compressed"]
     assert ours["accuracy"]["pytorch fp32"] > 0.7 and ours["top1_agreement_int8_vs_fp32"] >= 0.99
-    assert ours["int8_bytes_over_fp32"] < 0.35
+    assert ours["int8_bytes_over_fp32"] < 0.30
+    parts = ours["parts"]
+    for form, bytes_ in ours["bytes"].items():  # the parts add up to each file as stored
+        assert form not in parts or sum(parts[form].values()) == bytes_
+    assert ours["int8_weight_bytes_over_fp32"] == 0.25  # int8 weights: a byte for each float32's four
+    int8 = parts["onnxruntime int8"]
+    assert int8["biases"] == parts["onnxruntime fp32"]["biases"]  # int32 in QDQ: as many bytes as float32
+    assert int8["graph"] < 0.1 * ours["bytes"]["onnxruntime int8"]  # short names: not the exporter's paths

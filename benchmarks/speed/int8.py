@@ -67,7 +67,8 @@ def _summary(arch: str, rep: dict[str, Any], solo: dict[str, float]) -> dict[str
     return {"int8_minus_fp32_points": (acc["onnxruntime int8"] - acc["onnxruntime fp32"]) * 100,
             "goal_within_half_point": acc["onnxruntime int8"] >= acc["onnxruntime fp32"] - 0.005,
             "int8_bytes_over_fp32": ours["int8_bytes_over_fp32"], "goal_bytes_quarter": ours["int8_bytes_over_fp32"]
-            <= 0.25, "factors": rep["factors"],
+            <= 0.25, "int8_weight_bytes_over_fp32": ours["int8_weight_bytes_over_fp32"], "bytes_by_part": ours["parts"],
+            "factors": rep["factors"],
             "goal_combined": {b: {"goal": g, "measured": rep["factors"][b].get("combined"),
                                   "met": (rep["factors"][b].get("combined") or 0) >= g}
                               for b, g in GOALS.get(arch, {}).items() if b in rep["factors"]},

@@ -16,7 +16,7 @@ from netslim.data import batches
 from netslim.errors import NetslimError
 from netslim.methods.base import Context, MethodOptions, MethodResult, register
 from netslim.methods.common.ranking import uniform_plan
-from netslim.surgery.graph import build_graph
+from netslim.surgery.graph import build_graph, out_channel_group
 
 
 @dataclass
@@ -54,8 +54,7 @@ def _tp_scores(ctx: Context, importance: tp.importance.Importance) -> dict[str, 
     out: dict[str, torch.Tensor] = {}
     for g in ctx.groups():
         module = model.get_submodule(g.root)
-        handler = tp.prune_conv_out_channels if isinstance(module, nn.Conv2d) else tp.prune_linear_out_channels
-        group = graph.get_pruning_group(module, handler, idxs=list(range(g.width)))
+        group = out_channel_group(graph, module, list(range(g.width)))
         score = importance(group)
         out[g.root] = torch.zeros(g.width) if score is None else score.detach().float().cpu()
     return out

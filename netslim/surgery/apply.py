@@ -14,7 +14,16 @@ from torch import nn
 from netslim.errors import NetslimError
 from netslim.plan import Plan
 from netslim.surgery.depth import drop_layers
-from netslim.surgery.graph import PRUNABLE, ChannelGroup, build_graph, channel_groups, group_members, out_width
+from netslim.surgery.graph import (
+    PRUNABLE,
+    ChannelGroup,
+    build_graph,
+    channel_groups,
+    check_forward,
+    group_members,
+    out_channel_group,
+    out_width,
+)
 
 
 def find_classifier(model: nn.Module) -> str:
@@ -94,12 +103,14 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
 
         factorize_layers(model, plan.factorize)
     _check_widths(model, plan)
+    check_forward(model, example, f"the network cut to this Plan does not run, so torch-pruning missed a channel "
+                  f"coupling in {plan.arch}'s code (a width its forward fixes, as MaxViT's attention reshapes to "
+                  f"its input's width); netslim cannot cut these layers")
     return model
 
 
 def _prune_out(graph: tp.DependencyGraph, module: nn.Module, idxs: list[int], names: dict) -> None:
-    handler = tp.prune_conv_out_channels if isinstance(module, nn.Conv2d) else tp.prune_linear_out_channels
-    group = graph.get_pruning_group(module, handler, idxs=idxs)
+    group = out_channel_group(graph, module, idxs)
     if not graph.check_pruning_group(group):
         raise NetslimError(f"torch-pruning refuses to cut {names[module]!r} to that width")
     group.prune()

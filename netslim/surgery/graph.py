@@ -7,8 +7,9 @@ Only groups torch-pruning cuts consistently are offered: every layer the cut rea
 pruning function keeps the network valid at any width (plain and depthwise convs, Linear, BatchNorm,
 LayerNorm on its last axis, affine InstanceNorm, PReLU, bare parameters). A cut reaching a grouped conv
 (it needs widths that are multiples of its groups, and torch-pruning's grouped in-channel cut picks the
-wrong kernel slices), multi-head attention (widths must divide into heads) or any other module is left
-out, as are layers the forward pass never calls (e.g. GoogLeNet's auxiliary heads in eval mode).
+wrong kernel slices), multi-head attention (widths must divide into heads), a group whose reshapes map a cut
+onto more channels of some layer than it has, or any other module is left out, as are layers the forward
+pass never calls (e.g. GoogLeNet's auxiliary heads in eval mode).
 `group_effects` says how many channels of which layer one cut channel removes, so a Plan's size can be
 computed by arithmetic (netslim.cost.sizemodel) instead of by surgery.
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import traceback
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -118,6 +119,36 @@ def unchanged_graph(graph: tp.DependencyGraph) -> Iterator[None]:
         tp_index_mapping.update_index_mapping = original
 
 
+def _set_compared_ops() -> Callable[[tp.Group, tp.Dependency, list], bool]:
+    """torch-pruning's Group.has_pruning_op, with index lists compared as sets: its reshape mappings return
+    indices in set order, so the same cut reached along another path looked new and was walked again (a
+    MaxViT's channel groups took more than 25 minutes to find; 7 s with this). Each list's set is made once."""
+    sets: dict[int, tuple[list, frozenset]] = {}  # id -> (the list, kept alive so its id stays its own; its set)
+
+    def as_set(idxs: list) -> frozenset:
+        if id(idxs) not in sets:
+            sets[id(idxs)] = (idxs, frozenset(idxs))
+        return sets[id(idxs)][1]
+
+    def has_pruning_op(self: tp.Group, dep: tp.Dependency, idxs: list) -> bool:
+        return any(have.target == dep.target and have.handler == dep.handler and len(have_idxs) == len(idxs)
+                   and as_set(have_idxs) == as_set(idxs) for have, have_idxs in self)
+
+    return has_pruning_op
+
+
+def out_channel_group(graph: tp.DependencyGraph, module: nn.Module, idxs: list[int]) -> tp.Group:
+    """torch-pruning's group that cuts output channels `idxs` of `module` (a Conv2d or Linear), found with
+    index lists compared as sets (`_set_compared_ops`)."""
+    handler = tp.prune_conv_out_channels if isinstance(module, nn.Conv2d) else tp.prune_linear_out_channels
+    original = tp.Group.has_pruning_op
+    tp.Group.has_pruning_op = _set_compared_ops()  # type: ignore[method-assign]
+    try:
+        return graph.get_pruning_group(module, handler, idxs=idxs)
+    finally:
+        tp.Group.has_pruning_op = original  # type: ignore[method-assign]
+
+
 def group_members(group: tp.Group, names: dict[nn.Module, str]) -> list[str]:
     """Names of Conv/Linear layers whose *output* channels are cut by this group."""
     out = []
@@ -161,6 +192,13 @@ def _safe(group: tp.Group) -> bool:
     return all(_kind(dep) is not None for dep, _ in group)
 
 
+def _any_width(graph: tp.DependencyGraph, module: nn.Module) -> bool:
+    """Whether torch-pruning can cut `module` to one channel: a group whose reshapes map the cut onto more
+    channels of some layer than it has (its reading of MaxViT's attention) cannot be cut to most widths."""
+    width = out_width(module)
+    return width < 2 or graph.check_pruning_group(out_channel_group(graph, module, list(range(width - 1))))
+
+
 def channel_groups(model: nn.Module, example_input: torch.Tensor, classifier: str,
                    graph: tp.DependencyGraph | None = None) -> list[ChannelGroup]:
     """Coupled groups of prunable output channels, excluding any group that reaches the classifier's outputs,
@@ -179,11 +217,10 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor, classifier: st
                 continue  # not on the forward path (an auxiliary head): left alone
             if isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels:
                 continue  # depthwise: its channels follow the layer that feeds it
-            handler = tp.prune_conv_out_channels if isinstance(module, nn.Conv2d) else tp.prune_linear_out_channels
-            group = graph.get_pruning_group(module, handler, idxs=[0])
+            group = out_channel_group(graph, module, [0])
             members = sorted(set(group_members(group, names)), key=order.__getitem__)
             seen.update(members)
-            if classifier in members or not _safe(group):
+            if classifier in members or not _safe(group) or not _any_width(graph, module):
                 continue
             groups.append(ChannelGroup(tuple(members), out_width(module)))
     return groups
@@ -245,8 +282,7 @@ def group_effects(graph: tp.DependencyGraph, model: nn.Module, groups: list[Chan
     with unchanged_graph(graph):
         for group in groups:
             root = model.get_submodule(group.root)
-            handler = tp.prune_conv_out_channels if isinstance(root, nn.Conv2d) else tp.prune_linear_out_channels
-            items = list(graph.get_pruning_group(root, handler, idxs=list(range(group.width))))
+            items = list(out_channel_group(graph, root, list(range(group.width))))
             out.append(_effects(items, group.width, names, graph))
     return out
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from netslim.errors import NetslimError
+from netslim.runtime.anatomy import onnx_bytes
 from netslim.runtime.forms import write_onnx
 from netslim.runtime.ort import OnnxRunner
 from netslim.runtime.quantize import (
@@ -81,6 +82,9 @@ def _scores(forms: Forms, inputs: list[torch.Tensor], labels: torch.Tensor, thre
               "onnxruntime int8": forms.int8.stat().st_size}
     return {"accuracy": {rt: float((p == labels).float().mean()) for rt, p in preds.items()}, "bytes": bytes_,
             "int8_bytes_over_fp32": bytes_["onnxruntime int8"] / bytes_["onnxruntime fp32"],
+            "parts": (parts := {rt: onnx_bytes(f) for rt, f in (("onnxruntime fp32", forms.fp32),
+                                                                ("onnxruntime int8", forms.int8))}),
+            "int8_weight_bytes_over_fp32": parts["onnxruntime int8"]["weights"] / parts["onnxruntime fp32"]["weights"],
             "top1_agreement_int8_vs_fp32": float((preds["onnxruntime int8"] == preds["onnxruntime fp32"]).float()
                                                  .mean()),
             "top1_agreement_int8_vs_pytorch": float((preds["onnxruntime int8"] == preds["pytorch fp32"]).float()
