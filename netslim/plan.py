@@ -1,8 +1,9 @@
 """The Plan: the one JSON document that methods hand to surgery.
 
 It names the base architecture and, per layer, the output channels to keep, the layers or blocks to
-drop and the layers to factorize. It holds no weights, so it can be read, diffed, edited by hand and
-replayed on a freshly built base model (that is how checkpoints reload).
+drop, the layers to factorize and, per multi-head attention, the heads to keep. It holds no weights, so
+it can be read, diffed, edited by hand and replayed on a freshly built base model (that is how
+checkpoints reload).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class Plan:
     keep: dict[str, list[int]] = field(default_factory=dict)
     drop: list[str] = field(default_factory=list)
     factorize: dict[str, dict[str, Any]] = field(default_factory=dict)
+    heads: dict[str, list[int]] = field(default_factory=dict)  # attention module -> kept head indices
     classes: list[int] | None = None
     method: str = "identity"
     meta: dict[str, Any] = field(default_factory=dict)
@@ -40,6 +42,8 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["input_size"] = list(self.input_size)
+        if not self.heads:  # written only when used, so a Plan without head cuts stays readable by older netslim
+            del d["heads"]
         return {"version": VERSION, **d}
 
     def to_json(self) -> str:
@@ -64,6 +68,7 @@ class Plan:
             raise NetslimError(f"plan is malformed: {e}") from None
         plan.input_size = tuple(plan.input_size)  # type: ignore[assignment]
         plan.keep = {k: sorted(int(i) for i in v) for k, v in plan.keep.items()}
+        plan.heads = {k: sorted(int(i) for i in v) for k, v in plan.heads.items()}
         return plan
 
     @classmethod
@@ -112,6 +117,8 @@ _FIELD_CHECKS: dict[str, tuple[Any, str]] = {
     "factorize": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(i, dict)
                                                         for k, i in v.items()),
                   "an object mapping layer names to objects"),
+    "heads": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _int_list(i) for k, i in v.items()),
+              "an object mapping attention module names to lists of head indices"),
     "classes": (lambda v: v is None or _int_list(v), "null or a list of class indices"),
     "method": (lambda v: isinstance(v, str), "a string"),
     "meta": (lambda v: isinstance(v, dict), "an object"),

@@ -26,19 +26,22 @@ from netslim.repair import Repair
 from netslim.workflows.compress import compress
 from netslim.workflows.export_int8 import export_int8_run
 
-CASES = "vgg16_bn:pfa-en:params=0.125,resnet56:pfa-en:flops=0.42"
+CASES = "vgg16_bn:pfa-en:params=0.125,resnet56:pfa-en:flops=0.42,resnet56:pfa-en:flops=0.42:round=8"
 GOALS = {"vgg16_bn": {"1": 15.0, "64": 8.0}, "resnet56": {"1": 4.0, "64": 4.0}}  # combined speedup, issue 18
 
 
-def _compressed(arch: str, method: str, target: str, args: Any, train: Any, test: Any) -> Path:
+def _compressed(arch: str, method: str, target: str, args: Any, train: Any, test: Any, round_to: int = 1) -> Path:
     """The run directory of the cut + lsq-repaired network (made once; --reuse keeps an existing one)."""
-    run = RUNS / f"int8{'-smoke' if args.smoke else ''}_{arch}_{method}_{target.replace('=', '')}"
+    rounded = f"_round{round_to}" if round_to > 1 else ""
+    run = RUNS / f"int8{'-smoke' if args.smoke else ''}_{arch}_{method}_{target.replace('=', '')}{rounded}"
     if args.reuse and (run / "model.safetensors").is_file():
         log(f"{arch}: reusing {run}")
         return run
     model, arch, _ = common.trained(arch)
-    log(f"{arch}: {method} to {target}, lsq repair on {args.repair_images} training images, no fine-tuning")
+    log(f"{arch}: {method} to {target}, widths rounded to {round_to}, lsq repair on {args.repair_images} training "
+        "images, no fine-tuning")
     compress(model, arch, train, test, method=method, target=parse_target(target), schedule=Schedule(epochs=0),
+             options={"round_to": round_to},
              device="cpu", calib_size=args.calib, out=run, overwrite=True, measure_latency=False,
              repair=Repair(mode="lsq", images=args.repair_images, holdout=min(256, args.repair_images)),
              data=str(CIFAR10), command=common.command())  # the base is given to the export by --base (TRAINED)
@@ -77,7 +80,8 @@ def _summary(arch: str, rep: dict[str, Any], solo: dict[str, float]) -> dict[str
 
 def main() -> None:
     ap = common.parser(__doc__, out="speed_int8_cpu.json", threads=2)
-    ap.add_argument("--cases", default=CASES, help="ARCH:METHOD:TARGET,... (shared networks)")
+    ap.add_argument("--cases", default=CASES, help="ARCH:METHOD:TARGET[:round=N],... (shared networks; N: kept "
+                    "widths rounded to a multiple of N)")
     ap.add_argument("--images", type=int, default=10000, help="test images for the accuracies (10000: all)")
     ap.add_argument("--calib", type=int, default=2000, help="training images for the method's analysis")
     ap.add_argument("--repair-images", type=int, default=2000, help="training images of the lsq refit")
@@ -101,8 +105,9 @@ def main() -> None:
     result: dict[str, Any] = {**common.stamp(args), "fine_tuning": "none (cut + least-squares refit only)",
                               "test_images": args.images, "cases": []}
     for case in args.cases.split(","):
-        arch, method, target = case.split(":")
-        run = _compressed(arch, method, target, args, train, test)
+        arch, method, target, *extra = case.split(":")
+        round_to = int(extra[0].removeprefix("round=")) if extra else 1
+        run = _compressed(arch, method, target, args, train, test, round_to)
         log(f"{arch}: exporting fp32 and int8 beside the base ({args.threads} threads)")
         rep = export_int8_run(run, data=str(CIFAR10), images=args.images, batches=(1, 64), threads=args.threads,
                               max_seconds=args.seconds, overwrite=True, calib_method=args.calib_method,
@@ -111,7 +116,7 @@ def main() -> None:
         summary = _summary(arch, rep, _solo(arch, [1, 64], args.threads, args.seconds / 2))
         for b, f in rep["factors"].items():
             log(f"{arch} batch {b}: " + ", ".join(f"{k} {v:.2f}x" for k, v in f.items()))
-        result["cases"].append({"arch": arch, "method": method, "target": target, "run": str(run),
+        result["cases"].append({"arch": arch, "method": method, "target": target, "round_to": round_to, "run": str(run),
                                 "summary": summary, "export": rep})
         common.write(args.out, result)  # after every case: a killed run keeps what it finished
 

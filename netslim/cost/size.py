@@ -2,6 +2,9 @@
 
 FLOPs come from torch.utils.flop_counter.FlopCounterMode, which counts a multiply-add as 2 FLOPs
 (convolutions and matmuls only); MACs are reported beside them because the papers quote MACs.
+Attention is counted the same on every device: nn.MultiheadAttention's fused fast path (which the counter
+does not see) is switched off while counting, and the CPU kernel of scaled_dot_product_attention gets the
+formula the counter has for the GPU ones, so a model weighs on a CPU what its meta copy weighs.
 Factorized or sparse layers are ordinary modules, so they are counted as the dense ops they run;
 their storage is what they report themselves (`stored_params()`, and CSR indices through
 `storage_bytes()`), since their dense masked weight is not what a deployment keeps.
@@ -21,12 +24,16 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from netslim.errors import NetslimError
 from netslim.plan import Plan
 
 PLAN_SIZES_KEPT = 256  # sizes cached per template (least recently used go first)
+# FlopCounterMode has a formula for the GPU attention kernels only; the CPU one does the same matmuls
+_CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+                  lambda q, k, v, *_, out_shape=None, **__: flop_counter.sdpa_flop_count(q, k, v)}
 
 
 class FlopCount(NamedTuple):
@@ -76,12 +83,15 @@ def count_flops(model: nn.Module, input_shape: Sequence[int]) -> FlopCount:
     was_training = net.training
     device, dtype = placement(net)
     net.eval()
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION) as counter:
             net(torch.zeros((1, *shape), device=device, dtype=dtype))
     except (RuntimeError, ValueError, TypeError) as exc:
         raise NetslimError(f"the model does not accept an input of shape {shape}: {exc}") from exc
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         net.train(was_training)
     flops = int(counter.get_total_flops())
     return FlopCount(flops=flops, macs=flops // 2)

@@ -8,9 +8,9 @@ which axes of which layers one cut channel removes (concatenations, depthwise pa
 parameters included). A Plan's size is then sums and products over those widths.
 
 It is exact or it says nothing: `size` returns None for a Plan it cannot express (depth drops,
-factorization, a group whose cut depends on which channels go, a width surgery would refuse), and a model
-whose FLOPs are not all Conv/Linear FLOPs (attention matmuls) or that has self-counted (factorized) layers
-gets no SizeModel at all; `fast_plan_size` then sizes by surgery.
+factorization, head cuts, a group whose cut depends on which channels go, a width surgery would refuse),
+and a model whose FLOPs are not all Conv/Linear FLOPs (attention matmuls) or that has self-counted
+(factorized) layers gets no SizeModel at all; `fast_plan_size` then sizes by surgery.
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ class SizeModel:
     def size(self, plan: Plan) -> dict[str, int] | None:
         """params, MACs, FLOPs and bytes of the planned network, or None when the Plan needs surgery to size."""
         model = self.model_ref()
-        if model is None or plan.drop or plan.factorize or tuple(plan.input_size) != self.input_size:
+        if model is None or plan.drop or plan.factorize or plan.heads \
+                or tuple(plan.input_size) != self.input_size:
             return None
         check_plan(plan, model, self.groups)  # the same refusals as surgery
         kept: dict[str, int] = {}

@@ -1,4 +1,4 @@
-"""Apply a Plan to a model: depth first, then channel cuts, then the class cut, then factorization.
+"""Apply a Plan to a model: depth first, then channel cuts, the class cut, head cuts, then factorization.
 
 Channel cuts go through torch-pruning's DependencyGraph, which carries a cut to BatchNorm, the next
 layer's inputs, residual adds, concatenations and depthwise convs. Works on the meta device, so a
@@ -24,6 +24,7 @@ from netslim.surgery.graph import (
     out_channel_group,
     out_width,
 )
+from netslim.surgery.heads import check_head_calls, check_heads, cut_heads
 
 
 def find_classifier(model: nn.Module) -> str:
@@ -47,9 +48,9 @@ def check_plan(plan: Plan, model: nn.Module, groups: list[ChannelGroup] | None =
             if name not in modules or name == "":
                 raise NetslimError(f"plan {section}: unknown layer {name!r} in {plan.arch}")
     for name in plan.drop:
-        for other in (*plan.keep, *plan.factorize):
+        for other in (*plan.keep, *plan.factorize, *plan.heads):
             if other == name or other.startswith(name + "."):
-                raise NetslimError(f"plan: layer {other!r} is kept or factorized but {name!r} is dropped")
+                raise NetslimError(f"plan: layer {other!r} is kept, factorized or head-cut but {name!r} is dropped")
     for name, idx in plan.keep.items():
         mod = modules[name]
         if not isinstance(mod, PRUNABLE):
@@ -59,6 +60,7 @@ def check_plan(plan: Plan, model: nn.Module, groups: list[ChannelGroup] | None =
         width = out_width(mod)
         if len(set(idx)) != len(idx) or min(idx) < 0 or max(idx) >= width:
             raise NetslimError(f"plan keep: indices for {name!r} must be distinct and in 0..{width - 1}")
+    check_heads(plan.heads, modules, plan.arch)
     if plan.classes is not None:
         if not plan.classes or min(plan.classes) < 0 or max(plan.classes) >= plan.num_classes:
             raise NetslimError(f"plan classes must be a non-empty subset of 0..{plan.num_classes - 1}")
@@ -84,6 +86,8 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     """Reshape `model` in place to the Plan's structure and return it (weights of kept channels survive)."""
     check_plan(plan, model)
     example = example_input(model, plan)
+    if plan.heads:
+        check_head_calls(model, plan.heads, example)
     drop_layers(model, plan.drop, example)
     classifier = find_classifier(model)
     graph = build_graph(model, example)
@@ -98,6 +102,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     if plan.classes is not None and len(plan.classes) != plan.num_classes:
         drop = sorted(set(range(plan.num_classes)) - set(plan.classes))
         tp.prune_linear_out_channels(model.get_submodule(classifier), drop)
+    cut_heads(model, plan.heads)  # after the channel cuts: torch-pruning's graph need not trace a CutAttention
     if plan.factorize:
         from netslim.surgery.factorized import factorize_layers  # lazy: only low-rank plans need it
 

@@ -192,11 +192,20 @@ def _safe(group: tp.Group) -> bool:
     return all(_kind(dep) is not None for dep, _ in group)
 
 
-def _any_width(graph: tp.DependencyGraph, module: nn.Module) -> bool:
-    """Whether torch-pruning can cut `module` to one channel: a group whose reshapes map the cut onto more
-    channels of some layer than it has (its reading of MaxViT's attention) cannot be cut to most widths."""
-    width = out_width(module)
-    return width < 2 or graph.check_pruning_group(out_channel_group(graph, module, list(range(width - 1))))
+def _any_width(graph: tp.DependencyGraph, group: tp.Group, width: int) -> bool:
+    """Whether a group found for one of its root's `width` channels scales to all of them: torch-pruning's
+    index maps are linear, so a layer that loses n channels per root channel loses n·width for the whole root.
+    More than it has means the reshapes map the cut wrongly (its reading of MaxViT's attention)."""
+    for dep, idxs in group:
+        if graph.is_out_channel_pruning_fn(dep.handler):
+            have = graph.get_out_channels(dep.target.module)
+        elif graph.is_in_channel_pruning_fn(dep.handler):
+            have = graph.get_in_channels(dep.target.module)
+        else:
+            continue
+        if have is not None and len(idxs) * width > have:
+            return False
+    return True
 
 
 def channel_groups(model: nn.Module, example_input: torch.Tensor, classifier: str,
@@ -220,7 +229,7 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor, classifier: st
             group = out_channel_group(graph, module, [0])
             members = sorted(set(group_members(group, names)), key=order.__getitem__)
             seen.update(members)
-            if classifier in members or not _safe(group) or not _any_width(graph, module):
+            if classifier in members or not _safe(group) or not _any_width(graph, group, out_width(module)):
                 continue
             groups.append(ChannelGroup(tuple(members), out_width(module)))
     return groups

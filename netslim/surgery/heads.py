@@ -1,0 +1,136 @@
+"""Whole attention heads as a unit to cut: the Plan's `heads` section, applied to nn.MultiheadAttention.
+
+torch-pruning's attention pruner cuts `embed_dim`, which is also the residual width the attention reads and
+writes; a head cut must leave that width alone and shrink only the inner width num_heads × head_dim.
+nn.MultiheadAttention cannot hold an inner width other than its input width, so a cut module is replaced by a
+CutAttention: the same forward signature and state-dict keys (in_proj_weight, in_proj_bias, out_proj.*), the
+kept heads' rows of q, k and v and the kept heads' columns of out_proj. A checkpoint reloads by replaying the
+Plan on the base model (the cut works on the meta device), then loading the tensors.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from netslim.errors import NetslimError
+
+_MHA_CALL = inspect.signature(nn.MultiheadAttention.forward)
+
+
+class CutAttention(nn.Module):
+    """Multi-head attention whose inner width (num_heads × head_dim) is below its input and output width
+    `embed_dim`; called as nn.MultiheadAttention is, without masks (a mask is shaped for the uncut heads)."""
+
+    def __init__(self, embed_dim: int, num_heads: int, head_dim: int, bias: bool = True, dropout: float = 0.0,
+                 batch_first: bool = False, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
+        self.dropout, self.batch_first = dropout, batch_first
+        inner = num_heads * head_dim
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * inner, embed_dim, device=device, dtype=dtype))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * inner, device=device, dtype=dtype)) if bias else None
+        self.out_proj = nn.Linear(inner, embed_dim, bias=bias, device=device, dtype=dtype)
+
+    @classmethod
+    def of(cls, mha: nn.MultiheadAttention, kept: list[int]) -> CutAttention:
+        """`mha` with only the heads `kept`: the same head slices of q, k and v, and of out_proj's inputs."""
+        w, d, e = mha.in_proj_weight, mha.head_dim, mha.embed_dim
+        cols = torch.tensor([h * d + j for h in kept for j in range(d)], device=w.device)
+        rows = torch.cat([cols + part * e for part in range(3)])
+        cut = cls(e, len(kept), d, mha.in_proj_bias is not None, mha.dropout, mha.batch_first, w.device, w.dtype)
+        with torch.no_grad():
+            cut.in_proj_weight.copy_(w.index_select(0, rows))
+            cut.out_proj.weight.copy_(mha.out_proj.weight.index_select(1, cols))
+            if cut.in_proj_bias is not None:
+                cut.in_proj_bias.copy_(mha.in_proj_bias.index_select(0, rows))
+                cut.out_proj.bias.copy_(mha.out_proj.bias)
+        return cut.train(mha.training)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if key_padding_mask is not None or attn_mask is not None or is_causal:
+            raise NetslimError("a head-cut attention (CutAttention) takes no masks")
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+        elif not self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        biases = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+        q, k, v = (F.linear(x, w, b).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+                   for x, w, b in zip((query, key, value), self.in_proj_weight.chunk(3), biases, strict=True))
+        p = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:  # the weights are asked for: the attention is computed in the open
+            weights = torch.softmax(q @ k.transpose(-2, -1) * self.head_dim ** -0.5, dim=-1)
+            out = F.dropout(weights, p) @ v
+            weights = weights.mean(1) if average_attn_weights else weights
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        out = self.out_proj(out.transpose(1, 2).flatten(2))
+        if not batched:
+            return out.squeeze(0), None if weights is None else weights.squeeze(0)
+        return (out if self.batch_first else out.transpose(0, 1)), weights
+
+
+def check_heads(heads: dict[str, list[int]], modules: dict[str, nn.Module], arch: str) -> None:
+    """A NetslimError for a `heads` entry that cannot apply: not an attention netslim cuts, or bad indices."""
+    for name, kept in heads.items():
+        mha = modules.get(name) if name else None
+        if mha is None:
+            raise NetslimError(f"plan heads: unknown layer {name!r} in {arch}")
+        if not isinstance(mha, nn.MultiheadAttention):
+            raise NetslimError(f"plan heads: {name!r} is a {type(mha).__name__}, not an nn.MultiheadAttention")
+        if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
+            raise NetslimError(f"plan heads: netslim cannot cut the heads of {name!r} (it has separate key/value "
+                               "widths, bias_k/bias_v or add_zero_attn)")
+        if not kept:
+            raise NetslimError(f"plan heads: attention {name!r} would have no heads left (keep at least one)")
+        if len(set(kept)) != len(kept) or min(kept) < 0 or max(kept) >= mha.num_heads:
+            raise NetslimError(f"plan heads: head indices for {name!r} must be distinct and in 0..{mha.num_heads - 1}")
+
+
+def check_head_calls(model: nn.Module, heads: dict[str, list[int]], example: torch.Tensor) -> None:
+    """Refuse attention the forward never calls, or calls with a mask (shaped for the uncut heads)."""
+    calls: dict[str, bool] = {}  # name -> called with a mask
+
+    def record(name: str) -> Callable[[nn.Module, tuple, dict], None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            bound = _MHA_CALL.bind(module, *args, **kwargs).arguments
+            masked = any(bound.get(k) is not None for k in ("key_padding_mask", "attn_mask")) or \
+                bool(bound.get("is_causal"))
+            calls[name] = calls.get(name, False) or masked
+        return hook
+
+    hooks = [model.get_submodule(n).register_forward_pre_hook(record(n), with_kwargs=True) for n in heads]
+    was = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    for name in heads:
+        if name not in calls:
+            raise NetslimError(f"plan heads: attention {name!r} is never called by the forward pass")
+        if calls[name]:
+            raise NetslimError(f"plan heads: attention {name!r} is called with a mask; netslim cuts heads only of "
+                               "unmasked attention")
+
+
+def cut_heads(model: nn.Module, heads: dict[str, list[int]]) -> None:
+    """Replace every attention of `heads` that loses a head by its CutAttention (checked beforehand)."""
+    for name, kept in heads.items():
+        mha = model.get_submodule(name)
+        if len(kept) == mha.num_heads:
+            continue
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, CutAttention.of(mha, sorted(kept)))
