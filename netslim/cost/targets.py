@@ -89,7 +89,7 @@ def bisect(make_plan: Callable[[float], Plan], target: Target, template: nn.Modu
     if target.kind not in ("params", "flops"):
         raise NetslimError(f"target {target} cannot be met by bisection on a Plan's size")
     top = make_plan(hi)
-    base = fast_plan_size(replace(top, keep={}, drop=[], factorize={}), template)
+    base = fast_plan_size(replace(top, keep={}, drop=[], factorize={}, heads={}), template)
     best = make_plan(lo)
     if not fits(best, target, base, template):
         got = fast_plan_size(best, template)[target.kind] / base[target.kind]
@@ -131,7 +131,8 @@ def latency_bisect(make_plan: Callable[[float], Plan], target: Target, template:
     cond = Conditions.make(getattr(target, "device", "cpu") or "cpu", getattr(target, "batch", 1) or 1,
                            getattr(target, "threads", None), runtime=getattr(target, "runtime", "torch"))
     top = make_plan(hi)
-    lat = LatencyModel(template, replace(top, keep={}, drop=[], factorize={}, meta={}), cond, cache_dir=cache_dir)
+    lat = LatencyModel(template, replace(top, keep={}, drop=[], factorize={}, heads={}, meta={}), cond,
+                       cache_dir=cache_dir)
 
     def predicted(goal: float) -> float:
         """Largest knob whose predicted latency ratio is at most `goal` (lo when none is)."""

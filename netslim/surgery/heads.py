@@ -88,7 +88,7 @@ def check_heads(heads: dict[str, list[int]], modules: dict[str, nn.Module], arch
             raise NetslimError(f"plan heads: unknown layer {name!r} in {arch}")
         if not isinstance(mha, nn.MultiheadAttention):
             raise NetslimError(f"plan heads: {name!r} is a {type(mha).__name__}, not an nn.MultiheadAttention")
-        if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
+        if not cuttable(mha):
             raise NetslimError(f"plan heads: netslim cannot cut the heads of {name!r} (it has separate key/value "
                                "widths, bias_k/bias_v or add_zero_attn)")
         if not kept:
@@ -97,19 +97,25 @@ def check_heads(heads: dict[str, list[int]], modules: dict[str, nn.Module], arch
             raise NetslimError(f"plan heads: head indices for {name!r} must be distinct and in 0..{mha.num_heads - 1}")
 
 
-def check_head_calls(model: nn.Module, heads: dict[str, list[int]], example: torch.Tensor) -> None:
-    """Refuse attention the forward never calls, or calls with a mask (shaped for the uncut heads)."""
-    calls: dict[str, bool] = {}  # name -> called with a mask
+def cuttable(mha: nn.MultiheadAttention) -> bool:
+    """Whether CutAttention can stand for `mha`: one embed width for q, k and v, no bias_k/bias_v, no zero attn."""
+    return bool(mha._qkv_same_embed_dim) and mha.bias_k is None and not mha.add_zero_attn
+
+
+def attention_calls(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, tuple[int, bool]]:
+    """Per attention of `names` the forward calls: (how many, whether any had a mask); uncalled ones are absent."""
+    calls: dict[str, tuple[int, bool]] = {}
 
     def record(name: str) -> Callable[[nn.Module, tuple, dict], None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             bound = _MHA_CALL.bind(module, *args, **kwargs).arguments
             masked = any(bound.get(k) is not None for k in ("key_padding_mask", "attn_mask")) or \
                 bool(bound.get("is_causal"))
-            calls[name] = calls.get(name, False) or masked
+            n, before = calls.get(name, (0, False))
+            calls[name] = (n + 1, before or masked)
         return hook
 
-    hooks = [model.get_submodule(n).register_forward_pre_hook(record(n), with_kwargs=True) for n in heads]
+    hooks = [model.get_submodule(n).register_forward_pre_hook(record(n), with_kwargs=True) for n in names]
     was = model.training
     try:
         with torch.no_grad():
@@ -118,10 +124,16 @@ def check_head_calls(model: nn.Module, heads: dict[str, list[int]], example: tor
         model.train(was)
         for h in hooks:
             h.remove()
+    return calls
+
+
+def check_head_calls(model: nn.Module, heads: dict[str, list[int]], example: torch.Tensor) -> None:
+    """Refuse attention the forward never calls, or calls with a mask (shaped for the uncut heads)."""
+    calls = attention_calls(model, list(heads), example)
     for name in heads:
         if name not in calls:
             raise NetslimError(f"plan heads: attention {name!r} is never called by the forward pass")
-        if calls[name]:
+        if calls[name][1]:
             raise NetslimError(f"plan heads: attention {name!r} is called with a mask; netslim cuts heads only of "
                                "unmasked attention")
 

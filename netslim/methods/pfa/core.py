@@ -2,7 +2,8 @@
 
 The spectrum of each layer's response covariance says how many filters it needs; the correlation
 matrix says which ones to drop. Coupled layers (residual adds, depthwise pairs) share one width, the
-largest any member asks for, and one selection, made on the members' mean |correlation|.
+largest any member asks for, and one selection, made on the members' mean |correlation|. Attention keeps
+whole heads by the same rules on its head outputs (heads.py), from the same τ under a budget.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from netslim.cost.targets import bisect, fits
 from netslim.errors import NetslimError
 from netslim.methods.base import Context, MethodResult, register
 from netslim.methods.common.ranking import plan_from_widths, planned_widths
+from netslim.methods.pfa.heads import HeadSpectrum, head_spectra, planned_heads
 from netslim.methods.pfa.options import MIN_FRACTION, PFAEnOptions, PFAOptions
-from netslim.methods.pfa.report import report
+from netslim.methods.pfa.report import head_report, report
 from netslim.methods.pfa.spectra import GroupSpectrum, spectra
 from netslim.plan import Plan
 
@@ -25,14 +27,28 @@ def _floor_options(ctx: Context, default_fraction: float) -> tuple[int, float]:
     return int(ctx.option("min_keep", 1)), float(ctx.option("min_fraction", default_fraction))
 
 
-def _result(plan: Plan, specs: list[GroupSpectrum], widths: dict[str, int], meta: dict) -> MethodResult:
+def _head_spectra(ctx: Context) -> list[HeadSpectrum]:
+    """The attention PFA cuts heads of (none with --opt heads=false); after spectra(), which checks the data."""
+    return head_spectra(ctx) if ctx.option("heads", True) else []
+
+
+def _with_heads(plan: Plan, heads: dict[str, list[int]]) -> Plan:
+    plan.heads = dict(heads)
+    return plan
+
+
+def _result(plan: Plan, specs: list[GroupSpectrum], widths: dict[str, int], meta: dict,
+            hspecs: list[HeadSpectrum]) -> MethodResult:
     sections, artifacts = report(specs, widths, meta)
+    if hspecs:
+        sections.append(head_report(hspecs, plan.heads))
     return MethodResult(plan, report=sections, artifacts=artifacts)
 
 
-def _plan(ctx: Context, method: str, widths: dict[str, int], specs: list[GroupSpectrum], meta: dict) -> MethodResult:
-    return _result(plan_from_widths(ctx, method, {s.root: s.scores() for s in specs}, widths, meta), specs, widths,
-                   meta)
+def _plan(ctx: Context, method: str, widths: dict[str, int], specs: list[GroupSpectrum], meta: dict,
+          hspecs: list[HeadSpectrum], heads: dict[str, list[int]]) -> MethodResult:
+    plan = plan_from_widths(ctx, method, {s.root: s.scores() for s in specs}, widths, meta)
+    return _result(_with_heads(plan, heads), specs, widths, meta, hspecs)
 
 
 @register("pfa-kl", "PFA-KL: parameter-free width from the KL divergence of each layer's spectrum",
@@ -42,8 +58,10 @@ def pfa_kl(ctx: Context) -> MethodResult:
     specs = spectra(ctx)
     if ctx.target is not None:
         raise NetslimError("pfa-kl is parameter-free; use --method pfa-en to meet a --target")
+    hspecs = _head_spectra(ctx)
     widths = {s.root: s.kl_width(min_keep, min_fraction) for s in specs}
-    return _plan(ctx, "pfa-kl", widths, specs, {"rule": "ceil(C (1 - KL/log C))"})
+    heads = planned_heads(hspecs, {h.name: h.kl_count(min_fraction) for h in hspecs})
+    return _plan(ctx, "pfa-kl", widths, specs, {"rule": "ceil(C (1 - KL/log C))"}, hspecs, heads)
 
 
 @register("pfa-en", "PFA-En: keep a fraction of each layer's spectral energy (--opt energy=F), or bisect it to "
@@ -51,38 +69,44 @@ def pfa_kl(ctx: Context) -> MethodResult:
 def pfa_en(ctx: Context) -> MethodResult:
     min_keep, min_fraction = _floor_options(ctx, MIN_FRACTION)
     specs = spectra(ctx)
+    hspecs = _head_spectra(ctx)
 
     def widths(tau: float) -> dict[str, int]:
         return {s.root: s.energy_width(tau, min_keep, min_fraction) for s in specs}
 
+    def heads(tau: float) -> dict[str, list[int]]:
+        return planned_heads(hspecs, {h.name: h.energy_count(tau, min_fraction) for h in hspecs})
+
     if ctx.target is None:
         tau = float(ctx.option("energy", 0.95))
-        return _plan(ctx, "pfa-en", widths(tau), specs, {"energy": tau})
+        return _plan(ctx, "pfa-en", widths(tau), specs, {"energy": tau}, hspecs, heads(tau))
     scores = {s.root: s.scores() for s in specs}
 
     def make(tau: float) -> Plan:
-        return plan_from_widths(ctx, "pfa-en", scores, widths(tau), {"energy": round(tau, 8)})
+        return _with_heads(plan_from_widths(ctx, "pfa-en", scores, widths(tau), {"energy": round(tau, 8)}),
+                           heads(tau))
 
     plan = bisect(make, ctx.target, ctx.template(), 0.0, 1.0,
-                  why=lambda _: _unreachable(ctx, specs, scores, min_keep, min_fraction))
-    tau = plan.meta["energy"]  # rounded for the record: the widths come from the plan itself
+                  why=lambda _: _unreachable(ctx, specs, scores, min_keep, min_fraction, hspecs))
+    tau, meta, kept_heads = plan.meta["energy"], dict(plan.meta), plan.heads  # τ rounded for the record
     kept = plan.widths()
     w, plan = _top_up(ctx, specs, {s.root: kept.get(s.root, s.width) for s in specs},
-                      lambda w: plan_from_widths(ctx, "pfa-en", scores, w, plan.meta))
-    return _result(plan, specs, w, {"energy": tau, "target": str(ctx.target)})
+                      lambda w: _with_heads(plan_from_widths(ctx, "pfa-en", scores, w, meta), kept_heads))
+    return _result(plan, specs, w, {"energy": tau, "target": str(ctx.target)}, hspecs)
 
 
 def _top_up(ctx: Context, specs: list[GroupSpectrum], widths: dict[str, int],
             make: Callable[[dict[str, int]], Plan]) -> tuple[dict[str, int], Plan]:
     """Spend what one shared τ leaves of the budget: add a filter (a `round_to` step) where the next
     eigenvalue holds the most energy, as long as the network still fits. One τ step can move several
-    layers at once, so the bisection alone may stop short by more than a filter's worth."""
+    layers at once, so the bisection alone may stop short by more than a filter's worth. The heads the
+    bisection kept stay as they are (whole heads are too coarse a step to top up with)."""
     assert ctx.target is not None
     target = ctx.target
     step = max(1, int(ctx.option("round_to", 1)))
     template = ctx.template()
     base = fast_plan_size(ctx.base_plan("pfa-en"), template)
-    sizes = SizeModel.of(template, ctx.input_size) if enabled() else None
+    sizes = SizeModel.of(template, ctx.input_size) if enabled() and not make(widths).heads else None
     open_ = {s.root: s for s in specs if s.analysable}
     added = 0
 
@@ -113,19 +137,22 @@ def _top_up(ctx: Context, specs: list[GroupSpectrum], widths: dict[str, int],
     return widths, plan
 
 
-def _unreachable(ctx: Context, specs: list[GroupSpectrum], scores: dict, min_keep: int, min_fraction: float) -> str:
+def _unreachable(ctx: Context, specs: list[GroupSpectrum], scores: dict, min_keep: int, min_fraction: float,
+                 hspecs: list[HeadSpectrum]) -> str:
     """Why PFA-En's smallest network is too big: groups kept whole for want of samples, the floor, or layers
-    that no channel group cuts."""
+    that no channel group cuts (attention beyond the heads PFA may cut)."""
     assert ctx.target is not None
     kind, fraction = ctx.target.kind, ctx.target.fraction
     template = ctx.template()
     base = fast_plan_size(ctx.base_plan("pfa-en"), template)[kind]
 
-    def kept(widths: dict[str, int]) -> float:
-        return fast_plan_size(plan_from_widths(ctx, "pfa-en", scores, widths), template)[kind] / base
+    def kept(widths: dict[str, int], heads: dict[str, list[int]]) -> float:
+        return fast_plan_size(_with_heads(plan_from_widths(ctx, "pfa-en", scores, widths), heads), template)[kind] \
+            / base
 
+    fewest = planned_heads(hspecs, {h.name: h.count(0, min_fraction) for h in hspecs})
     whole = sorted((s for s in specs if not s.analysable), key=lambda s: -s.width)
-    could = kept({s.root: s.floor(min_keep, min_fraction) for s in specs}) if whole else 0.0
+    could = kept({s.root: s.floor(min_keep, min_fraction) for s in specs}, fewest) if whole else 0.0
     reasons = []
     if whole:
         names = ", ".join(f"{s.root} ({s.width})" for s in whole[:3]) + (", ..." if len(whole) > 3 else "")
@@ -138,8 +165,10 @@ def _unreachable(ctx: Context, specs: list[GroupSpectrum], scores: dict, min_kee
         lower = "--opt min_fraction=0" + (" and min_keep=1" if min_keep > 1 else "")
         reasons.append(f"the floor keeps every analysed group at least max(min_keep={min_keep}, "
                        f"min_fraction={min_fraction:g} of its width) channels ({lower} lowers it)")
-        least = kept(dict.fromkeys((s.root for s in specs), 1))
+        least = kept(dict.fromkeys((s.root for s in specs), 1), {h.name: h.keep(1) for h in hspecs if h.heads > 1})
         if least > fraction:
-            reasons.append(f"even one channel per group keeps {least:.4f} of the {kind}: the rest is in layers no "
-                           "channel group cuts (grouped convolutions, attention, layers tied to the outputs)")
+            one = " and one head per attention" if hspecs else ""
+            attention = "attention's kept head" if hspecs else "attention"
+            reasons.append(f"even one channel per group{one} keeps {least:.4f} of the {kind}: the rest is in layers "
+                           f"no channel group cuts (grouped convolutions, {attention}, layers tied to the outputs)")
     return "; ".join(reasons)

@@ -1,4 +1,5 @@
-"""PFA's options (`--opt key=value`): the statistics it reads, the least a layer keeps, PFA-En's energy."""
+"""PFA's options (`--opt key=value`): the statistics it reads, the least a layer keeps, whether attention heads
+are cut, PFA-En's energy."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ class PFAOptions(MethodOptions):
     min_keep: int = field(default=1, metadata={"help": "filters every layer keeps at least"})
     min_fraction: float = field(default=0.0, metadata={"help": "fraction of each layer's width it keeps at "
                                                                 "least, 0..1"})
+    heads: bool = field(default=True, metadata={"help": "also keep whole heads of each nn.MultiheadAttention "
+                                                        "(ViT) by the spectrum of their outputs: true | false"})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from netslim.methods.base import Artifacts
 from netslim.methods.common.spectral import energy_kept, kl_divergence
+from netslim.methods.pfa.heads import HeadSpectrum
 from netslim.methods.pfa.spectra import GroupSpectrum
 from netslim.report.markdown import table
 from netslim.report.plots import figure, save_figure
@@ -26,6 +27,15 @@ def report(specs: list[GroupSpectrum], widths: dict[str, int], meta: dict) -> tu
     section = f"## PFA analysis ({settings})\n\nSpectra: ![spectra](spectra.png)\n\n" + table(
         ["layer (group root)", "C", "kept", "kept/C", "KL", "KL/log C", "energy kept", "samples"], rows)
     return [section], {"spectra.png": lambda path: spectra_plot(path, specs, widths)}
+
+
+def head_report(specs: list[HeadSpectrum], heads: dict[str, list[int]]) -> str:
+    """The markdown section on attention heads: per attention the heads kept and the order PFA drops them."""
+    rows = [[h.name, h.heads, h.head_dim, len(heads.get(h.name, range(h.heads))), ", ".join(map(str, heads[h.name]))
+             if h.name in heads else "all", " ".join(map(str, h.order)), f"{kl_divergence(h.eigs):.3f}",
+             h.samples if h.analysable else f"{h.samples} (≤ features: kept whole)"] for h in specs]
+    return "## PFA on attention heads (kept: ceil(d / head_dim) of the head-output spectrum)\n\n" + table(
+        ["attention", "heads", "head dim", "kept", "kept heads", "drop order", "KL", "samples"], rows)
 
 
 def spectra_plot(path: Path, specs: list[GroupSpectrum], widths: dict[str, int]) -> None:

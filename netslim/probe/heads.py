@@ -1,0 +1,105 @@
+"""Per-head outputs of nn.MultiheadAttention, streamed into statistics like any layer's response.
+
+A head's response is its `head_dim`-wide slice of the concatenated head outputs, the input of out_proj. That
+input cannot be hooked: nn.MultiheadAttention applies out_proj functionally (or in a fused kernel in eval).
+A forward hook on the attention recomputes it from the call's query, key and value and the in_proj weights,
+and checks that out_proj of it is the module's own output, so an attention this recomputation does not
+follow is refused instead of mis-measured. Tokens are reduced per image as for a Linear on tokens
+(reduce_response): max or mean over them, or every token a sample.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from netslim.errors import NetslimError
+from netslim.probe.collect import REDUCE_MODES, _split, reduce_response
+from netslim.probe.stats import LayerStats
+
+_MHA_CALL = inspect.signature(nn.MultiheadAttention.forward)
+
+
+def head_outputs(mha: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor,
+                 value: torch.Tensor) -> torch.Tensor:
+    """The concatenated head outputs (batch, tokens, num_heads × head_dim) of an unmasked call, in eval."""
+    if query.dim() == 2:
+        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+    elif not mha.batch_first:
+        query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+    biases = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None, None, None)
+    q, k, v = (F.linear(x, w, b).unflatten(-1, (mha.num_heads, mha.head_dim)).transpose(1, 2)
+               for x, w, b in zip((query, key, value), mha.in_proj_weight.chunk(3), biases, strict=True))
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).flatten(2)
+
+
+def _batch_first(mha: nn.MultiheadAttention, out: torch.Tensor) -> torch.Tensor:
+    return out.unsqueeze(0) if out.dim() == 2 else out if mha.batch_first else out.transpose(0, 1)
+
+
+class _HeadProbe:
+    """Forward hook of one attention: its head outputs, checked against the module's output, into `stats`."""
+
+    def __init__(self, name: str, mha: nn.MultiheadAttention, mode: str, device: torch.device) -> None:
+        self.name, self.mode, self.fired = name, mode, 0
+        self.stats = LayerStats.zeros(mha.embed_dim, None, device)
+
+    def __call__(self, mha: nn.Module, args: tuple, kwargs: dict, output: tuple) -> None:
+        self.fired += 1
+        bound = _MHA_CALL.bind(mha, *args, **kwargs).arguments
+        if any(bound.get(k) is not None for k in ("key_padding_mask", "attn_mask")) or bound.get("is_causal"):
+            raise NetslimError(f"attention {self.name!r} is called with a mask: its heads are not probed")
+        assert isinstance(mha, nn.MultiheadAttention)
+        heads = head_outputs(mha, bound["query"], bound["key"], bound["value"])
+        mine = F.linear(heads, mha.out_proj.weight, mha.out_proj.bias)
+        theirs = _batch_first(mha, output[0])
+        if mine.shape != theirs.shape or not torch.allclose(mine, theirs, rtol=1e-3,
+                                                             atol=1e-4 * (1 + float(theirs.abs().max()))):
+            raise NetslimError(f"attention {self.name!r}: its head outputs cannot be recomputed from its weights "
+                               "(a variant netslim does not follow); leave its heads whole (--opt heads=false)")
+        zt = reduce_response(heads, "linear", self.mode)
+        if not bool(torch.isfinite(zt).all()):
+            raise NetslimError(f"attention {self.name!r} produced NaN or Inf head outputs")
+        s = self.stats
+        s.count.add_(zt.shape[1])
+        s.sum.add_(zt.sum(dim=1))
+        s.outer.addmm_(zt, zt.T)
+
+
+def head_stats(model: nn.Module, batches: Iterable, names: list[str], reduce: str = "max",
+               device: str | torch.device = "cpu") -> dict[str, LayerStats]:
+    """Statistics (embed_dim features: head h is features h·head_dim … (h+1)·head_dim − 1) of the concatenated
+    head outputs of each nn.MultiheadAttention in `names`, over `batches` in eval mode. Results on the CPU."""
+    if reduce not in REDUCE_MODES:
+        raise NetslimError(f"reduce must be one of {', '.join(REDUCE_MODES)}, got {reduce!r}")
+    device = torch.device(device)
+    model.to(device)
+    probes = {n: _HeadProbe(n, model.get_submodule(n), reduce, device) for n in names}
+    handles = [model.get_submodule(n).register_forward_hook(p, with_kwargs=True) for n, p in probes.items()]
+    was = model.training
+    seen = False
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in batches:
+                x, _ = _split(batch)
+                for p in probes.values():
+                    p.fired = 0
+                model(x.to(device, non_blocking=True))
+                seen = True
+                for p in probes.values():
+                    if p.fired != 1:
+                        raise NetslimError(f"attention {p.name!r} ran {p.fired} times in one forward pass, "
+                                           "expected 1")
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    if not seen:
+        raise NetslimError("no calibration batches: the data set is empty")
+    return {n: p.stats.to("cpu") for n, p in probes.items()}
