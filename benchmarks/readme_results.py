@@ -25,29 +25,65 @@ def _ms(row: dict, batch: int) -> str:
     return "–" if ms is None else f"{ms:.1f}"
 
 
+def _acc(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+def _schedule(result: dict) -> str:
+    """The one recipe every row shares: fine-tuning, images, repair, distillation."""
+    s, rep = result["schedule"], result.get("repair")
+    images = (f" of {result['train_images']:,} training images" if "train_images" in result else "")
+    test = f"; test accuracy on {result['test_images']:,} test images" if "test_images" in result else ""
+    repair = (f"; repair {rep['mode']}" + (f" ({rep['target']} targets, {rep['images']:,} images)"
+                                           if rep["mode"] == "lsq" else "")) if rep else "; repair bn"
+    distill = f", distilled from the base (weight {s['distill']})" if s.get("distill") else ""
+    return (f"{result['date'][:10]}, {result['machine']['processor']}, torch {result['machine']['torch']}; "
+            f"every row fine-tuned {s['epochs']} epoch{'s' if s['epochs'] != 1 else ''}{images} (lr {s['lr']}, "
+            f"batch {s['batch_size']}, {s['schedule']}){distill}{repair}{test}; "
+            f"{result['calibration_images']:,} calibration images for the analysis.")
+
+
+def _notes(result: dict) -> list[str]:
+    """What a row's stage columns mean when its method is not a plain cut."""
+    notes = []
+    for r in result["rows"]:
+        meta = r.get("plan_meta") or {}
+        if r.get("init") == "scratch":
+            notes.append(f"{r['method']}: the designed network is re-initialised and trained from scratch for the "
+                         "same epochs, so its \"cut\" column is a random network's")
+        elif r.get("repair") == "method":
+            rounds = meta.get("finetune_rounds")
+            own = (f"after {rounds} prune-and-fine-tune round{'s' if rounds != 1 else ''} of its own" if rounds
+                   is not None else "the weights the method fitted itself")
+            notes.append(f"{r['method']}: \"method's network\" is {own}; the fine-tune column starts from it")
+    return [f"- {n}." for n in dict.fromkeys(notes)]
+
+
 def section(result: dict, name: str) -> str:
-    base, s = result["base"], result["schedule"]
-    lines = [f"### {result['arch']} — `{name}`", "",
-             f"{result['date'][:10]}, {result['machine']['processor']}, torch {result['machine']['torch']}; "
-             f"every method fine-tuned {s['epochs']} epoch{'s' if s['epochs'] != 1 else ''} "
-             f"(lr {s['lr']}, batch {s['batch_size']}, {s['schedule']}).",
-             "", "| target | method | acc. after surgery | after BN recal. | acc. after fine-tune | params | MACs "
-             "| CPU ms b=1 | CPU ms b=64 | analysis s |",
-             "|---|---|---|---|---|---|---|---|---|---|",
-             f"| – | base | {base['accuracy']:.4f} | – | {base['accuracy']:.4f} | {base['params']:,} | "
-             f"{base['macs']:,} | "
-             f"{_ms(base, 1)} | {_ms(base, 64)} | – |"]
+    base = result["base"]
+    lines = [f"### {result['arch']} — `{name}`", "", _schedule(result), "",
+             "| target | method | cut | after refit | after BN | method's network | after fine-tune | params (kept) "
+             "| MACs | bytes (fp32) | CPU ms b=1 | CPU ms b=64 | analysis s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+             f"| – | base (not fine-tuned) | – | – | – | – | {base['accuracy']:.4f} | {base['params']:,} | "
+             f"{base['macs']:,} | {base['bytes']:,} | {_ms(base, 1)} | {_ms(base, 64)} | – |"]
     for r in result["rows"]:
         own = "" if r["met_target"] else " (own size)"
-        recal = r.get("accuracy_after_bn_recalibration")
-        lines.append(f"| {r['target']}{own} | {r['method']} | {r['accuracy_after_surgery']:.4f} | "
-                     f"{'–' if recal is None else f'{recal:.4f}'} | "
-                     f"{r['accuracy']:.4f} | {r['params']:,} ({r['params_kept']:.3f}) | {r['macs']:,} | "
-                     f"{_ms(r, 1)} | {_ms(r, 64)} | {r.get('analysis_seconds', 0):.0f} |")
+        bn_kept = (r.get("bn_after_refit") or {}).get("kept", True)
+        bn = r.get("accuracy_after_bn_recalibration")
+        bn_cell = _acc(bn) + ("" if bn is None or bn_kept else " (dropped)")
+        lines.append(f"| {r['target']}{own} | {r['method']} | {_acc(r['accuracy_after_surgery'])} | "
+                     f"{_acc(r.get('accuracy_after_refit'))} | {bn_cell} | {_acc(r.get('accuracy_before_finetune'))} | "
+                     f"{_acc(r['accuracy'])} | {r['params']:,} ({r['params_kept']:.3f}) | {r['macs']:,} | "
+                     f"{r['bytes']:,} | {_ms(r, 1)} | {_ms(r, 64)} | {r.get('analysis_seconds', 0):.0f} |")
     command = result["command"]
     if "repair" not in result and "--repair" not in command:  # made before the refit existed: BN repair only
         command += " --repair bn"
-    lines += ["", f"Reproduce: `{command}`", ""]
+    notes = _notes(result)
+    lines += [""] + (notes + [""] if notes else []) + [
+        "bytes: the weights at float32 as a deployment stores them (a sparse part's indices included); "
+        "\"(dropped)\": BN re-estimation after the refit was measured but not kept (worse on held-out training "
+        "images).", "", f"Reproduce: `{command}`", ""]
     return "\n".join(lines)
 
 

@@ -154,8 +154,8 @@ def _bench(out: Path, model: nn.Module, arch: str, train: ImageSet, test: ImageS
             log(f"{target} {method}: acc {row['accuracy_after_surgery']:.4f} → {row['accuracy']:.4f}, "
                 f"params {row['params_kept']:.3f}")
     result = {"arch": arch, "base": base, "rows": rows, "schedule": asdict(schedule), "repair": asdict(repair),
-              "calibration_images":
-              calib_size, "machine": machine(), "command": command,
+              "calibration_images": calib_size, "train_images": len(train.labels), "test_images": len(test.labels),
+              "machine": machine(), "command": command,
               "statistics_passes": list(cache.passes), "date": _now()}
     write_results(out, result)
     return result
@@ -172,12 +172,13 @@ def _one(model: nn.Module, arch: str, train: ImageSet, test: ImageSet, method: s
     passes_before = len(cache.passes)
     found, _, seconds = analyse(model, arch, train, method, knob_target, options, device, calib_size=calib_size,
                                 cache=cache)
-    rec = run_stages(model, found, train, test, schedule=schedule, device=device,
-                     init=resolve_init(options.get("init"), method), repair=repair)
+    init = resolve_init(options.get("init"), method)
+    rec = run_stages(model, found, train, test, schedule=schedule, device=device, init=init, repair=repair)
     before, size, _ = measured_pair(model, rec.model, tuple(train.images.shape[1:]), device,  # type: ignore[arg-type]
                                     latency=measure_latency)
     plan = rec.plan or found.plan
-    return {"method": label, "target": str(target), "met_target": knob_target is not None, "repair": rec.repair,
+    return {"method": label, "target": str(target), "met_target": knob_target is not None, "init": init,
+            "repair": rec.repair,
             "repair_seconds": round(rec.repair_seconds, 1),
             **{k: getattr(rec, k) for k in ("accuracy_after_surgery", "accuracy_before_finetune",
                                             "accuracy_after_refit", "accuracy_after_bn_recalibration",

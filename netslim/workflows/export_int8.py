@@ -53,6 +53,7 @@ class Forms:
     exporter: str
     preprocess: str
     source_bytes: int | None = None  # the PyTorch weights file
+    source_dtypes: list[str] | None = None  # what that file stores its tensors as (float16 halves its bytes)
 
 
 def _forms(model: nn.Module, name: str, size: tuple[int, ...], work: Path, arrays: list, method: str,
@@ -89,7 +90,15 @@ def _scores(forms: Forms, inputs: list[torch.Tensor], labels: torch.Tensor, thre
                                                  .mean()),
             "top1_agreement_int8_vs_pytorch": float((preds["onnxruntime int8"] == preds["pytorch fp32"]).float()
                                                     .mean()),
-            "exporter": forms.exporter, "preprocess": forms.preprocess}
+            "pytorch_file_dtypes": forms.source_dtypes, "exporter": forms.exporter, "preprocess": forms.preprocess}
+
+
+def stored_dtypes(path: Path) -> list[str]:
+    """The dtypes a safetensors file stores its tensors in ("pytorch fp32" bytes are the file as it is)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return sorted({str(f.get_slice(k).get_dtype()) for k in f.keys()})
 
 
 def _runners(forms: Forms, threads: int) -> list[Any]:
@@ -186,7 +195,7 @@ def export_int8_run(run_dir: Path, out: Path | None = None, data: str | None = N
             h_in, h_lab = map(list, zip(*batches_of(held, 100), strict=True))
             sens = (h_in, torch.cat(h_lab), max_drop, threads)
         compressed, sensitivity = _forms(model, "compressed", size, work, arrays, calib_method, sens)
-        compressed.source_bytes = source.stat().st_size
+        compressed.source_bytes, compressed.source_dtypes = source.stat().st_size, stored_dtypes(source)
         check = check_predictions(model, OnnxRunner(compressed.fp32, threads), inputs)
         check["inputs"] = f"{len(labels)} test images of {data}"
         if not check["ok"]:
@@ -195,7 +204,8 @@ def export_int8_run(run_dir: Path, out: Path | None = None, data: str | None = N
         networks = {"compressed": compressed}
         if base_model is not None:
             networks["base"], _ = _forms(base_model, "base", size, work, arrays, calib_method)
-            networks["base"].source_bytes = Path(base_note["weights"]).stat().st_size
+            weights, forms = Path(base_note["weights"]), networks["base"]
+            forms.source_bytes, forms.source_dtypes = weights.stat().st_size, stored_dtypes(weights)
         with torch.inference_mode():
             scores = {name: _scores(f, inputs, labels, threads) for name, f in networks.items()}
         latency, factors = time_forms(dict(reversed(networks.items())), size, batches, threads, max_seconds)
