@@ -24,9 +24,11 @@ from netslim.probe.stats import LayerStats
 _MHA_CALL = inspect.signature(nn.MultiheadAttention.forward)
 
 
-def head_outputs(mha: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor,
-                 value: torch.Tensor) -> torch.Tensor:
-    """The concatenated head outputs (batch, tokens, num_heads × head_dim) of an unmasked call, in eval."""
+def head_qkv(mha: nn.Module, query: torch.Tensor, key: torch.Tensor,
+             value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v as (batch, heads, tokens, head_dim) from an attention's packed in-projection (nn.MultiheadAttention
+    or surgery's CutAttention: `in_proj_weight`, `in_proj_bias`, `num_heads`, `head_dim`, `batch_first`), for a
+    batched or unbatched call."""
     if query.dim() == 2:
         query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
     elif not mha.batch_first:
@@ -34,7 +36,13 @@ def head_outputs(mha: nn.MultiheadAttention, query: torch.Tensor, key: torch.Ten
     biases = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None, None, None)
     q, k, v = (F.linear(x, w, b).unflatten(-1, (mha.num_heads, mha.head_dim)).transpose(1, 2)
                for x, w, b in zip((query, key, value), mha.in_proj_weight.chunk(3), biases, strict=True))
-    out = F.scaled_dot_product_attention(q, k, v)
+    return q, k, v
+
+
+def head_outputs(mha: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor,
+                 value: torch.Tensor) -> torch.Tensor:
+    """The concatenated head outputs (batch, tokens, num_heads × head_dim) of an unmasked call, in eval."""
+    out = F.scaled_dot_product_attention(*head_qkv(mha, query, key, value))
     return out.transpose(1, 2).flatten(2)
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from netslim.errors import NetslimError
+from netslim.probe.heads import head_qkv
 
 _MHA_CALL = inspect.signature(nn.MultiheadAttention.forward)
 
@@ -59,13 +60,7 @@ class CutAttention(nn.Module):
         if key_padding_mask is not None or attn_mask is not None or is_causal:
             raise NetslimError("a head-cut attention (CutAttention) takes no masks")
         batched = query.dim() == 3
-        if not batched:
-            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-        elif not self.batch_first:
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        biases = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
-        q, k, v = (F.linear(x, w, b).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
-                   for x, w, b in zip((query, key, value), self.in_proj_weight.chunk(3), biases, strict=True))
+        q, k, v = head_qkv(self, query, key, value)
         p = self.dropout if self.training else 0.0
         weights = None
         if need_weights:  # the weights are asked for: the attention is computed in the open
