@@ -15,8 +15,8 @@ import typer
 from netslim.errors import NetslimError
 
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="architecture: vgg16_bn, resnet56, vit_tiny, "
-                                                                    "tv:resnet18, pkg.module:function (read from "
-                                                                    "netslim files)")]
+                                                                    "tv:resnet18, timm:resnet18, pkg.module:function "
+                                                                    "(read from netslim files)")]
 WeightsOpt = Annotated[Path | None, typer.Option("--weights", "-w", help="trained weights (.safetensors)")]
 DataOpt = Annotated[str, typer.Option("--data", "-d", help="digits | cifar10:ROOT | archive.tar.gz | ImageFolder dir")]
 ClassesOpt = Annotated[str | None, typer.Option("--classes", help="comma-separated subset of classes (task)")]

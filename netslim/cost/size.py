@@ -196,7 +196,8 @@ def plan_size(plan: Plan, template: nn.Module | None = None) -> dict[str, int]:
         return dict(cache[key])
     if template is None:
         with torch.device("meta"):
-            model = build(plan.arch, num_classes=plan.num_classes, in_channels=plan.input_size[0])
+            model = build(plan.arch, num_classes=plan.num_classes, in_channels=plan.input_size[0],
+                          image_size=tuple(plan.input_size[1:]), allow_code=False)  # a Plan may come from a file
     else:
         model = copy.deepcopy(template).to("meta")
     # Surgery runs outside a meta device context: torch-pruning builds index tensors on the default device

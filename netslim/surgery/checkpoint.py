@@ -121,8 +121,11 @@ def build_from_plan(plan: Plan, device: str | torch.device = "cpu", *, arch: str
 
     allow_code = arch is not None and arch.strip() == plan.arch.strip()
     with torch.device("meta"):
-        model = build(plan.arch, num_classes=plan.num_classes, in_channels=plan.input_size[0], allow_code=allow_code)
-        apply_plan(model, plan)
+        model = build(plan.arch, num_classes=plan.num_classes, in_channels=plan.input_size[0], allow_code=allow_code,
+                      image_size=tuple(plan.input_size[1:]))
+    # Surgery outside the meta context (as in plan_size): torch-pruning builds its index tensors on the default
+    # device and moves them to the weights'; a default of meta breaks its LayerNorm cut (a ViT's residual stream).
+    apply_plan(model, plan)
     return model.to_empty(device=device)
 
 

@@ -30,16 +30,17 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
-def load_trained(weights: Path | None, arch: str | None, num_classes: int,
-                 in_channels: int | None = None) -> tuple[nn.Module, str, Plan | None]:
+def load_trained(weights: Path | None, arch: str | None, num_classes: int, in_channels: int | None = None,
+                 image_size: tuple[int, int] | None = None) -> tuple[nn.Module, str, Plan | None]:
     """A model from a weights file: a netslim file carries its own architecture and Plan;
-    a plain state dict needs `arch`. Without weights, a freshly initialised `arch`."""
+    a plain state dict needs `arch`. Without weights, a freshly initialised `arch`. `image_size` (H, W) of the
+    data: the timm models whose shapes depend on it (ViTs) are built for it."""
     from netslim.zoo import build
 
     if weights is None:
         if arch is None:
             raise NetslimError("give --model ARCH (and --weights FILE for a trained network)")
-        return build(arch, num_classes=num_classes, in_channels=in_channels), arch, None
+        return build(arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size), arch, None
     tensors, meta = read_tensors(Path(weights))
     plan = plan_of(meta, str(weights))
     if plan is not None:
@@ -52,7 +53,7 @@ def load_trained(weights: Path | None, arch: str | None, num_classes: int,
         raise NetslimError(f"{weights} does not say its architecture; give --model ARCH")
     given = arch is not None
     arch = arch if given else meta["arch"]
-    model = build(arch, num_classes=num_classes, in_channels=in_channels, allow_code=given)
+    model = build(arch, num_classes=num_classes, in_channels=in_channels, allow_code=given, image_size=image_size)
     load_tensors(model, tensors, str(weights), arch)
     return model.eval(), arch, None
 
@@ -81,9 +82,10 @@ def _inputs(model: nn.Module | str, data: str | tuple[ImageSet, ImageSet], weigh
         train, test = data
         n = len(train.classes)
     if isinstance(model, str):
-        model, arch, _ = load_trained(weights, model, n, train.images.shape[1])
+        model, arch, _ = load_trained(weights, model, n, train.images.shape[1], tuple(train.images.shape[2:]))
     if arch is None:
-        raise NetslimError("give arch=... (a zoo name, 'tv:<name>' or 'module:function') so the result can reload")
+        raise NetslimError("give arch=... (a zoo name, 'tv:<name>', 'timm:<name>' or 'module:function') "
+                           "so the result can reload")
     return model, arch, train, test
 
 

@@ -65,8 +65,8 @@ def load_base(weights: Path, plan: Plan) -> nn.Module:
     if own is not None and own.arch != plan.arch:
         raise NetslimError(f"base weights {weights} hold a {own.arch!r} network, the run a {plan.arch!r} one")
     with torch.device("meta"):
-        model = build(plan.arch, num_classes=plan.num_classes, in_channels=plan.input_size[0], allow_code=False) \
-            if own is None else build_from_plan(own, "meta")
+        model = build(plan.arch, num_classes=plan.num_classes, in_channels=plan.input_size[0], allow_code=False,
+                      image_size=tuple(plan.input_size[1:])) if own is None else build_from_plan(own, "meta")
     model = model.to_empty(device="cpu")
     load_tensors(model, tensors, str(weights), plan.arch)
     if plan.classes is not None:  # the run scores a subset of the base's classes: compare like with like

@@ -121,7 +121,7 @@ def load_task(data: str, classes: list[str] | None, cache_dir: Path | None, weig
     test = load_dataset(data, "test", cache_dir=cache_dir)
     train = full if keep is None else select_classes(full, keep, data, "train")
     test = test if keep is None else select_classes(test, keep, data, "test")
-    model, arch, plan = load_trained(weights, arch, len(full.classes), full.input_size[0])
+    model, arch, plan = load_trained(weights, arch, len(full.classes), full.input_size[0], full.input_size[1:])
     check_input(plan, train, data, str(weights))
     if plan is None:
         check_runs(model, train, data, arch)

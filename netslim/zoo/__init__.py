@@ -1,7 +1,8 @@
 """Architecture registry: one string names a network, so a Plan or checkpoint can rebuild it later.
 
 Accepted names: the built-in CIFAR-size networks (`list_archs()`), `tv:<name>` for any torchvision
-classification model (random weights), and `package.module:function` for a user factory that is
+classification model (random weights), `timm:<name>` for any timm model (random weights; timm is the
+optional extra netslim[timm]), and `package.module:function` for a user factory that is
 called as `function(num_classes=...)` (plus `in_channels=...` when it accepts that argument).
 """
 
@@ -22,6 +23,8 @@ from netslim.zoo.alexnet import CifarAlexNet
 from netslim.zoo.mobilenet import MobileNetV2
 from netslim.zoo.resnet import DEPTHS, BasicBlock, CifarResNet, resnet
 from netslim.zoo.small import SmallCNN
+from netslim.zoo.timm_models import PREFIX as _TIMM
+from netslim.zoo.timm_models import build_timm, default_input
 from netslim.zoo.vgg import CONFIGS, VGG, vgg
 from netslim.zoo.vit import vit_tiny
 
@@ -65,7 +68,7 @@ _OTHER_INPUT = (3, 32, 32)
 
 
 def list_archs() -> list[str]:
-    """Canonical names of the built-in architectures (tv: and module:function forms are open-ended)."""
+    """Canonical names of the built-in architectures (tv:, timm: and module:function forms are open-ended)."""
     return sorted(_REGISTRY)
 
 
@@ -73,12 +76,15 @@ def _canonical(arch: str) -> str:
     return _ALIASES.get(arch, arch)
 
 
-def build(arch: str, num_classes: int = 10, in_channels: int | None = None, *, allow_code: bool = True) -> nn.Module:
+def build(arch: str, num_classes: int = 10, in_channels: int | None = None, *, allow_code: bool = True,
+          image_size: tuple[int, int] | None = None) -> nn.Module:
     """A freshly initialised network.
 
     `in_channels=None` means the architecture's default (1 for small_cnn, 3 otherwise). `allow_code=False`
     refuses a `package.module:function` name: a name read from a file must never make netslim import and
-    call Python code; only the user's own --model (or Python call) may.
+    call Python code; only the user's own --model (or Python call) may (a `timm:` name only selects a model
+    timm registered, so it is built either way). `image_size` (H, W) reaches the timm models that fix their
+    shapes to it (ViT position embeddings); the other architectures take any input size and ignore it.
     """
     if num_classes < 1:
         raise NetslimError(f"num_classes must be at least 1, got {num_classes}")
@@ -89,6 +95,8 @@ def build(arch: str, num_classes: int = 10, in_channels: int | None = None, *, a
         return entry.factory(num_classes=num_classes, in_channels=channels)
     if arch.startswith("tv:"):
         return _build_torchvision(arch[3:], num_classes, in_channels)
+    if arch.startswith(_TIMM):
+        return build_timm(arch[len(_TIMM):], num_classes, in_channels, image_size)
     if ":" in arch:
         if not allow_code:
             raise NetslimError(f"architecture {arch!r} is a Python factory named by a file; netslim never imports "
@@ -98,7 +106,7 @@ def build(arch: str, num_classes: int = 10, in_channels: int | None = None, *, a
 
 
 def arch_info(arch: str) -> ArchInfo:
-    """Static facts about `arch`; torchvision and user models are built (on the meta device) to find them."""
+    """Static facts about `arch`; torchvision, timm and user models are built (on the meta device) to find them."""
     name = _canonical(arch.strip())
     if name in _REGISTRY:
         e = _REGISTRY[name]
@@ -112,7 +120,7 @@ def arch_info(arch: str) -> ArchInfo:
         raise
     except Exception:  # a factory that cannot run on the meta device: build it for real
         model = build(name)
-    default = _TV_INPUT if name.startswith("tv:") else _OTHER_INPUT
+    default = _TV_INPUT if name.startswith("tv:") else default_input(model) if name.startswith(_TIMM) else _OTHER_INPUT
     size = tuple(getattr(model, "input_size", default))
     return ArchInfo(name, "other", size, _final_layer(model))  # type: ignore[arg-type]
 
@@ -168,4 +176,4 @@ def _build_user(spec: str, num_classes: int, in_channels: int | None) -> nn.Modu
 
 def _unknown_message(arch: str) -> str:
     return (f"unknown architecture {arch!r}; valid names: {', '.join(list_archs())}, "
-            "'tv:<torchvision model name>' or 'package.module:function'")
+            "'tv:<torchvision model name>', 'timm:<timm model name>' or 'package.module:function'")
