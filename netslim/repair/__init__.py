@@ -2,7 +2,9 @@
 
 `lsq_refit` (least squares per layer, He et al. 2017 / ThiNet) and the cheaper `compensate_bias`
 (mean shift into the bias) both work in place on the cut network, in forward order, from streamed
-statistics, and return a `RefitReport`. BatchNorm re-estimation (netslim.train.bn) follows either.
+statistics, and return a `RefitReport`. An attention that lost heads counts as a consumer too: its out_proj
+is refitted from the kept heads' recomputed outputs (netslim.repair.attention). BatchNorm re-estimation
+(netslim.train.bn) follows either.
 `thinet_select` re-chooses which channels a Plan keeps (ThiNet's greedy), before the cut.
 """
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from netslim.plan import Plan
+from netslim.repair.attention import paired_heads
 from netslim.repair.capture import Batches, eval_modes, example_batch, iterate, paired_patches, restore_modes, targets
 from netslim.repair.layers import Job, find_jobs
 from netslim.repair.report import LayerRepair, RefitReport
@@ -56,7 +57,9 @@ def residuals(original: nn.Module, cut: nn.Module, job: Job, batches: Iterable[A
               seed: int, device: str | torch.device) -> _Residual:
     lo, lc = original.get_submodule(job.name), cut.get_submodule(job.name)
     acc = _Residual()
-    for xo, xc, n in paired_patches(original, cut, job.name, batches, positions=positions, seed=seed, device=device):
+    pairs = paired_heads(original, cut, job.attention, batches, device=device) if job.attention is not None else \
+        paired_patches(original, cut, job.name, batches, positions=positions, seed=seed, device=device)
+    for xo, xc, n in pairs:
         y = targets(lo, xo, job.out_idx)
         acc.add(y - _outputs(lc, xc), y, n)
     return acc

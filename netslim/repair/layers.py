@@ -1,7 +1,9 @@
 """Which layers of a cut network need repair, which output channels of the original they kept, and
 where a fitted bias can go.
 
-A layer needs repair when its input width differs from the original's (it consumes a cut layer).
+A layer needs repair when its input width differs from the original's (it consumes a cut layer). So does the
+out_proj of an attention that lost heads (netslim.repair.attention): its job is named `<attention>.out_proj`
+and sits where the attention is called, so it is fitted in forward order like any layer.
 Its kept output channels come from the Plan when one is given (the coupled channel groups, exactly as
 surgery applied them) and otherwise from the weights: surgery slices weights without changing them,
 so each cut row equals an original row restricted to the kept inputs, in the same order.
@@ -19,11 +21,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from netslim.plan import Plan
 from netslim.probe.points import response_modules
+from netslim.repair.attention import recomputable
 from netslim.surgery.apply import find_classifier
 from netslim.surgery.depth import call_order, drop_layers
 from netslim.surgery.graph import channel_groups
+from netslim.surgery.heads import CutAttention
 
 LAYERS = (nn.Conv2d, nn.Linear)
+ATTENTIONS = (nn.MultiheadAttention, CutAttention)
 MAX_DIM = 8192  # inputs per output of one fit: G is dim² float64 (512 MB at this size)
 
 
@@ -35,6 +40,7 @@ class Job:
     reason: str | None = None
     out_idx: torch.Tensor | None = None  # the original's output channels the cut layer kept
     bn: _BatchNorm | None = None  # BN right after it in the cut network (where a bias can be folded)
+    attention: str | None = None  # the layer is this attention's out_proj: inputs recomputed, not hooked
 
 
 def in_width(m: nn.Module) -> int:
@@ -130,18 +136,28 @@ def find_jobs(original: nn.Module, cut: nn.Module, example: torch.Tensor, plan: 
               layers: list[str] | None = None) -> list[Job]:
     """Consumers of cut layers in forward order (input → output), with the layers that cannot be refitted.
 
-    `layers`: only these, each taken even when its input width is unchanged (e.g. after a dropped block).
+    `layers`: only these, each taken even when its input width is unchanged (e.g. after a dropped block); an
+    attention's out_proj is named `<attention>.out_proj`.
     """
-    order = call_order(original, example, LAYERS)
-    calls = Counter(call_order(cut, example, LAYERS))
+    order = call_order(original, example, LAYERS + ATTENTIONS)
+    calls = Counter(call_order(cut, example, LAYERS + ATTENTIONS))
     cut_mods = dict(cut.named_modules())
     keep = plan_outputs(original, plan, example) if plan is not None else {}
     bns = following_bns(cut, example)
+    heads = [n for n in dict.fromkeys(order)
+             if isinstance(original.get_submodule(n), ATTENTIONS) and _heads_cut(original, cut_mods.get(n), n, layers)]
+    live = [n for n in heads if isinstance(cut_mods.get(n), ATTENTIONS)]
+    follow = (recomputable(original, live, example) & recomputable(cut, live, example)) if live else set()
+    outs = {f"{n}.out_proj" for n in heads}
     jobs = []
     for name in dict.fromkeys(order):
-        if layers is not None and name not in layers:
-            continue
         om, cm = original.get_submodule(name), cut_mods.get(name)
+        if isinstance(om, ATTENTIONS):
+            if name in heads:
+                jobs.append(_attention_job(name, om, cm, calls[name], name in follow))
+            continue
+        if (layers is not None and name not in layers) or name in outs:  # an out_proj is its attention's job
+            continue
         if cm is None or isinstance(cm, nn.Identity):
             jobs.append(Job(name, "dropped"))
         elif not isinstance(cm, LAYERS):
@@ -149,6 +165,31 @@ def find_jobs(original: nn.Module, cut: nn.Module, example: torch.Tensor, plan: 
         elif in_width(cm) != in_width(om) or (layers is not None and name in layers):
             jobs.append(_job(name, om, cm, keep.get(name), calls[name], bns.get(name)))
     return jobs
+
+
+def _heads_cut(original: nn.Module, cm: nn.Module | None, name: str, layers: list[str] | None) -> bool:
+    """Whether attention `name`'s out_proj is a job: it lost heads, or `layers` names it."""
+    if layers is not None:
+        return f"{name}.out_proj" in layers
+    inner = original.get_submodule(name).out_proj.in_features
+    return cm is None or not isinstance(cm, ATTENTIONS) or cm.out_proj.in_features != inner
+
+
+def _attention_job(name: str, om: nn.Module, cm: nn.Module | None, calls: int, follows: bool) -> Job:
+    out = f"{name}.out_proj"
+    if cm is None or isinstance(cm, nn.Identity):
+        return Job(out, "dropped")
+    if not isinstance(cm, ATTENTIONS):
+        return Job(out, f"attention replaced by {type(cm).__name__}")
+    if calls != 1:
+        return Job(out, f"attention called {calls} times per forward")
+    if cm.out_proj.out_features != om.out_proj.out_features:
+        return Job(out, "its output width changed")
+    if fit_dim(cm.out_proj) + 1 > MAX_DIM:
+        return Job(out, f"too wide to fit ({fit_dim(cm.out_proj)} inputs per output > {MAX_DIM})")
+    if not follows:
+        return Job(out, "its head outputs cannot be recomputed (masked, or a variant netslim does not follow)")
+    return Job(out, None, torch.arange(om.out_proj.out_features, device=cm.out_proj.weight.device), None, name)
 
 
 def _job(name: str, om: nn.Module, cm: nn.Module, kept: list[int] | None, calls: int, bn: _BatchNorm | None) -> Job:

@@ -20,6 +20,9 @@ output: with s the BN's multiplier, its target becomes Y + (R − R′)/s, R and
 original and the cut network, so the layer also absorbs what earlier cuts left in the skip path (a block's
 conv2 fits the block's output). Other layers (and every layer when the walks cannot be used) fit their own
 output.
+Attention that lost heads: its out_proj is refitted the same way, to the uncut attention's output (its own,
+not a residual sum), from the kept heads' outputs recomputed from the call's query, key and value
+(netslim.repair.attention); it is reported as `<attention>.out_proj`.
 Layers of a dropped block, factorized layers, layers called twice per forward: reported as skipped.
 """
 
@@ -35,6 +38,7 @@ from torch import nn
 
 from netslim.errors import NetslimError
 from netslim.plan import Plan
+from netslim.repair.attention import head_rows, paired_heads
 from netslim.repair.capture import (
     Batches,
     eval_modes,
@@ -124,9 +128,12 @@ def accumulate(original: nn.Module, cut: nn.Module, job: Job, batches: Iterable[
     lo, lc = original.get_submodule(job.name), cut.get_submodule(job.name)
     groups = lc.groups if isinstance(lc, nn.Conv2d) else 1
     mom: Moments | None = None
-    if isinstance(batches, Walks):
-        pairs: Iterable[tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]] = \
-            batches.patches(lo, lc, job, positions, seed, block)
+    pairs: Iterable[tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]]
+    if job.attention is not None:  # out_proj: all heads' outputs in the original, the kept ones in the cut
+        pairs = batches.heads(job.attention) if isinstance(batches, Walks) else \
+            ((*p, None) for p in paired_heads(original, cut, job.attention, batches, device=device))
+    elif isinstance(batches, Walks):
+        pairs = batches.patches(lo, lc, job, positions, seed, block)
     else:
         pairs = ((*p, None) for p in paired_patches(original, cut, job.name, batches, positions=positions,
                                                      seed=seed, device=device))
@@ -238,6 +245,13 @@ class Walks:
 
     def __init__(self, original: Walk, cut: Walk) -> None:
         self.original, self.cut = original, cut
+
+    def heads(self, attention: str) -> Iterable[tuple[torch.Tensor, torch.Tensor, int, None]]:
+        """Per batch, the head outputs of `attention` in both networks (netslim.repair.attention.head_rows)."""
+        ao, ac = self.original.gm.get_submodule(attention), self.cut.gm.get_submodule(attention)
+        calls = zip(self.original.call(attention), self.cut.call(attention), self.original.sizes, strict=True)
+        for (args_o, kw_o), (args_c, kw_c), n in calls:
+            yield head_rows(ao, args_o, kw_o), head_rows(ac, args_c, kw_c), n, None
 
     def patches(self, lo: nn.Module, lc: nn.Module, job: Job, positions: int | None, seed: int, block: bool
                 ) -> Iterable[tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]]:

@@ -26,15 +26,24 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from netslim.errors import NetslimError
+from netslim.surgery.heads import CutAttention
 
 ADDS = (operator.add, operator.iadd, torch.add, "add", "add_")  # how a residual sum appears in a graph
 BUDGET_BYTES = 6 * 2**30  # live activations of all calibration images, both networks and the held-out set
 
 
+class _Tracer(torch.fx.Tracer):
+    """torch.fx's tracer, with a head-cut attention kept whole (as nn.MultiheadAttention is): its forward
+    branches on the input's shape, and the refit needs its call's arguments (netslim.repair.attention)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, CutAttention) or super().is_leaf_module(m, module_qualified_name)
+
+
 def trace(model: nn.Module) -> torch.fx.GraphModule | None:
     """The model's graph (leaf modules shared with `model`, so weights written later are seen), or None."""
     try:
-        return torch.fx.symbolic_trace(model)
+        return torch.fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
     except Exception:  # noqa: BLE001  (any tracing failure means: use the fallback)
         return None
 
@@ -95,6 +104,14 @@ class Walk:
         self._run(at)
         arg = self.nodes[at].args[0]
         return [env[arg] for env in self.envs]
+
+    def call(self, name: str) -> list[tuple[tuple, dict[str, Any]]]:
+        """The arguments of module `name`'s call for every batch (the walk moves to just before the call)."""
+        at = self._call(name)
+        self._run(at)
+        node = self.nodes[at]
+        return [(tuple(torch.fx.node.map_arg(node.args, env.__getitem__)),
+                 dict(torch.fx.node.map_arg(node.kwargs, env.__getitem__))) for env in self.envs]
 
     def residual(self, name: str) -> tuple[list[torch.Tensor], bool] | None:
         """The other operand of the residual sum that layer `name` feeds, directly or through its BatchNorm, for

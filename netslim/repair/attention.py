@@ -1,0 +1,101 @@
+"""An attention's out_proj as a refit consumer: after a head cut, its inputs are the kept heads' outputs.
+
+nn.MultiheadAttention applies out_proj functionally, so no hook sees out_proj's input (netslim.probe.heads).
+It is recomputed from the attention call's query, key and value (head_qkv + scaled dot-product attention): in
+the cut network, the kept heads' concatenated outputs are X′; in the original, all heads' outputs times the
+original out_proj give the uncut attention's output Y (capture.targets of them). out_proj is then refitted as
+any Linear is (netslim.repair.lsq): a cut head that copies a kept one goes into its twin's columns, any other
+cut head into its least-squares projection onto the kept heads' outputs. q, k and v are not refitted: their
+input width (the residual stream's) does not change.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from netslim.errors import NetslimError
+from netslim.probe.heads import head_outputs
+from netslim.repair.capture import _inputs, _Stop
+
+_MHA_CALL = inspect.signature(nn.MultiheadAttention.forward)  # CutAttention takes the same call
+
+
+@torch.no_grad()
+def head_rows(attention: nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    """out_proj's input for one unmasked call of `attention` (nn.MultiheadAttention or CutAttention): the
+    concatenated head outputs, one row per (image, token), images first whatever the layout."""
+    bound = _MHA_CALL.bind(attention, *args, **kwargs).arguments
+    if any(bound.get(k) is not None for k in ("key_padding_mask", "attn_mask")) or bound.get("is_causal"):
+        raise NetslimError("repair: an attention called with a mask cannot have its out_proj refitted")
+    heads = head_outputs(attention, bound["query"], bound["key"], bound["value"])  # type: ignore[arg-type]
+    return heads.reshape(-1, heads.shape[-1])
+
+
+def recomputable(model: nn.Module, names: list[str], example: torch.Tensor) -> set[str]:
+    """The attentions of `names` whose output the recomputed head outputs reproduce (out_proj of them) on
+    `example`, called once and unmasked: only those can be refitted without being mis-measured."""
+    calls: dict[str, int] = {}
+    good: set[str] = set()
+
+    def check(name: str) -> Callable[[nn.Module, tuple, dict, Any], None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            try:
+                rows = head_rows(module, args, kwargs)
+            except NetslimError:
+                return
+            out = output[0] if isinstance(output, tuple) else output
+            if out.dim() == 3 and not getattr(module, "batch_first", False):
+                out = out.transpose(0, 1)
+            theirs = out.reshape(-1, out.shape[-1])
+            mine = F.linear(rows, module.out_proj.weight, module.out_proj.bias)
+            if mine.shape == theirs.shape and torch.allclose(mine, theirs, rtol=1e-3,
+                                                             atol=1e-4 * (1 + float(theirs.abs().max()))):
+                good.add(name)
+        return hook
+
+    hooks = [model.get_submodule(n).register_forward_hook(check(n), with_kwargs=True) for n in names]
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n for n in good if calls.get(n) == 1}
+
+
+def paired_heads(original: nn.Module, cut: nn.Module, name: str, batches: Iterable[Any], *,
+                 device: str | torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """Per batch: (all heads' outputs of attention `name` in `original`, the kept heads' in `cut`, images), both
+    networks run only up to the attention (as capture.paired_patches does for a layer's input)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(key: str) -> Callable[[nn.Module, tuple, dict], None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            seen[key] = head_rows(module, args, kwargs)
+            raise _Stop
+
+        return hook
+
+    handles = [original.get_submodule(name).register_forward_pre_hook(grab("orig"), with_kwargs=True),
+               cut.get_submodule(name).register_forward_pre_hook(grab("cut"), with_kwargs=True)]
+    try:
+        for item in batches:
+            x = _inputs(item).to(device)
+            for net in (original, cut):
+                try:
+                    with torch.no_grad():
+                        net(x)
+                except _Stop:
+                    continue
+                raise NetslimError(f"repair: attention {name!r} was not reached in the forward pass")
+            yield seen.pop("orig"), seen.pop("cut"), x.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
