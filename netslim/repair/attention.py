@@ -21,7 +21,7 @@ from torch import nn
 
 from netslim.errors import NetslimError
 from netslim.probe.heads import head_outputs
-from netslim.repair.capture import _inputs, _Stop
+from netslim.repair.capture import _inputs, _Stop, run_to_hook
 
 _MHA_CALL = inspect.signature(nn.MultiheadAttention.forward)  # CutAttention takes the same call
 
@@ -88,13 +88,7 @@ def paired_heads(original: nn.Module, cut: nn.Module, name: str, batches: Iterab
     try:
         for item in batches:
             x = _inputs(item).to(device)
-            for net in (original, cut):
-                try:
-                    with torch.no_grad():
-                        net(x)
-                except _Stop:
-                    continue
-                raise NetslimError(f"repair: attention {name!r} was not reached in the forward pass")
+            run_to_hook((original, cut), x, f"attention {name!r}")
             yield seen.pop("orig"), seen.pop("cut"), x.shape[0]
     finally:
         for h in handles:

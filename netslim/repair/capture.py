@@ -26,6 +26,17 @@ class _Stop(Exception):
     """Raised by a hook once the layer's input was seen: the rest of the forward is not needed."""
 
 
+def run_to_hook(nets: Iterable[nn.Module], x: torch.Tensor, what: str) -> None:
+    """Run each network on `x` until a capture hook raises _Stop; one that never reaches it is an error."""
+    for net in nets:
+        try:
+            with torch.no_grad():
+                net(x)
+        except _Stop:
+            continue
+        raise NetslimError(f"repair: {what} was not reached in the forward pass")
+
+
 def _windows(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """Strided view (N, C, Ho, Wo, kh, kw) of the padded input: every kernel window, nothing copied."""
     if module.padding_mode == "zeros":
@@ -122,13 +133,7 @@ def paired_patches(original: nn.Module, cut: nn.Module, name: str, batches: Iter
     try:
         for item in batches:
             x = _inputs(item).to(device)
-            for net in (original, cut):
-                try:
-                    with torch.no_grad():
-                        net(x)
-                except _Stop:
-                    continue
-                raise NetslimError(f"repair: layer {name!r} was not reached in the forward pass")
+            run_to_hook((original, cut), x, f"layer {name!r}")
             orig, new = seen.pop("orig"), seen.pop("cut")
             seen.clear()
             yield orig, new, x.shape[0]
