@@ -160,3 +160,15 @@ def targets(layer: nn.Module, rows: torch.Tensor, out_idx: torch.Tensor) -> torc
     if layer.bias is not None:
         y = y + layer.bias.detach()[out_idx].to(rows.dtype)
     return y
+
+
+def at_positions(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """Rows (R × C) of an activation at the output positions drawn for a layer (as `patches` orders them)."""
+    if t.dim() != 4:
+        return t.reshape(-1, t.shape[-1]) if t.dim() > 2 else t
+    n, c = t.shape[:2]
+    flat = t.flatten(2).transpose(1, 2)  # N × HW × C
+    if idx is None:
+        return flat.reshape(-1, c)
+    rows = torch.arange(n, device=t.device).unsqueeze(1).expand_as(idx).reshape(-1)
+    return flat[rows, idx.reshape(-1)]

@@ -41,6 +41,7 @@ from netslim.plan import Plan
 from netslim.repair.attention import head_rows, paired_heads
 from netslim.repair.capture import (
     Batches,
+    at_positions,
     eval_modes,
     example_batch,
     iterate,
@@ -277,18 +278,6 @@ def bn_scale(bn: nn.Module) -> torch.Tensor:
     if bn.weight is not None:
         a = a * bn.weight.detach()
     return torch.where(a.abs() > 1e-8, a, torch.full_like(a, float("inf")))
-
-
-def at_positions(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-    """Rows (R × C) of an activation at the output positions drawn for a layer (as `patches` orders them)."""
-    if t.dim() != 4:
-        return t.reshape(-1, t.shape[-1]) if t.dim() > 2 else t
-    n, c = t.shape[:2]
-    flat = t.flatten(2).transpose(1, 2)  # N × HW × C
-    if idx is None:
-        return flat.reshape(-1, c)
-    rows = torch.arange(n, device=t.device).unsqueeze(1).expand_as(idx).reshape(-1)
-    return flat[rows, idx.reshape(-1)]
 
 
 def stepped(original: nn.Module, cut: nn.Module, batches: Batches, holdout: Batches | None, example: torch.Tensor,
