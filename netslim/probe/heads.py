@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +47,26 @@ def head_outputs(mha: nn.MultiheadAttention, query: torch.Tensor, key: torch.Ten
     return out.transpose(1, 2).flatten(2)
 
 
-def _batch_first(mha: nn.MultiheadAttention, out: torch.Tensor) -> torch.Tensor:
+def _batch_first(mha: nn.Module, out: torch.Tensor) -> torch.Tensor:
     return out.unsqueeze(0) if out.dim() == 2 else out if mha.batch_first else out.transpose(0, 1)
+
+
+def call_heads(mha: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The head outputs (batch, tokens, embed) of one call of an attention, from a hook's args and kwargs; None
+    for a masked call (the recomputation applies no mask)."""
+    bound = _MHA_CALL.bind(mha, *args, **kwargs).arguments
+    if any(bound.get(k) is not None for k in ("key_padding_mask", "attn_mask")) or bound.get("is_causal"):
+        return None
+    return head_outputs(mha, bound["query"], bound["key"], bound["value"])  # type: ignore[arg-type]
+
+
+def reproduces(mha: nn.Module, heads: torch.Tensor, output: Any) -> bool:
+    """Whether out_proj of the recomputed `heads` is the attention's own `output`: only then do the heads
+    measure what the module computes."""
+    mine = F.linear(heads, mha.out_proj.weight, mha.out_proj.bias)
+    theirs = _batch_first(mha, output[0] if isinstance(output, tuple) else output)
+    return mine.shape == theirs.shape and torch.allclose(mine, theirs, rtol=1e-3,
+                                                         atol=1e-4 * (1 + float(theirs.abs().max())))
 
 
 class _HeadProbe:
@@ -59,15 +78,10 @@ class _HeadProbe:
 
     def __call__(self, mha: nn.Module, args: tuple, kwargs: dict, output: tuple) -> None:
         self.fired += 1
-        bound = _MHA_CALL.bind(mha, *args, **kwargs).arguments
-        if any(bound.get(k) is not None for k in ("key_padding_mask", "attn_mask")) or bound.get("is_causal"):
+        heads = call_heads(mha, args, kwargs)
+        if heads is None:
             raise NetslimError(f"attention {self.name!r} is called with a mask: its heads are not probed")
-        assert isinstance(mha, nn.MultiheadAttention)
-        heads = head_outputs(mha, bound["query"], bound["key"], bound["value"])
-        mine = F.linear(heads, mha.out_proj.weight, mha.out_proj.bias)
-        theirs = _batch_first(mha, output[0])
-        if mine.shape != theirs.shape or not torch.allclose(mine, theirs, rtol=1e-3,
-                                                             atol=1e-4 * (1 + float(theirs.abs().max()))):
+        if not reproduces(mha, heads, output):
             raise NetslimError(f"attention {self.name!r}: its head outputs cannot be recomputed from its weights "
                                "(a variant netslim does not follow); leave its heads whole (--opt heads=false)")
         zt = reduce_response(heads, "linear", self.mode)

@@ -11,29 +11,24 @@ input width (the residual stream's) does not change.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from netslim.errors import NetslimError
-from netslim.probe.heads import head_outputs
+from netslim.probe.heads import call_heads, reproduces
 from netslim.repair.capture import _inputs, _Stop, run_to_hook
-
-_MHA_CALL = inspect.signature(nn.MultiheadAttention.forward)  # CutAttention takes the same call
 
 
 @torch.no_grad()
 def head_rows(attention: nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
     """out_proj's input for one unmasked call of `attention` (nn.MultiheadAttention or CutAttention): the
     concatenated head outputs, one row per (image, token), images first whatever the layout."""
-    bound = _MHA_CALL.bind(attention, *args, **kwargs).arguments
-    if any(bound.get(k) is not None for k in ("key_padding_mask", "attn_mask")) or bound.get("is_causal"):
+    heads = call_heads(attention, args, kwargs)
+    if heads is None:
         raise NetslimError("repair: an attention called with a mask cannot have its out_proj refitted")
-    heads = head_outputs(attention, bound["query"], bound["key"], bound["value"])  # type: ignore[arg-type]
     return heads.reshape(-1, heads.shape[-1])
 
 
@@ -46,17 +41,8 @@ def recomputable(model: nn.Module, names: list[str], example: torch.Tensor) -> s
     def check(name: str) -> Callable[[nn.Module, tuple, dict, Any], None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             calls[name] = calls.get(name, 0) + 1
-            try:
-                rows = head_rows(module, args, kwargs)
-            except NetslimError:
-                return
-            out = output[0] if isinstance(output, tuple) else output
-            if out.dim() == 3 and not getattr(module, "batch_first", False):
-                out = out.transpose(0, 1)
-            theirs = out.reshape(-1, out.shape[-1])
-            mine = F.linear(rows, module.out_proj.weight, module.out_proj.bias)
-            if mine.shape == theirs.shape and torch.allclose(mine, theirs, rtol=1e-3,
-                                                             atol=1e-4 * (1 + float(theirs.abs().max()))):
+            heads = call_heads(module, args, kwargs)
+            if heads is not None and reproduces(module, heads, output):
                 good.add(name)
         return hook
 
