@@ -51,11 +51,21 @@ def _batch_first(mha: nn.Module, out: torch.Tensor) -> torch.Tensor:
     return out.unsqueeze(0) if out.dim() == 2 else out if mha.batch_first else out.transpose(0, 1)
 
 
+def masked(bound: dict[str, Any]) -> bool:
+    """Whether an attention call (its arguments bound to nn.MultiheadAttention.forward) applies a mask."""
+    return any(bound.get(k) is not None for k in ("key_padding_mask", "attn_mask")) or bool(bound.get("is_causal"))
+
+
+def bind_call(mha: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """A hook's args and kwargs bound to nn.MultiheadAttention.forward's parameters (CutAttention's too)."""
+    return _MHA_CALL.bind(mha, *args, **kwargs).arguments
+
+
 def call_heads(mha: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
     """The head outputs (batch, tokens, embed) of one call of an attention, from a hook's args and kwargs; None
     for a masked call (the recomputation applies no mask)."""
-    bound = _MHA_CALL.bind(mha, *args, **kwargs).arguments
-    if any(bound.get(k) is not None for k in ("key_padding_mask", "attn_mask")) or bound.get("is_causal"):
+    bound = bind_call(mha, args, kwargs)
+    if masked(bound):
         return None
     return head_outputs(mha, bound["query"], bound["key"], bound["value"])  # type: ignore[arg-type]
 

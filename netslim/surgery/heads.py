@@ -10,7 +10,6 @@ Plan on the base model (the cut works on the meta device), then loading the tens
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 
 import torch
@@ -18,9 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from netslim.errors import NetslimError
-from netslim.probe.heads import head_qkv
-
-_MHA_CALL = inspect.signature(nn.MultiheadAttention.forward)
+from netslim.probe.heads import bind_call, head_qkv, masked
 
 
 class CutAttention(nn.Module):
@@ -103,11 +100,8 @@ def attention_calls(model: nn.Module, names: list[str], example: torch.Tensor) -
 
     def record(name: str) -> Callable[[nn.Module, tuple, dict], None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            bound = _MHA_CALL.bind(module, *args, **kwargs).arguments
-            masked = any(bound.get(k) is not None for k in ("key_padding_mask", "attn_mask")) or \
-                bool(bound.get("is_causal"))
             n, before = calls.get(name, (0, False))
-            calls[name] = (n + 1, before or masked)
+            calls[name] = (n + 1, before or masked(bind_call(module, args, kwargs)))
         return hook
 
     hooks = [model.get_submodule(n).register_forward_pre_hook(record(n), with_kwargs=True) for n in names]
