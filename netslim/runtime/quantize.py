@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 from netslim.errors import NetslimError
-from netslim.runtime.anatomy import compact
 
 CALIB_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 LAYER_OPS = ("Conv", "Gemm", "MatMul")  # the conv/linear nodes a sensitivity pass quantizes one at a time
@@ -200,8 +199,7 @@ def quantize(src: Path, dst: Path, arrays: list[np.ndarray], method: str = "minm
              exclude: Sequence[str] = (), only: Sequence[str] | None = None, cache: Path | None = None) -> None:
     """Write the int8 (QDQ, per-channel) model of the fp32 model `src` to `dst`, calibrated on `arrays` with
     `method`. `exclude`: nodes kept in fp32; `only`: quantize just these nodes. `cache`: a file (absent at
-    first) holding the calibrated ranges, so that repeated calls on the same model calibrate once. The file is
-    written with short names (anatomy.compact): a user's layer names are the fp32 file's (`layer_nodes`)."""
+    first) holding the calibrated ranges, so that repeated calls on the same model calibrate once."""
     q = _ort_quantization()
     check_method(method)
     cpu = cpu_choice()
@@ -217,4 +215,3 @@ def quantize(src: Path, dst: Path, arrays: list[np.ndarray], method: str = "minm
         raise
     except Exception as e:  # noqa: BLE001 (onnxruntime's errors have many types); one line for the user
         raise NetslimError(f"onnxruntime could not quantize {src.name}: {type(e).__name__}: {e}") from None
-    compact(dst)

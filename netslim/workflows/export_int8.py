@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from netslim.errors import NetslimError
-from netslim.runtime.anatomy import onnx_bytes
+from netslim.runtime.anatomy import compact, onnx_bytes
 from netslim.runtime.forms import write_onnx
 from netslim.runtime.ort import OnnxRunner
 from netslim.runtime.quantize import (
@@ -73,6 +73,7 @@ def _forms(model: nn.Module, name: str, size: tuple[int, ...], work: Path, array
         report |= {"max_drop": max_drop, "kept_fp32": [names[n] for n in nodes], "kept_fp32_nodes": excluded}
         if nodes:
             quantize(ready, int8, arrays, method, exclude=excluded, cache=cache)
+    compact(int8)  # the file a user ships: short names (node names in reports are the fp32 file's)
     return Forms(model, files.fp32, int8, files.exporter, str(files.preprocess)), report
 
 
