@@ -19,7 +19,7 @@ from netslim.cost.targets import Target
 from netslim.data import ImageSet
 from netslim.errors import NetslimError
 from netslim.methods import Context, MethodResult, get_method
-from netslim.methods.pfa.heads import head_order
+from netslim.methods.common.heads import head_order
 from netslim.probe import head_outputs, head_stats
 from netslim.surgery.apply import apply_plan
 from netslim.surgery.heads import CutAttention

@@ -38,6 +38,8 @@ def parser(doc: str | None, *, epochs: int, lr: float = 0.05, calib: int = 5000)
     a("--lr", type=float, default=lr, help="peak learning rate of the onecycle schedule")
     a("--batch-size", type=int, default=256)
     a("--label-smoothing", type=float, default=0.1)
+    a("--distill", type=float, default=0.0, help="weight of distillation from the unpruned network (0: none, the "
+                                                  "papers' schedules); short CPU schedules lean on it")
     a("--train-images", type=int, default=0, help="training images (0: the whole split)")
     a("--test-images", type=int, default=0, help="test images reported on (0: all of them)")
     a("--decide-images", type=int, default=0, help="held-out images a method decides on, where it does (0: all)")
@@ -56,7 +58,7 @@ def parse(ap: argparse.ArgumentParser, argv: list[str] | None, **smoke: Any) -> 
     if ap.parse_known_args(argv)[0].smoke:
         ap.set_defaults(**(SMOKE | smoke))
     args = ap.parse_args(argv)
-    knobs = ("epochs", "lr", "batch_size", "train_images", "test_images", "decide_images", "calib")
+    knobs = ("epochs", "lr", "batch_size", "train_images", "test_images", "decide_images", "calib", "distill")
     paper = all(getattr(args, k) == ap.get_default(k) for k in knobs)
     args.schedule_kind = "smoke" if args.smoke else "paper" if paper else "reduced"
     return args
@@ -75,7 +77,7 @@ class Run:
     def schedule(self, **change: Any) -> Schedule:
         a = self.args
         return Schedule(**{"epochs": a.epochs, "lr": a.lr, "batch_size": a.batch_size, "bn_recal": a.repair_images,
-                           "label_smoothing": a.label_smoothing} | change)
+                           "label_smoothing": a.label_smoothing, "distill": a.distill} | change)
 
     def repair(self) -> Repair:
         return Repair(mode=self.args.repair, images=self.args.repair_images)

@@ -2,6 +2,11 @@
 
 They are the peers every netslim method is compared against, run through the same Plan, surgery and
 fine-tuning pipeline, so a comparison differs only in which channels are kept.
+
+Attention heads are cut as torch-pruning cuts them (MetaPruner with prune_num_heads): a head's score is its
+criterion summed over the head's weights (its q, k and v rows, their biases, its out_proj columns), and the
+same ratio of heads is kept as of channels. torch-pruning's nn.MultiheadAttention pruner cuts embed_dim, the
+residual width, not heads, so these sums are taken here, on the same formulas (|w|, |w ∂L/∂w|, random).
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from torch import nn
 from netslim.data import batches
 from netslim.errors import NetslimError
 from netslim.methods.base import Context, MethodOptions, MethodResult, register
-from netslim.methods.common.ranking import uniform_plan
+from netslim.methods.common.heads import attentions
+from netslim.methods.common.ranking import Scores, uniform_plan
 from netslim.surgery.graph import build_graph, out_channel_group
 
 
@@ -25,6 +31,8 @@ class UniformOptions(MethodOptions):
 
     ratio: float = field(default=0.5, metadata={"help": "fraction of every layer's channels kept, in (0, 1] "
                                                         "(without --target)"})
+    heads: bool = field(default=True, metadata={"help": "also keep the same ratio of whole heads of each "
+                                                        "nn.MultiheadAttention (ViT): true | false"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -48,6 +56,38 @@ class TaylorOptions(UniformOptions):
             raise NetslimError(f"option taylor_images must be at least 1, not {self.taylor_images}")
 
 
+def _head_parts(mha: nn.Module, h: int, grad: bool = False) -> list[torch.Tensor]:
+    """The weights only head `h` uses (or their gradients): its q, k, v rows and biases, its out_proj columns."""
+    def take(p: torch.Tensor) -> torch.Tensor:
+        return (p.grad if p.grad is not None else torch.zeros_like(p)) if grad else p.detach()
+
+    e, d = mha.embed_dim, mha.head_dim
+    rows = [slice(part * e + h * d, part * e + (h + 1) * d) for part in range(3)]
+    w_in = take(mha.in_proj_weight)
+    parts = [w_in[r] for r in rows] + [take(mha.out_proj.weight)[:, h * d:(h + 1) * d]]
+    if mha.in_proj_bias is not None:
+        b_in = take(mha.in_proj_bias)
+        parts += [b_in[r] for r in rows]
+    return parts
+
+
+def _head_scores(ctx: Context, kind: str) -> dict[str, torch.Tensor]:
+    """Per cuttable attention one score per head: Σ|w| (l1), Σ|w ∂L/∂w| (taylor, gradients already there)."""
+    out: dict[str, torch.Tensor] = {}
+    for name in attentions(ctx) if ctx.option("heads", True) else []:
+        mha = ctx.model.get_submodule(name)
+        if kind == "random":
+            out[name] = torch.rand(mha.num_heads)
+        elif kind == "taylor":
+            out[name] = torch.tensor([sum(float((w * g).abs().sum()) for w, g in
+                                          zip(_head_parts(mha, h), _head_parts(mha, h, grad=True), strict=True))
+                                      for h in range(mha.num_heads)])
+        else:
+            out[name] = torch.tensor([sum(float(w.abs().sum()) for w in _head_parts(mha, h))
+                                      for h in range(mha.num_heads)])
+    return out
+
+
 def _tp_scores(ctx: Context, importance: tp.importance.Importance) -> dict[str, torch.Tensor]:
     model = ctx.model
     graph = build_graph(model, ctx.example())
@@ -60,16 +100,16 @@ def _tp_scores(ctx: Context, importance: tp.importance.Importance) -> dict[str, 
     return out
 
 
-def _l1(ctx: Context) -> dict[str, torch.Tensor]:
-    return _tp_scores(ctx, tp.importance.GroupMagnitudeImportance(p=1))
+def _l1(ctx: Context) -> Scores:
+    return _tp_scores(ctx, tp.importance.GroupMagnitudeImportance(p=1)), _head_scores(ctx, "l1")
 
 
-def _random(ctx: Context) -> dict[str, torch.Tensor]:
+def _random(ctx: Context) -> Scores:
     torch.manual_seed(int(ctx.option("seed", 0)))
-    return _tp_scores(ctx, tp.importance.RandomImportance())
+    return _tp_scores(ctx, tp.importance.RandomImportance()), _head_scores(ctx, "random")
 
 
-def _taylor(ctx: Context) -> dict[str, torch.Tensor]:
+def _taylor(ctx: Context) -> Scores:
     data = ctx.calib if ctx.calib is not None else ctx.train
     if data is None or data.labels is None:
         raise NetslimError("Taylor importance needs labelled calibration data")
@@ -84,7 +124,7 @@ def _taylor(ctx: Context) -> dict[str, torch.Tensor]:
             seen += len(y)
             if seen >= n:
                 break
-    scores = _tp_scores(ctx, tp.importance.GroupTaylorImportance())
+    scores = _tp_scores(ctx, tp.importance.GroupTaylorImportance()), _head_scores(ctx, "taylor")
     model.zero_grad()
     return scores
 

@@ -65,13 +65,25 @@ def uniform_widths(groups: list[ChannelGroup], ratio: float) -> dict[str, int]:
     return {g.root: max(1, round(g.width * ratio)) for g in groups}
 
 
-def uniform_plan(ctx: Context, method: str, score: Callable[[Context], dict[str, torch.Tensor]]) -> Plan:
-    """Uniform channel ratio, bisected to the target (or `--ratio`), channels chosen by `score`."""
-    scores = score(ctx)
+# per channel group (by root) its channels' scores; per attention its heads' scores
+Scores = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
+
+
+def uniform_heads(head_scores: dict[str, torch.Tensor], ratio: float) -> dict[str, list[int]]:
+    """The Plan's `heads`: in every scored attention its round(ratio × heads) best heads, at least one."""
+    kept = {n: top_k(s, max(1, round(s.numel() * ratio))) for n, s in head_scores.items()}
+    return {n: k for n, k in kept.items() if len(k) < head_scores[n].numel()}
+
+
+def uniform_plan(ctx: Context, method: str, score: Callable[[Context], Scores]) -> Plan:
+    """Uniform channel (and head) ratio, bisected to the target (or `--ratio`), units chosen by `score`."""
+    scores, head_scores = score(ctx)
     groups = ctx.groups()
 
     def make(ratio: float) -> Plan:
-        return plan_from_widths(ctx, method, scores, uniform_widths(groups, ratio), {"ratio": round(ratio, 6)})
+        plan = plan_from_widths(ctx, method, scores, uniform_widths(groups, ratio), {"ratio": round(ratio, 6)})
+        plan.heads = uniform_heads(head_scores, ratio)
+        return plan
 
     if ctx.target is None:
         return make(float(ctx.option("ratio", 0.5)))

@@ -14,12 +14,13 @@ import torch
 
 from netslim.cost.targets import bisect
 from netslim.methods.base import Context, MethodResult, register
+from netslim.methods.common.heads import HeadSpectrum, head_spectra, planned_heads
 from netslim.methods.common.ranking import plan_from_widths
 from netslim.methods.common.selection import group_order, order_scores
 from netslim.methods.pca.analysis import Design, PcaAnalysis, analyse, dropped, image_count, spatial_stats
 from netslim.methods.pca.depth import DropUnit, block_units, decide, sequential_units
 from netslim.methods.pca.options import PCAOptions
-from netslim.methods.pca.report import report
+from netslim.methods.pca.report import head_section, report
 from netslim.plan import Plan
 
 DEFAULT_VARIANCE = 0.999
@@ -72,11 +73,19 @@ class _Scores(dict):
         return score
 
 
-def _plan(ctx: Context, a: PcaAnalysis, d: Design, scores: dict[str, torch.Tensor], meta: dict) -> Plan:
+def _plan(ctx: Context, a: PcaAnalysis, d: Design, scores: dict[str, torch.Tensor], meta: dict,
+          hspecs: list[HeadSpectrum]) -> Plan:
     plan = plan_from_widths(ctx, "pca", scores, d.widths, meta)
     plan.keep = {n: idx for n, idx in plan.keep.items() if not dropped(n, d.drop)}
     plan.drop = list(d.drop)
+    heads = planned_heads(hspecs, {h.name: h.energy_count(d.tau) for h in hspecs})
+    plan.heads = {n: k for n, k in heads.items() if not dropped(n, d.drop)}
     return plan
+
+
+def _head_spectra(ctx: Context) -> list[HeadSpectrum]:
+    """Every token a sample (PCA's spatial mode), on the images the layers are analysed on; none with heads=false."""
+    return head_spectra(ctx, "spatial", "l1-max", spatial_stats(ctx)[1]) if ctx.option("heads", True) else []
 
 
 def _options(ctx: Context) -> tuple[float, float | None]:
@@ -103,17 +112,19 @@ def pca(ctx: Context) -> MethodResult:
     key = f"pca:scores:{image_count(ctx)}"
     if key not in ctx.cache.derived:
         ctx.cache.derived[key] = _Scores(ctx)
-    scores = ctx.cache.derived[key]
+    scores, hspecs = ctx.cache.derived[key], _head_spectra(ctx)
     if ctx.target is None:
         d = design(ctx, a, tau, depth_tau, units)
-        plan = _plan(ctx, a, d, scores, _meta(ctx, a, d))
+        plan = _plan(ctx, a, d, scores, _meta(ctx, a, d), hspecs)
     else:
         def make(t: float) -> Plan:
             d = design(ctx, a, max(t, 1e-9), depth_tau, units)
-            return _plan(ctx, a, d, scores, _meta(ctx, a, d))
+            return _plan(ctx, a, d, scores, _meta(ctx, a, d), hspecs)
 
         plan = bisect(make, ctx.target, ctx.template(), 0.0, 1.0)
         d = design(ctx, a, max(plan.meta["variance"], 1e-9), depth_tau, units)
         plan.meta["target"] = str(ctx.target)
     sections, artifacts = report(a, d, plan, ctx.groups())
+    if hspecs:
+        sections.append(head_section(hspecs, plan))
     return MethodResult(plan, report=sections, artifacts=artifacts)

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 from netslim.methods.base import Artifacts
+from netslim.methods.common.heads import HeadSpectrum
 from netslim.methods.common.ranking import round_width
 from netslim.methods.common.spectral import energy_kept
 from netslim.methods.pca.analysis import Design, PcaAnalysis, dropped
@@ -106,3 +107,13 @@ def dims_plot(path: Path, a: PcaAnalysis, d: Design) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def head_section(hspecs: list[HeadSpectrum], plan: Plan) -> str:
+    """The markdown section on attention heads: per attention how many heads PCA keeps, and which."""
+    rows = [[h.name, h.heads, h.head_dim, len(plan.heads.get(h.name, range(h.heads))),
+             ", ".join(map(str, plan.heads[h.name])) if h.name in plan.heads else "all",
+             h.samples if h.analysable else f"{h.samples} (≤ features: kept whole)"] for h in hspecs]
+    return (f"## PCA on attention heads (kept: ceil(significant dims at {plan.meta['variance']} / head_dim) of the "
+            "head outputs, every token a sample)\n\n"
+            + table(["attention", "heads", "head dim", "kept", "kept heads", "samples"], rows))

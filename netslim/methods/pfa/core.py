@@ -14,8 +14,8 @@ from netslim.cost.sizemodel import SizeModel, enabled, fast_plan_size
 from netslim.cost.targets import bisect, fits
 from netslim.errors import NetslimError
 from netslim.methods.base import Context, MethodResult, register
+from netslim.methods.common.heads import HeadSpectrum, head_spectra, planned_heads
 from netslim.methods.common.ranking import plan_from_widths, planned_widths
-from netslim.methods.pfa.heads import HeadSpectrum, head_spectra, planned_heads
 from netslim.methods.pfa.options import MIN_FRACTION, PFAEnOptions, PFAOptions
 from netslim.methods.pfa.report import head_report, report
 from netslim.methods.pfa.spectra import GroupSpectrum, spectra
@@ -29,7 +29,8 @@ def _floor_options(ctx: Context, default_fraction: float) -> tuple[int, float]:
 
 def _head_spectra(ctx: Context) -> list[HeadSpectrum]:
     """The attention PFA cuts heads of (none with --opt heads=false); after spectra(), which checks the data."""
-    return head_spectra(ctx) if ctx.option("heads", True) else []
+    return head_spectra(ctx, ctx.option("reduce", "max"), ctx.option("selection", "l1-max")) \
+        if ctx.option("heads", True) else []
 
 
 def _with_heads(plan: Plan, heads: dict[str, list[int]]) -> Plan:

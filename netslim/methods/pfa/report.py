@@ -6,8 +6,8 @@ import math
 from pathlib import Path
 
 from netslim.methods.base import Artifacts
+from netslim.methods.common.heads import HeadSpectrum
 from netslim.methods.common.spectral import energy_kept, kl_divergence
-from netslim.methods.pfa.heads import HeadSpectrum
 from netslim.methods.pfa.spectra import GroupSpectrum
 from netslim.report.markdown import table
 from netslim.report.plots import figure, save_figure

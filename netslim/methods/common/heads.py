@@ -1,9 +1,10 @@
-"""PFA on attention heads: how many whole heads each nn.MultiheadAttention keeps, and which.
+"""Attention heads as units a method chooses: which nn.MultiheadAttention may lose heads, and the spectrum of
+their outputs with PFA's order of removal (PFA and PCA count heads on it).
 
-A head is cut whole (netslim.surgery.heads), so PFA's rule is applied to the block's concatenated head outputs
-(out_proj's input, embed_dim = num_heads × head_dim features, reduced over tokens as the MLP units are) and its
-kept dimension d is rounded up to heads: ceil(d / head_dim), at least the floor. Which heads is PFA's filter
-selection with heads as the units; see head_order for the exact rule.
+A head is cut whole (netslim.surgery.heads), so a spectral rule (PFA's, PCA's) is applied to the block's
+concatenated head outputs (out_proj's input, embed_dim = num_heads × head_dim features, reduced over tokens as
+the MLP units are) and its kept dimension d is rounded up to heads: ceil(d / head_dim), at least the floor.
+Which heads is PFA's filter selection with heads as the units; see head_order for the exact rule.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from netslim.data import batches
+from netslim.data import ImageSet, batches
 from netslim.methods.base import Context
 from netslim.methods.common.selection import elimination_order
 from netslim.methods.common.spectral import eigenvalues, energy_width, inactive, kl_width
@@ -80,19 +81,21 @@ def attentions(ctx: Context) -> list[str]:
     return [n for n in found if calls.get(n) == (1, False)]
 
 
-def head_spectra(ctx: Context) -> list[HeadSpectrum]:
-    """Per cuttable attention its spectrum and head elimination order (cached per reduction and selection)."""
-    reduce, strategy = ctx.option("reduce", "max"), ctx.option("selection", "l1-max")
-    key = f"pfa:heads:{reduce}:{strategy}"
+def head_spectra(ctx: Context, reduce: str, strategy: str = "l1-max", data: ImageSet | None = None
+                 ) -> list[HeadSpectrum]:
+    """Per cuttable attention its spectrum and head elimination order, on `data` (default: the calibration
+    images) with head outputs reduced over tokens by `reduce` (cached per reduction, selection and image count)."""
+    data = data if data is not None else ctx.calib
+    assert data is not None  # the channel statistics pass, run first, refuses a missing set
+    key = f"heads:spectra:{reduce}:{strategy}:{len(data.labels)}"
     if key in ctx.cache.derived:
         return ctx.cache.derived[key]
     names = attentions(ctx)
     out: list[HeadSpectrum] = []
     if names:
-        stats_key = f"heads:{reduce}"
+        stats_key = f"heads:{reduce}:{len(data.labels)}"
         if stats_key not in ctx.cache.stats:
-            assert ctx.calib is not None  # the channel statistics pass, run first, refuses a missing set
-            ctx.cache.stats[stats_key] = head_stats(ctx.model, batches(ctx.calib, ctx.batch_size, device=ctx.device),
+            ctx.cache.stats[stats_key] = head_stats(ctx.model, batches(data, ctx.batch_size, device=ctx.device),
                                                     names, reduce, ctx.device)
             ctx.cache.passes.append(stats_key)
         for n in names:
