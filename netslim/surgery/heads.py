@@ -36,11 +36,12 @@ class CutAttention(nn.Module):
         self.out_proj = nn.Linear(inner, embed_dim, bias=bias, device=device, dtype=dtype)
 
     @classmethod
-    def of(cls, mha: nn.MultiheadAttention, kept: list[int]) -> CutAttention:
-        """`mha` with only the heads `kept`: the same head slices of q, k and v, and of out_proj's inputs."""
+    def of(cls, mha: nn.MultiheadAttention | CutAttention, kept: list[int]) -> CutAttention:
+        """`mha` with only the heads `kept`: the same head slices of q, k and v, and of out_proj's inputs (a
+        CutAttention can be cut again, so a network pruned step by step loses heads step by step)."""
         w, d, e = mha.in_proj_weight, mha.head_dim, mha.embed_dim
         cols = torch.tensor([h * d + j for h in kept for j in range(d)], device=w.device)
-        rows = torch.cat([cols + part * e for part in range(3)])
+        rows = torch.cat([cols + part * mha.num_heads * d for part in range(3)])  # q, k, v: blocks of the inner width
         cut = cls(e, len(kept), d, mha.in_proj_bias is not None, mha.dropout, mha.batch_first, w.device, w.dtype)
         with torch.no_grad():
             cut.in_proj_weight.copy_(w.index_select(0, rows))

@@ -11,9 +11,10 @@ the engine falls back to the full network with a forward hook that applies the m
 
 "Without f" means f's channel is zero *after* BatchNorm (and its activation): the hook point of
 `netslim.probe.response_modules`. Every supported activation maps 0 to 0, so zeroing before or after it
-is the same; zeroing the conv weight alone would let the BN bias leak through.
+is the same; zeroing the conv weight alone would let the BN bias leak through. A Linear applied to tokens
+(a ViT's MLP) has its channels last: its mask is broadcast over that dimension instead of dimension 1.
 
-One algorithm in one file (about 370 lines): the tail extraction, the mask batching and the hook fallback
+One algorithm in one file (about 390 lines): the tail extraction, the mask batching and the hook fallback
 share their bookkeeping, and splitting them would spread one invariant (what the tail needs) over modules.
 """
 
@@ -37,9 +38,12 @@ _ZERO_PRESERVING = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.MaxPool2d, nn.AvgPool2d,
                     nn.AdaptiveMaxPool2d, nn.Dropout, nn.Identity)
 
 
-def _mask_mul(x: torch.Tensor, mask: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    """x * mask[:, start:end], broadcast over the spatial dimensions (mask rows follow the batch)."""
+def _mask_mul(x: torch.Tensor, mask: torch.Tensor, start: int, end: int, last: bool = False) -> torch.Tensor:
+    """x * mask[:, start:end], broadcast over the spatial dimensions (mask rows follow the batch); channels are
+    dimension 1, or the last one with `last` (a Linear applied to tokens: batch, tokens, channels)."""
     m = mask[:, start:end]
+    if last:
+        return x * m.reshape(m.shape[0], *([1] * (x.dim() - 2)), m.shape[1]).to(x.dtype)
     return x * m.reshape(m.shape[0], m.shape[1], *([1] * (x.dim() - 2))).to(x.dtype)
 
 
@@ -51,6 +55,7 @@ class Slot:
     hooks: tuple[str, ...]  # module whose output is the response of each member
     start: int
     end: int
+    last: bool = False  # channels are the response's last dimension (a Linear's), not dimension 1
 
     @property
     def width(self) -> int:
@@ -97,24 +102,7 @@ class AblationEngine:
                  labels: torch.Tensor, num_classes: int, *, device: str | torch.device = "cpu",
                  batch_size: int = 256, masks_per_pass: int = 32, fast: bool = True,
                  channels_last: bool = True, precision: str = "fp32") -> None:
-        if images.shape[0] == 0 or images.shape[0] != labels.shape[0]:
-            raise NetslimError("CAR needs a non-empty labelled evaluation set")
-        self.device = torch.device(device)
-        self.model = copy.deepcopy(model).eval().to(self.device)
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.channels_last = channels_last and images.dim() == 4
-        if self.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        self.images = images.to(self.device)  # a few thousand images: moved once, not per pass
-        self.labels = labels.to(self.device)
-        self.num_classes = num_classes
-        self.batch_size = max(1, int(batch_size))
-        self.masks_per_pass = max(1, int(masks_per_pass))
-        self.stats = EngineStats()
-        if precision not in ("fp32", "bf16"):
-            raise NetslimError(f"precision must be fp32 or bf16, not {precision!r}")
-        self.precision = precision
+        self._load(model, images, labels, num_classes, device, batch_size, masks_per_pass, channels_last, precision)
         example = images[:1].to(self.device)
         points = response_modules(self.model, example, layers=[n for g in groups for n in g])
         self.slots: list[Slot] = []
@@ -124,7 +112,8 @@ class AblationEngine:
             if len(widths) != 1:
                 raise NetslimError(f"coupled layers {', '.join(g)} have different widths {sorted(widths)}")
             width = widths.pop()
-            self.slots.append(Slot(tuple(g), tuple(points[n].hook for n in g), start, start + width))
+            self.slots.append(Slot(tuple(g), tuple(points[n].hook for n in g), start, start + width,
+                                   points[g[0]].kind == "linear"))
             start += width
         self.width = start
         self.split: _Split | None = None
@@ -191,6 +180,29 @@ class AblationEngine:
         return self.correct(masks, per_class)
 
     # -- internals --------------------------------------------------------------------------------------------
+    def _load(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+              device: str | torch.device, batch_size: int, masks_per_pass: int, channels_last: bool,
+              precision: str) -> None:
+        """The frozen eval-mode copy of the model and the evaluation set on the device (any masked unit)."""
+        if images.shape[0] == 0 or images.shape[0] != labels.shape[0]:
+            raise NetslimError("CAR needs a non-empty labelled evaluation set")
+        self.device = torch.device(device)
+        self.model = copy.deepcopy(model).eval().to(self.device)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.channels_last = channels_last and images.dim() == 4
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.images = images.to(self.device)  # a few thousand images: moved once, not per pass
+        self.labels = labels.to(self.device)
+        self.num_classes = num_classes
+        self.batch_size = max(1, int(batch_size))
+        self.masks_per_pass = max(1, int(masks_per_pass))
+        self.stats = EngineStats()
+        if precision not in ("fp32", "bf16"):
+            raise NetslimError(f"precision must be fp32 or bf16, not {precision!r}")
+        self.precision = precision
+
     def _chunk(self, m: int) -> int:
         """Images per pass for m masks: the forward batch is about batch_size."""
         return max(1, self.batch_size // m)
@@ -243,7 +255,9 @@ class AblationEngine:
         for j, t in enumerate(self._cache):
             x = t[sl]
             if j == self.split.masked_boundary:  # replicate and mask in one broadcast multiply
-                cm = masks[:, slot.start:slot.end].reshape(m, 1, slot.width, *([1] * (x.dim() - 2)))
+                spatial = [1] * (x.dim() - 2)
+                cm = masks[:, slot.start:slot.end].reshape(m, 1, *(spatial + [slot.width] if slot.last
+                                                                   else [slot.width] + spatial))
                 x = (x.unsqueeze(0) * cm).reshape(m * x.shape[0], *x.shape[1:])
             else:
                 x = x.repeat(m, *([1] * (x.dim() - 1)))
@@ -260,7 +274,7 @@ class AblationEngine:
                 module = self.model.get_submodule(hook)
 
                 def apply(mod: nn.Module, args: tuple, out: torch.Tensor, s: Slot = slot) -> torch.Tensor:
-                    return _mask_mul(out, rows, s.start, s.end)
+                    return _mask_mul(out, rows, s.start, s.end, s.last)
 
                 handles.append(module.register_forward_hook(apply))
         try:
@@ -336,7 +350,7 @@ def _split(model: nn.Module, slots: list[Slot]) -> _Split:
         new = tail_graph.node_copy(n, lambda a: tenv[a])
         if n in masked:
             s = masked[n]
-            new = tail_graph.call_function(_mask_mul, (new, mask, s.start, s.end))
+            new = tail_graph.call_function(_mask_mul, (new, mask, s.start, s.end, s.last))
         tenv[n] = new
     tail_graph.output(fx.node.map_arg(output.args[0], lambda a: tenv[a]))
     tail = fx.GraphModule(gm, tail_graph)

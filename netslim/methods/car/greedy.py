@@ -37,6 +37,7 @@ class GreedyRun:
     engine: dict[str, Any] = field(default_factory=dict)
     ranking: dict[str, Any] = field(default_factory=dict)  # the first full ranking alone (time, evaluations)
     path: str = ""
+    unit: str = "filter"  # what a channel of the slot is: "filter", or "head" of an attention
 
     @property
     def kept(self) -> list[int]:

@@ -1,4 +1,5 @@
-"""CAR's options (`--opt key=value`): which layers, how accuracy is measured, how often the greedy loop re-ranks."""
+"""CAR's options (`--opt key=value`): which layers and heads, how accuracy is measured, how often the greedy loop
+re-ranks."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ PRECISIONS = ("fp32", "bf16")
 class CAROptions(MethodOptions):
     """Greedy CAR's knobs; `batch` and `masks_per_pass` default by device (larger on CUDA)."""
 
-    layers: list[str] | None = field(default=None, metadata={"help": "layers to prune, comma-separated "
-                                                                      "(default all)"})
+    layers: list[str] | None = field(default=None, metadata={"help": "layers (or attentions) to prune, "
+                                                                      "comma-separated (default all)"})
+    heads: bool = field(default=True, metadata={"help": "also remove whole heads of each nn.MultiheadAttention "
+                                                        "(ViT) by their CAR: true | false"})
     eval_size: int = field(default=2000, metadata={"help": "training images accuracy is measured on"})
     per_step: int = field(default=1, metadata={"help": "re-rank every K removals (1: recompute CAR after every "
                                                        "removal, the paper's reading)"})

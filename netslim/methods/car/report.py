@@ -22,16 +22,18 @@ def report(runs: list[GreedyRun], seconds: float, classes: list[str] | None) -> 
     if not runs:
         return [], {}
     evals = sum(r.engine.get("evaluations", 0) for r in runs)
+    heads = " A head is removed by zeroing its output (out_proj's input)." if any(r.unit == "head" for r in runs) \
+        else ""
     engine_s = sum(r.engine.get("seconds", 0.0) for r in runs)
-    lines = [f"## CAR greedy filter pruning ({runs[0].mode})",
+    lines = [f"## CAR greedy {'filter and head' if heads else 'filter'} pruning ({runs[0].mode})",
              f"Evaluation set: {runs[0].eval_images} images of the training split (fixed subset). "
-             f"A filter is removed by zeroing its channel after BatchNorm and activation. "
+             f"A filter is removed by zeroing its channel after BatchNorm and activation.{heads} "
              f"{evals:,} evaluations in {engine_s:.1f} s of ablation time "
              f"({evals / engine_s if engine_s else 0:.2f} evaluations/s, "
              f"{evals * runs[0].eval_images / engine_s if engine_s else 0:,.0f} images/s); {seconds:.1f} s in all.",
-             table(["layer (group root)", "filters", "kept", "base acc %", "final acc %", "rankings", "evaluations",
-                    "evals/s", "stopped", "evaluation path"],
-                   [[r.root, r.width, len(r.kept), 100 * r.base_accuracy,
+             table(["layer (group root) or attention", "units", "kept", "base acc %", "final acc %", "rankings",
+                    "evaluations", "evals/s", "stopped", "evaluation path"],
+                   [[r.root, f"{r.width} {r.unit}s", len(r.kept), 100 * r.base_accuracy,
                      100 * (r.accuracy[-1] if r.accuracy else r.base_accuracy), r.rankings,
                      r.engine.get("evaluations"), r.engine.get("evals_per_second"), r.stopped, r.path]
                     for r in runs]),
@@ -41,7 +43,7 @@ def report(runs: list[GreedyRun], seconds: float, classes: list[str] | None) -> 
         if r.removed:
             rows = [[i + 1, f, f"{100 * c:+.2f}", f"{100 * a:.2f}"]
                     for i, (f, c, a) in enumerate(zip(r.removed, r.car, r.accuracy, strict=True))]
-            lines.append(f"### {r.root}: removals in order\n\n" + table(["#", "filter", "CAR (pts)", "acc after %"],
+            lines.append(f"### {r.root}: removals in order\n\n" + table(["#", r.unit, "CAR (pts)", "acc after %"],
                                                                       rows))
     artifacts: Artifacts = {"car_curve.png": lambda path: curve_plot(path, runs),
                             "car.json": lambda path: _write_json(path, runs)}
@@ -78,7 +80,7 @@ def curve_plot(path: Path, runs: list[GreedyRun]) -> None:
     for ax, r in zip(axes.flat, runs, strict=False):
         xs = list(range(len(r.accuracy) + 1))
         ax.plot(xs, [100 * r.base_accuracy] + [100 * a for a in r.accuracy], color="C0", lw=1.2)
-        ax.set_xlabel("filters removed", fontsize=7)
+        ax.set_xlabel(f"{r.unit}s removed", fontsize=7)
         ax.set_ylabel("eval accuracy %", fontsize=7, color="C0")
         ax2 = ax.twinx()
         ax2.bar(xs[1:], [100 * c for c in r.car], color="C1", alpha=0.5, width=0.8)

@@ -20,17 +20,20 @@ rule the floor is the unpruned validation accuracy minus max_drop. With --target
 step that would cross the target is bisected on η so the result just fits, and the loop stops there.
 The test split is never looked at.
 
-Keeps are composed across iterations into the base model's channel numbering, so the returned Plan
-applies to the base; the pruned and fine-tuned network itself is handed back with it (LoopOutcome.model,
-which compress() uses instead of re-applying the Plan to the base weights). One step (analyse, cut, repair)
-is in step.py, the registered method in method.py, its report in report.py.
+Attention heads (option heads, on by default) are cut by the same threshold as channels, whole heads only and
+at least one per attention (step.py). Keeps, of channels and of heads, are composed across iterations into the
+base model's numbering (heads.py), so the returned Plan applies to the base; the pruned and fine-tuned
+network itself is handed back with it (LoopOutcome.model, which compress() uses instead of re-applying the
+Plan to the base weights). One step (analyse, cut, repair) is in step.py, the registered method in method.py,
+its report in report.py.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -41,11 +44,12 @@ from netslim.cost.size import model_size, plan_size
 from netslim.data import ImageSet, batches, calibration_subset
 from netslim.errors import NetslimError
 from netslim.methods.base import AnalysisCache, Context
+from netslim.methods.common.heads import attentions
 from netslim.methods.lda.core import ClassMoments, predecision_features
+from netslim.methods.lda.heads import Cuts, apply_step, head_counts
 from netslim.methods.lda.options import LoopOptions
-from netslim.methods.lda.step import LdaAnalysis, analyse_model, compose, plan_at, recalibrate
+from netslim.methods.lda.step import LdaAnalysis, analyse_model, plan_at, recalibrate
 from netslim.plan import Plan
-from netslim.surgery.apply import apply_plan
 
 
 @dataclass
@@ -61,10 +65,13 @@ class Iterate:
     removed: int  # channels removed in this step
     seconds: float
     keep: dict[str, list[int]] = field(default_factory=dict)  # base numbering
+    heads: dict[str, list[int]] = field(default_factory=dict)  # kept heads per attention, base numbering
+    heads_removed: int = 0  # heads removed in this step
 
     def row(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("keep")
+        d.pop("heads")
         return d
 
 
@@ -127,6 +134,8 @@ def run_loop(ctx: Context) -> LoopOutcome:
     base = ctx.model.eval()
     classifier = ctx.classifier
     base_widths = {n: w for g in ctx.groups() for n in g.layers for w in [g.width]}
+    heads = attentions(ctx) if o.heads else []
+    cuts = Cuts(base_widths, head_counts(base, heads))
     base_size = model_size(base, ctx.input_size)
     t0 = time.perf_counter()
     acc0, feats = validation_pass(base, val, classifier, ctx.device, ctx.batch_size)
@@ -145,26 +154,31 @@ def run_loop(ctx: Context) -> LoopOutcome:
     console.print(f"lda: unpruned {start.params:,} params, validation accuracy {acc0:.4f}"
                   + (f", floor {floor:.4f}" if floor is not None else "") + (f", target {target}" if target else ""))
     best: tuple[Iterate, nn.Module] | None = (start, base) if target is None else None
-    cur, keep_base, rounds, misses, stop = base, {}, 0, 0, ""
+    cur, rounds, misses, stop = base, 0, 0, ""
+    template = ctx.template()
     analyses: list[LdaAnalysis] = []
     for t in range(1, o.max_iters + 1):
         began = time.perf_counter()
         eta = o.eta_start + (t - 1) * o.eta_step
         sub = _sub_context(ctx, cur)
-        a = analyse_model(sub, o, feats)
+        a = analyse_model(sub, o, feats, heads)
         analyses.append(a)
         plan, final = plan_at(sub, a, eta, o), False
         if target is not None:
-            plan, eta, final = _fit_target(sub, a, eta, o, target, base_size, plan, last=t == o.max_iters)
+            def weigh(p: Plan, before: Cuts = cuts) -> int:
+                return plan_size(before.then(p).plan(ctx), template)[target.kind]
+
+            plan, eta, final = _fit_target(sub, a, eta, o, target, base_size, plan, weigh, last=t == o.max_iters)
         removed = sum(g.width - len(plan.keep[g.root]) for g in sub.groups() if g.root in plan.keep)
-        if removed == 0 and not final:
+        heads_removed = sum(a.heads[n].numel() - len(k) for n, k in plan.heads.items())
+        if removed == 0 and heads_removed == 0 and not final:
             history.append(Iterate(t, eta, a.mprime, a.scores.numel(), history[-1].params, history[-1].macs, None,
-                                   history[-1].val, 0, time.perf_counter() - began, keep_base))
+                                   history[-1].val, 0, time.perf_counter() - began, cuts.keep, cuts.heads))
             console.print(f"lda: iteration {t} (η={eta:.3f}, M′={a.mprime}): nothing below the threshold")
             continue
-        new = apply_plan(copy.deepcopy(cur), plan) if plan.keep else copy.deepcopy(cur)
+        new = apply_step(copy.deepcopy(cur), plan)
         recalibrate(new, cur, classifier, a.mean, ctx.calib, o, ctx.device, ctx.batch_size)
-        keep_base = compose(keep_base, plan.keep, base_widths)
+        cuts = cuts.then(plan)
         acc_cut, feats_cut = validation_pass(new, val, classifier, ctx.device, ctx.batch_size)
         rounds += 1
         before = copy.deepcopy(new.state_dict()) if o.keep_unless_better else None
@@ -177,7 +191,7 @@ def run_loop(ctx: Context) -> LoopOutcome:
             acc, feats = acc_cut, feats_cut
         size = model_size(new, ctx.input_size)
         it = Iterate(t, round(eta, 6), a.mprime, a.scores.numel(), size["params"], size["macs"], acc_cut, acc,
-                     removed, time.perf_counter() - began, keep_base)
+                     removed, time.perf_counter() - began, cuts.keep, cuts.heads, heads_removed)
         history.append(it)
         console.print(f"lda: iteration {t} (η={eta:.3f}, M′={a.mprime}/{a.scores.numel()}): {it.params:,} params "
                       f"({it.params / base_size['params']:.4f}), {it.macs:,} MACs, val acc {acc_cut:.4f} after the "
@@ -199,8 +213,7 @@ def run_loop(ctx: Context) -> LoopOutcome:
     if best is None:
         raise NetslimError(f"lda could not reach target {target} above the accuracy floor ({stop})")
     chosen, model = best
-    plan = ctx.base_plan("lda")
-    plan.keep = {n: sorted(k) for n, k in chosen.keep.items() if len(k) < base_widths[n]}
+    plan = replace(cuts, keep=chosen.keep, heads=chosen.heads).plan(ctx)
     plan.meta.update({"fisher": o.fisher, "selected_iteration": chosen.index, "stop": stop, "floor": floor,
                       "target": str(target) if target else None, "select": o.select, "finetune_rounds":
                       _rounds_until(history, chosen.index), "options": asdict(o),
@@ -236,14 +249,10 @@ def _better(best: tuple[Iterate, nn.Module] | None, cand: tuple[Iterate, nn.Modu
 
 
 def _fit_target(sub: Context, a: LdaAnalysis, eta: float, o: LoopOptions, target: Any, base_size: dict[str, int],
-                plan: Plan, last: bool) -> tuple[Plan, float, bool]:
-    """If the step at η would cross the target, bisect η so the cut just fits it (and say it is final)."""
+                plan: Plan, size: Callable[[Plan], int], last: bool) -> tuple[Plan, float, bool]:
+    """If the step at η would cross the target, bisect η so the cut just fits it (and say it is final);
+    `size` weighs a step's Plan (current numbering) by the target's measure of the whole cut."""
     goal = target.fraction * base_size[target.kind]
-    template = sub.template()
-
-    def size(p: Plan) -> int:
-        return plan_size(p, template)[target.kind]
-
     hi = eta
     if size(plan) > goal:
         if not last:

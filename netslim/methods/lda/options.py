@@ -32,6 +32,10 @@ class LoopOptions(MethodOptions):
     mprime_tol: float = _opt(0.01, "M′ is the fewest neurons within this accuracy of all of them")
     trace_images: int = _opt(10, "images per class the utility is traced back on, >= 1")
     min_keep: int = _opt(1, "channels every layer keeps at least")
+    heads: bool = _opt(True, "also cut whole heads of each nn.MultiheadAttention (ViT) by their traced utility, "
+                             "at least one kept per attention: true | false")
+    head_tokens: str = _opt("max", "a head feature's utility over tokens: max (as over positions) | cls (the "
+                                   "class token's, the first)")
     select: str = _opt("smallest", "smallest | best (highest validation accuracy at or above the floor)")
     patience: int = _opt(0, "iterations in a row below the floor tolerated before stopping (never selected)")
     val_images: int = _opt(0, "validation images used (0: all)")
@@ -67,6 +71,8 @@ class LoopOptions(MethodOptions):
             raise NetslimError("lda needs eta_start > 0, eta_step >= 0 and max_iters >= 1")
         if self.fisher not in ("diag", "eig"):
             raise NetslimError(f"lda option fisher must be diag or eig, not {self.fisher!r}")
+        if self.head_tokens not in ("max", "cls"):
+            raise NetslimError(f"lda option head_tokens must be max or cls, not {self.head_tokens!r}")
         if self.select not in ("smallest", "best"):
             raise NetslimError(f"lda option select must be smallest or best, not {self.select!r}")
         if self.trace_images < 1 or self.min_keep < 1 or self.patience < 0:

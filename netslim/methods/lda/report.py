@@ -15,19 +15,22 @@ from netslim.report.plots import figure, save_figure
 def report(r: LoopOutcome) -> tuple[list[str], Artifacts]:
     """The iterations table (size and validation accuracy per iterate) and the lda_iterations.png writer."""
     history, chosen, floor, base, o = r.history, r.chosen, r.floor, r.base, r.options
+    heads = any(h.heads_removed for h in history)  # a column only for networks that lost attention heads
     rows = [[h.index, "–" if h.eta is None else f"{h.eta:.3f}", "–" if h.mprime is None else
              f"{h.mprime}/{h.predecision}", h.params, f"{h.params / base['params']:.4f}", h.macs,
-             f"{h.macs / base['macs']:.4f}", h.val_cut, h.val, h.removed, round(h.seconds, 1),
-             "◀" if h.index == chosen.index else ""] for h in history]
+             f"{h.macs / base['macs']:.4f}", h.val_cut, h.val, h.removed, *([h.heads_removed] if heads else []),
+             round(h.seconds, 1), "◀" if h.index == chosen.index else ""] for h in history]
     ft = f"{o.ft_epochs} epoch(s) on {o.ft_images or 'all'} training images, lr {o.ft_lr}, {o.ft_schedule}"
     section = (
         f"## Deep LDA iterations\n\nFisher scores: {o.fisher}; M′ within {o.mprime_tol} of the full pre-decision "
         f"layer's validation accuracy; utility traced from {o.trace_images} images per class; threshold η·std of the "
-        f"non-zero utilities per layer, η = {o.eta_start}, {o.eta_start + o.eta_step:g}, …; fine-tuning per round: "
-        f"{ft}. Floor: {'–' if floor is None else f'{floor:.4f}'} (validation); stop: {r.stop}; kept iteration "
+        f"non-zero utilities per layer (per attention for whole heads), η = {o.eta_start}, "
+        f"{o.eta_start + o.eta_step:g}, …; fine-tuning per round: {ft}. "
+        f"Floor: {'–' if floor is None else f'{floor:.4f}'} (validation); stop: {r.stop}; kept iteration "
         f"{chosen.index} (select={o.select}).\n\n![iterations](lda_iterations.png)\n\n" + table(
             ["iter", "η", "M′/M", "params", "params/base", "MACs", "MACs/base", "val acc after cut + recal.",
-             "val acc after fine-tune", "channels removed", "seconds", "kept"], rows))
+             "val acc after fine-tune", "channels removed", *(["heads removed"] if heads else []), "seconds", "kept"],
+            rows))
     scores = r.analyses[0].scores if r.analyses else None
     mprime = r.analyses[0].mprime if r.analyses else None
     return [section], {"lda_iterations.png": lambda path: iterations_plot(path, history, chosen, floor, base, scores,

@@ -1,12 +1,17 @@
 """One step of the deep LDA loop on the current network: analyse it (Fisher scores, M′, traced utility),
 cut it at a threshold η, and repair the cut (BatchNorm statistics, classifier bias) before fine-tuning.
 
+Attention heads are units like a layer's channels: a head's utility is the sum of the traced utilities of its
+head_dim features at out_proj's input (trace.py; a head goes whole, so its features count together), and in
+every attention the heads below η·std(non-zero head utilities) go, at least one kept.
+
 loop.py strings the steps together; keeping them here lets each be tested and benchmarked alone.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -37,10 +42,13 @@ class LdaAnalysis:
     curve: torch.Tensor
     utility: dict[str, torch.Tensor]  # group root -> (width,) utility
     mean: torch.Tensor  # (M,) training mean of the pre-decision neurons
+    heads: dict[str, torch.Tensor] = field(default_factory=dict)  # attention -> (num_heads,) utility
 
 
-def analyse_model(sub: Context, o: LoopOptions, val_feats: tuple[torch.Tensor, torch.Tensor]) -> LdaAnalysis:
-    """Fisher scores, M′ on validation features, and per-group traced utility of the current model."""
+def analyse_model(sub: Context, o: LoopOptions, val_feats: tuple[torch.Tensor, torch.Tensor],
+                  attentions: Sequence[str] = ()) -> LdaAnalysis:
+    """Fisher scores, M′ on validation features, per-group traced utility of the current model and, for each
+    attention of `attentions`, per-head utility."""
     model, classifier, device = sub.model, sub.classifier, sub.device
     assert sub.calib is not None
     moments = predecision_moments(model, batches(sub.calib, sub.batch_size, device=device), classifier,
@@ -55,13 +63,15 @@ def analyse_model(sub: Context, o: LoopOptions, val_feats: tuple[torch.Tensor, t
     mask[order[:mprime]] = 1.0
     images = trace_set(sub.calib, o.trace_images)
     points = response_modules(model, sub.example(), [n for g in sub.groups() for n in g.layers])
-    util = trace(model, (x for x, _ in batches(images, 64, device=device)), mask, classifier, points, device)
+    util = trace(model, (x for x, _ in batches(images, 64, device=device)), mask, classifier, points, device,
+                 attentions, o.head_tokens)
     utility = {}
     for g in sub.groups():
         members = [util[n] for n in g.layers if n in util]
         if members:
             utility[g.root] = torch.stack(members).amax(0)
-    return LdaAnalysis(scores, mprime, curve, utility, moments.mean)
+    heads = {n: util[n].view(model.get_submodule(n).num_heads, -1).sum(1) for n in attentions if n in util}
+    return LdaAnalysis(scores, mprime, curve, utility, moments.mean, heads)
 
 
 def trace_set(data: ImageSet, per_class: int) -> ImageSet:
@@ -87,7 +97,7 @@ def threshold_keep(utility: torch.Tensor, eta: float, min_keep: int) -> list[int
 
 
 def plan_at(sub: Context, a: LdaAnalysis, eta: float, o: LoopOptions) -> Plan:
-    """Plan for the *current* model (its channel numbering) at threshold η."""
+    """Plan for the *current* model (its channel and head numbering) at threshold η."""
     plan = sub.base_plan("lda")
     for g in sub.groups():
         if g.root not in a.utility:
@@ -96,6 +106,10 @@ def plan_at(sub: Context, a: LdaAnalysis, eta: float, o: LoopOptions) -> Plan:
         if len(keep) < g.width:
             for name in g.layers:
                 plan.keep[name] = keep
+    for name, u in a.heads.items():
+        kept = threshold_keep(u, eta, 1)
+        if len(kept) < u.numel():
+            plan.heads[name] = kept
     return plan
 
 

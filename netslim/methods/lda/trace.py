@@ -15,12 +15,18 @@ as functions inside `forward` (not as modules) cannot be swapped: the zoo uses m
 
 The utility of channel c of a layer is the spatial maximum of the rectified traced map at the layer's
 response (output of conv -> BN -> activation), averaged over the traced images.
+
+Attention heads: a head's features are its slice of out_proj's input (the concatenated head outputs), which
+nn.MultiheadAttention never hands to out_proj as a module. out_proj is the attention's last op and linear, so
+the signal there is out_projᵀ times the signal traced to the attention's output, read off a hook on the
+attention itself (an nn.MultiheadAttention, or the CutAttention of an earlier cut). Its tokens are reduced as
+positions are (their maximum), or to the first token alone (tokens="cls": ViT's class token).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -77,15 +83,33 @@ def channel_utility(signal: torch.Tensor, kind: str) -> torch.Tensor:
     return signal.flatten(2).amax(dim=2)
 
 
+def head_signal(attention: nn.Module, grad: torch.Tensor) -> torch.Tensor:
+    """The traced signal at out_proj's input, (batch, tokens, heads × head_dim), from the one at the attention's
+    output (in the attention's layout: batch first or not, or unbatched)."""
+    if grad.dim() == 2:
+        grad = grad.unsqueeze(0)
+    elif not attention.batch_first:
+        grad = grad.transpose(0, 1)
+    return grad @ attention.out_proj.weight.to(grad.dtype)
+
+
+def feature_utility(signal: torch.Tensor, tokens: str) -> torch.Tensor:
+    """(B, tokens, F) traced head features -> (B, F): rectified, then the maximum over tokens or the first's."""
+    if tokens == "cls":
+        return signal[:, 0].clamp_min(0.0)
+    return channel_utility(signal, "linear")
+
+
 def trace(model: nn.Module, inputs: Iterable[torch.Tensor], mask: torch.Tensor, classifier: str,
-          points: dict[str, ResponsePoint] | None = None, device: str | torch.device = "cpu"
-          ) -> dict[str, torch.Tensor]:
+          points: dict[str, ResponsePoint] | None = None, device: str | torch.device = "cpu",
+          attentions: Sequence[str] = (), tokens: str = "max") -> dict[str, torch.Tensor]:
     """Mean channel utility (C,) of every response point, tracing `mask`-ed pre-decision responses back.
 
     `mask` (M,) weighs the M inputs of `classifier` (flattened): 1 for the selected neurons, 0 for the
     rest; the starting signal of each image is its own pre-decision response times the mask.
     `inputs` yields batches of normalised images. Layers whose response is only reachable through a
-    shared module (ResponsePoint.post set) are left out of the result.
+    shared module (ResponsePoint.post set) are left out of the result. Each attention of `attentions` gets,
+    under its name, the utility (heads × head_dim,) of out_proj's input features, its tokens reduced by `tokens`.
     """
     net = tracing_copy(model).to(device)
     batches = iter(inputs)
@@ -107,7 +131,18 @@ def trace(model: nn.Module, inputs: Iterable[torch.Tensor], mask: torch.Tensor, 
                 out.register_hook(lambda g: grads.__setitem__(name, g.detach()))
         return hook
 
+    def capture_heads(name: str) -> Callable[[nn.Module, tuple, object], None]:
+        def hook(module: nn.Module, args: tuple, out: object) -> None:
+            y = out[0] if isinstance(out, tuple) else out
+            if isinstance(y, torch.Tensor) and y.requires_grad:
+                y.register_hook(lambda g: grads.__setitem__(name, head_signal(module, g.detach())))
+        return hook
+
+    for name in attentions:
+        if name not in modules or not hasattr(modules[name], "out_proj"):
+            raise NetslimError(f"the model has no attention {name!r} to trace heads of")
     handles = [modules[p.hook].register_forward_hook(capture(n)) for n, p in points.items() if p.post is None]
+    handles += [modules[n].register_forward_hook(capture_heads(n)) for n in attentions]
     handles.append(modules[classifier].register_forward_pre_hook(lambda m, args: top.append(args[0])))
     sums: dict[str, torch.Tensor] = {}
     count = 0
@@ -126,7 +161,8 @@ def trace(model: nn.Module, inputs: Iterable[torch.Tensor], mask: torch.Tensor, 
             seed = (flat.detach() * mask).reshape(z.shape)
             torch.autograd.backward(z, seed)
             for name, g in grads.items():
-                u = channel_utility(g, points[name].kind).double().sum(0)
+                u = (feature_utility(g, tokens) if name in attentions else
+                     channel_utility(g, points[name].kind)).double().sum(0)
                 sums[name] = sums[name] + u if name in sums else u
             count += x.shape[0]
     finally:

@@ -1,0 +1,106 @@
+"""Whole attention heads as CAR's units: the accuracy lost when one head's output is zeroed.
+
+"Without head h" means h's head_dim-wide slice of the concatenated head outputs (out_proj's input) is zero,
+the same as deleting h's rows of q, k, v and its columns of out_proj (out_proj's bias stays, as a cut
+attention keeps it). nn.MultiheadAttention applies out_proj functionally, or in one fused kernel in eval,
+so no hook on out_proj sees that input. HeadEngine's private copy of the model therefore has each studied
+attention replaced by a _MaskedAttention that recomputes the head outputs (netslim.probe.heads), scales
+each replicated image's heads by its row of the mask and applies out_proj; that the replacement computes
+what the attention computed is checked on the evaluation images before any ablation is trusted. The mask
+batching, counting and greedy loop are the filter engine's (engine.py, greedy.py): one slot per attention,
+one mask column per head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from netslim.errors import NetslimError
+from netslim.methods.car.engine import AblationEngine, Slot
+from netslim.probe.heads import bind_call, head_outputs, masked
+
+
+class _MaskedAttention(nn.Module):
+    """An nn.MultiheadAttention whose head outputs are multiplied by `mask` ((batch, num_heads) or None)."""
+
+    def __init__(self, mha: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.mha = mha
+        self.mask: torch.Tensor | None = None
+
+    def forward(self, *args: object, **kwargs: object) -> tuple[torch.Tensor, None]:
+        bound = bind_call(self.mha, args, kwargs)
+        if masked(bound):
+            raise NetslimError("CAR ablates heads only of attention called without a mask")
+        query = bound["query"]
+        assert isinstance(query, torch.Tensor)
+        heads = head_outputs(self.mha, query, bound["key"], bound["value"])  # type: ignore[arg-type]
+        if self.mask is not None:
+            per_feature = self.mask.repeat_interleave(self.mha.head_dim, dim=1)
+            heads = heads * per_feature[:, None, :].to(heads.dtype)
+        out = F.linear(heads, self.mha.out_proj.weight, self.mha.out_proj.bias)
+        if query.dim() == 2:
+            return out.squeeze(0), None
+        return (out if self.mha.batch_first else out.transpose(0, 1)), None
+
+
+class HeadEngine(AblationEngine):
+    """Correct counts and cross-entropy on a fixed labelled set for many head masks at once.
+
+    `attentions` names nn.MultiheadAttention modules; a mask has one column per head of each, in order (1
+    keeps the head, 0 ablates it). Every pass runs the whole network, each of the M masks on its own copy of
+    the image batch."""
+
+    def __init__(self, model: nn.Module, attentions: list[str], images: torch.Tensor, labels: torch.Tensor,
+                 num_classes: int, *, device: str | torch.device = "cpu", batch_size: int = 256,
+                 masks_per_pass: int = 32, precision: str = "fp32") -> None:
+        self._load(model, images, labels, num_classes, device, batch_size, masks_per_pass, False, precision)
+        reference = self._logits(self.images[:min(self.n, 16)])
+        self.wrappers: list[_MaskedAttention] = []
+        self.slots: list[Slot] = []
+        start = 0
+        for name in attentions:
+            mha = self.model.get_submodule(name)
+            if not isinstance(mha, nn.MultiheadAttention):
+                raise NetslimError(f"{name!r} is a {type(mha).__name__}, not an nn.MultiheadAttention")
+            wrapper = _MaskedAttention(mha)
+            parent, _, leaf = name.rpartition(".")
+            setattr(self.model.get_submodule(parent) if parent else self.model, leaf, wrapper)
+            self.wrappers.append(wrapper)
+            self.slots.append(Slot((name,), (name,), start, start + mha.num_heads))
+            start += mha.num_heads
+        self.width = start
+        self.split, self._cache = None, None
+        self.path = "full network per pass, head outputs recomputed and masked in each attention"
+        mine = self._logits(self.images[:min(self.n, 16)])
+        if not torch.allclose(mine, reference, rtol=1e-3, atol=1e-4 * (1 + float(reference.abs().max()))):
+            raise NetslimError(f"the head outputs of {', '.join(attentions)} cannot be recomputed from their "
+                               "weights (a variant netslim does not follow); leave heads whole (--opt heads=false)")
+
+    @torch.inference_mode()
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).float()
+
+    def _hooked(self, x: torch.Tensor, m: int, rows: torch.Tensor) -> torch.Tensor:
+        x = x.repeat(m, *([1] * (x.dim() - 1)))
+        for slot, wrapper in zip(self.slots, self.wrappers, strict=True):
+            wrapper.mask = rows[:, slot.start:slot.end]
+        try:
+            return self.model(x)
+        finally:
+            for wrapper in self.wrappers:
+                wrapper.mask = None
+
+
+def zero_heads(model: nn.Module, attention: str, heads: list[int]) -> None:
+    """Make `heads` of `attention` contribute nothing: their columns of out_proj set to zero (exact, and it
+    holds in the fused path, which reads out_proj's weight)."""
+    if not heads:
+        return
+    mha = model.get_submodule(attention)
+    d = mha.head_dim
+    cols = torch.tensor([h * d + j for h in heads for j in range(d)], dtype=torch.long)
+    with torch.no_grad():
+        mha.out_proj.weight[:, cols] = 0
