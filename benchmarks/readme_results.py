@@ -1,5 +1,6 @@
 """Regenerate the README's "Results" section from committed bench JSON (benchmarks/results/bench_*.json) and its
-one-shot repair tables from benchmarks/results/repair_*.json (benchmarks.repair.readme).
+one-shot repair tables from benchmarks/results/repair_*.json (benchmarks.repair.readme) and its paper
+reproductions from benchmarks/results/reproduce_*.json (benchmarks.reproduce.readme).
 
     python -m benchmarks.readme_results [--readme README.md]
 """
@@ -13,9 +14,11 @@ from pathlib import Path
 
 from benchmarks._common import REPO, RESULTS
 from benchmarks.repair.readme import sections as repair_sections
+from benchmarks.reproduce.readme import sections as reproduce_sections
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 REPAIR_START, REPAIR_END = "<!-- repair:start -->", "<!-- repair:end -->"
+REPRO_START, REPRO_END = "<!-- reproduce:start -->", "<!-- reproduce:end -->"
 
 
 def _ms(row: dict, batch: int) -> str:
@@ -91,15 +94,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--readme", type=Path, default=REPO / "README.md", help="file whose results section is rewritten")
     args = ap.parse_args()
-    files = sorted(RESULTS.glob("bench_*.json"))
+    readme = args.readme
+    readme.write_text(rendered(readme.read_text()))
+    print("README results: bench tables, repair tables, paper reproductions")
+
+
+def rendered(text: str, results: Path = RESULTS) -> str:
+    """`text` (the README) with its three generated blocks rewritten from the JSON under `results`."""
+    files = sorted(results.glob("bench_*.json"))
     body = ["Generated from `benchmarks/results/bench_*.json` by `python -m benchmarks.readme_results`. "
             "CPU numbers come from reduced schedules on a shared 2-core machine (see each file for details).", ""]
     body += [section(json.loads(f.read_text()), f.name) for f in files]
-    readme = args.readme
-    text = _replace(readme.read_text(), START, END, body)
-    text = _replace(text, REPAIR_START, REPAIR_END, repair_sections(RESULTS))
-    readme.write_text(text)
-    print(f"README results: {len(files)} bench file(s), repair tables")
+    text = _replace(text, START, END, body)
+    text = _replace(text, REPAIR_START, REPAIR_END, repair_sections(results))
+    return _replace(text, REPRO_START, REPRO_END, reproduce_sections(results))
 
 
 def _replace(text: str, start: str, end: str, body: list[str]) -> str:

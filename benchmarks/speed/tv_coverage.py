@@ -1,4 +1,5 @@
-"""Does netslim compress every torchvision classification model? Each one, random-init, is compressed with
+"""Does netslim compress every torchvision classification model (and, named with --only, timm models)? Each
+one, random-init, is compressed with
 PFA-En to `--target params=0.5` (64 random calibration images, `--opt reduce=spatial` so that layers wider
 than the image count can be analysed, no repair, no fine-tuning, no latency) through
 `netslim.workflows.compress.compress`, and recorded as
@@ -19,7 +20,12 @@ own process on one thread, two at a time by default, cheapest first (torchvision
 
     python -m benchmarks.speed.tv_coverage [--limit 150] [--wall 1440] [--jobs 2] [--only resnet18,googlenet]
 
---only re-runs the named models and replaces their rows in an existing result file.
+--only re-runs the named models and replaces their rows in an existing result file; a name with a prefix
+(`timm:deit_tiny_patch16_224`, `tv:vit_b_16`) is built by netslim.zoo as written, a bare one is torchvision's.
+A random Plan also cuts a random half of the heads of every nn.MultiheadAttention netslim can cut.
+
+    python -m benchmarks.speed.tv_coverage --only tv:vit_b_16,tv:swin_t,timm:deit_tiny_patch16_224,\\
+        timm:swin_tiny_patch4_window7_224,timm:mobilevit_xxs --out transformers_coverage_cpu.json --jobs 1
 """
 
 from __future__ import annotations
@@ -40,12 +46,18 @@ BIG_INPUT = {"inception_v3": 75}  # the smallest input the model accepts, when 6
 SMALL_VIT = {"vit_l_16": 64, "vit_l_32": 64, "vit_h_14": 56}  # built for this image size (--small-vit)
 
 
+def spec(name: str) -> str:
+    """The zoo name: as written when prefixed (timm:, tv:), else torchvision's."""
+    return name if ":" in name else f"tv:{name}"
+
+
 def input_side(name: str, small_vit: bool = False) -> int:
-    if small_vit and name in SMALL_VIT:
-        return SMALL_VIT[name]
-    if name.startswith(("vit_", "swin_", "maxvit")):
-        return 224
-    return BIG_INPUT.get(name, 64)
+    bare = name.split(":")[-1]
+    if small_vit and bare in SMALL_VIT:
+        return SMALL_VIT[bare]
+    if bare.startswith(("vit_", "swin_", "maxvit", "deit", "mobilevit")):
+        return 224  # position embeddings, windows and patch grids are sized for it
+    return BIG_INPUT.get(bare, 64)
 
 
 def cost(name: str) -> float:
@@ -53,7 +65,7 @@ def cost(name: str) -> float:
     import torchvision.models as tvm
 
     try:
-        meta = next(iter(tvm.get_model_weights(name))).meta
+        meta = next(iter(tvm.get_model_weights(name.split(":")[-1]))).meta
         gflops, params = float(meta.get("_ops", 10.0)), float(meta.get("num_params", 1e8))
     except Exception:
         gflops, params = 10.0, 1e8
@@ -84,9 +96,9 @@ def one(name: str, images: int, small_vit: bool = False) -> dict[str, Any]:
             model = tvm.get_model(name, num_classes=10, image_size=side).eval()
             rec["built_for_image_size"] = side
         else:
-            model = build(f"tv:{name}", num_classes=10).eval()
+            model = build(spec(name), num_classes=10).eval()
         rec["base_params"] = sum(p.numel() for p in model.parameters())
-        res = compress(model, f"tv:{name}", random_images(images, side), None, method="pfa-en",
+        res = compress(model, spec(name), random_images(images, side), None, method="pfa-en",
                        target=parse_target("params=0.5"), options={"reduce": "spatial"},
                        schedule=Schedule(epochs=0, bn_recal=0), calib_size=images, measure_latency=False,
                        repair=Repair(mode="none"))
@@ -95,7 +107,7 @@ def one(name: str, images: int, small_vit: bool = False) -> dict[str, Any]:
         real = int(res.metrics["after"]["params"])
         rec.update(status="ok" if planned == real else "failed", planned_params=planned, real_params=real,
                    kept=round(real / rec["base_params"], 4), size_model=SizeModel.of(template, (3, side, side))
-                   is not None, cut_layers=len(res.plan.keep))
+                   is not None, cut_layers=len(res.plan.keep), heads_cut=len(res.plan.heads))
         if planned != real:
             rec["reason"] = f"real parameter count {real} differs from the planned {planned}"
     except NetslimError as exc:
@@ -120,14 +132,21 @@ def random_cut(model: torch.nn.Module, name: str, side: int) -> dict[str, Any]:
     from netslim.plan import Plan
     from netslim.surgery.apply import apply_plan, find_classifier
     from netslim.surgery.graph import channel_groups
+    from netslim.surgery.heads import attention_calls, cuttable
 
     rng = random.Random(0)
     shape = (3, side, side)
     try:
-        plan = Plan(f"tv:{name}", 10, shape)
+        plan = Plan(spec(name), 10, shape)
         for g in channel_groups(model, torch.zeros(1, *shape), find_classifier(model)):
             keep = sorted(rng.sample(range(g.width), max(1, g.width // 2)))
             plan.keep.update({n: keep for n in g.layers})
+        attn = [n for n, m in model.named_modules() if isinstance(m, torch.nn.MultiheadAttention) and cuttable(m)
+                and m.num_heads > 1]
+        calls = attention_calls(model, attn, torch.zeros(1, *shape)) if attn else {}
+        for n in (n for n in attn if calls.get(n) == (1, False)):
+            heads = model.get_submodule(n).num_heads
+            plan.heads[n] = sorted(rng.sample(range(heads), max(1, heads // 2)))
         template = meta_template(model)
         sizes = SizeModel.of(template, shape)
         modelled = sizes.size(plan) if sizes is not None else None
@@ -137,7 +156,7 @@ def random_cut(model: torch.nn.Module, name: str, side: int) -> dict[str, Any]:
             out = cut(torch.zeros(1, *shape))
         real = stored_params(cut)
         same = real == surgery and (modelled is None or modelled["params"] == real) and tuple(out.shape) == (1, 10)
-        return {"status": "ok" if same else "failed", "cut_layers": len(plan.keep),
+        return {"status": "ok" if same else "failed", "cut_layers": len(plan.keep), "heads_cut": len(plan.heads),
                 "size_model": None if modelled is None else modelled["params"], "surgery": surgery, "real": real}
     except NetslimError as exc:
         return {"status": "refused", "reason": str(exc)}
