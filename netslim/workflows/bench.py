@@ -188,7 +188,8 @@ def _one(model: nn.Module, arch: str, train: ImageSet, test: ImageSet, method: s
             "params_kept": size["params"] / before["params"], "latency": size.get("latency", []),
             "analysis_seconds": round(seconds, 3), "finetune_seconds": round(rec.finetune_seconds, 1),
             "new_statistics_passes": len(cache.passes) - passes_before,
-            "widths": plan.widths(), "drop": plan.drop, "plan_meta": plan.meta, "history": rec.history}
+            "widths": plan.widths(), "heads": {k: len(v) for k, v in plan.heads.items()}, "drop": plan.drop,
+            "plan_meta": plan.meta, "history": rec.history}
 
 
 def _now() -> str:
