@@ -106,3 +106,28 @@ def test_bad_timm_name_is_one_line(arch: str, match: str) -> None:
     with pytest.raises(NetslimError, match=match) as err:
         build(arch)
     assert "\n" not in str(err.value)
+
+
+def test_swin_groups_its_window_code_breaks_are_not_offered() -> None:
+    """timm's Swin reshapes to its stage width in Python (window partition, patch merging), which torch-pruning's
+    graph does not see: a cut of the residual stream gives a network that does not run. The trial on the meta
+    device finds exactly those groups; the MLP widths it leaves are cut to the planned size and run."""
+    import timm
+
+    from netslim.surgery.trial import runnable_groups
+
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=10, img_size=SIDE,
+                              patch_size=2, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(2, 2)).eval()
+    example = torch.zeros(1, 3, SIDE, SIDE)
+    found = channel_groups(model, example, find_classifier(model))
+    ok = runnable_groups(model, example, found, 10)
+    dropped = {g.root for g in found} - {g.root for g in ok}
+    assert "patch_embed.proj" in dropped and all("mlp" not in r for r in dropped)
+    assert {g.root for g in ok} >= {"layers.0.blocks.0.mlp.fc1", "layers.1.blocks.0.mlp.fc1"}
+    everything = Plan("swin", 10, (3, SIDE, SIDE), keep={n: list(range(1, g.width)) for g in found for n in g.layers})
+    with pytest.raises(NetslimError, match="does not run"):
+        apply_plan(copy.deepcopy(model), everything)
+    plan = Plan("swin", 10, (3, SIDE, SIDE), keep={n: list(range(g.width // 2)) for g in ok for n in g.layers})
+    cut = apply_plan(copy.deepcopy(model), plan)
+    assert cut(example).shape == (1, 10)
+    assert stored_params(cut) == plan_size(plan, meta_template(model))["params"] < stored_params(model)

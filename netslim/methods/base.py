@@ -23,6 +23,7 @@ from netslim.plan import Plan
 from netslim.probe import LayerStats
 from netslim.surgery.apply import find_classifier
 from netslim.surgery.graph import ChannelGroup, channel_groups
+from netslim.surgery.trial import runnable_groups
 
 
 @dataclass
@@ -128,7 +129,8 @@ class Context:
 
     def groups(self) -> list[ChannelGroup]:
         if self.cache.groups is None:
-            self.cache.groups = channel_groups(self.model, self.example(), self.classifier)
+            found = channel_groups(self.model, self.example(), self.classifier)
+            self.cache.groups = runnable_groups(self.model, self.example(), found, self.num_classes)
         return self.cache.groups
 
     def template(self) -> nn.Module:
