@@ -9,7 +9,9 @@ import copy
 import json
 
 import pytest
+import tiny_vit
 import torch
+from tiny_vit import HEADS, MLP, SIDE, att
 from torch import nn
 from typer.testing import CliRunner
 
@@ -29,22 +31,11 @@ from netslim.surgery.heads import CutAttention
 
 torch.set_num_threads(1)
 
-SIDE, D, HEADS, LAYERS, MLP = 16, 32, 4, 2, 64
 
-
-def att(i: int) -> str:
-    return f"encoder.layers.encoder_layer_{i}.self_attention"
 
 
 def small_vit(seed: int = 0) -> nn.Module:
-    """A 2-block ViT on 16x16 images (17 tokens of 32 channels, 4 heads of 8); torchvision zeroes the classifier."""
-    from torchvision.models import VisionTransformer
-
-    torch.manual_seed(seed)
-    model = VisionTransformer(image_size=SIDE, patch_size=4, num_layers=LAYERS, num_heads=HEADS, hidden_dim=D,
-                              mlp_dim=MLP, num_classes=10).eval()
-    nn.init.normal_(model.heads.head.weight, std=0.5)
-    return model
+    return tiny_vit.small_vit(seed, head_std=0.5)
 
 
 def images(n: int, side: int = SIDE, model: nn.Module | None = None) -> ImageSet:

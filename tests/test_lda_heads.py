@@ -6,7 +6,9 @@ from __future__ import annotations
 import copy
 
 import pytest
+import tiny_vit
 import torch
+from tiny_vit import HEAD_DIM, HEADS, LAYERS, MLP, SIDE, D, att
 from torch import nn
 
 from netslim.cost.size import meta_template, plan_size, stored_params
@@ -25,23 +27,12 @@ from netslim.surgery.heads import CutAttention
 
 torch.set_num_threads(1)
 
-SIDE, D, HEADS, HEAD_DIM, MLP, LAYERS = 16, 32, 4, 8, 64, 2
 SILENT, LOUD = 1, 3
 
 
-def att(i: int) -> str:
-    return f"encoder.layers.encoder_layer_{i}.self_attention"
-
 
 def small_vit(seed: int = 0) -> nn.Module:
-    """A 2-block ViT on 16x16 images (4 heads of 8); torchvision zeroes the classifier, so it is re-drawn."""
-    from torchvision.models import VisionTransformer
-
-    torch.manual_seed(seed)
-    model = VisionTransformer(image_size=SIDE, patch_size=4, num_layers=LAYERS, num_heads=HEADS, hidden_dim=D,
-                              mlp_dim=MLP, num_classes=3).eval()
-    nn.init.normal_(model.heads.head.weight, std=0.1)
-    return model
+    return tiny_vit.small_vit(seed, num_classes=3)
 
 
 def tuned_vit() -> nn.Module:

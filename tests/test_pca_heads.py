@@ -7,8 +7,9 @@ from __future__ import annotations
 import copy
 
 import torch
-from test_peer_heads import HEADS, SIDE, att, images, small_vit
+from test_peer_heads import images
 from test_vit_head_select import copy_head
+from tiny_vit import HEADS, SIDE, att, small_vit
 
 from netslim.cost.size import meta_template, stored_params
 from netslim.cost.sizemodel import fast_plan_size

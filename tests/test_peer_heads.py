@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from tiny_vit import HEAD_DIM, HEADS, LAYERS, MLP, SIDE, D, att, small_vit
 from torch import nn
 
 from netslim.cost.size import meta_template, stored_params
@@ -22,23 +23,9 @@ from netslim.surgery.heads import CutAttention
 
 torch.set_num_threads(1)
 
-SIDE, D, HEADS, LAYERS, MLP = 16, 32, 4, 2, 64
-HEAD_DIM = D // HEADS
 
 
-def att(i: int) -> str:
-    return f"encoder.layers.encoder_layer_{i}.self_attention"
 
-
-def small_vit(seed: int = 0) -> nn.Module:
-    """A 2-block ViT on 16x16 images (4 heads of 8); torchvision zeroes the classifier, so it is re-drawn."""
-    from torchvision.models import VisionTransformer
-
-    torch.manual_seed(seed)
-    model = VisionTransformer(image_size=SIDE, patch_size=4, num_layers=LAYERS, num_heads=HEADS, hidden_dim=D,
-                              mlp_dim=MLP, num_classes=10).eval()
-    nn.init.normal_(model.heads.head.weight, std=0.1)
-    return model
 
 
 def images(n: int = 32) -> ImageSet:

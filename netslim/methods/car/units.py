@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from netslim.cost.targets import bisect
@@ -20,6 +19,7 @@ from netslim.methods.base import Context
 from netslim.methods.common.heads import attentions
 from netslim.methods.common.ranking import round_width
 from netslim.plan import Plan
+from netslim.surgery.depth import call_order
 from netslim.surgery.graph import ChannelGroup
 
 
@@ -81,27 +81,9 @@ def chosen_units(ctx: Context) -> list[Unit]:
     if not heads:
         return units  # the groups come in forward order already
     units += [Unit(n, (n,), ctx.model.get_submodule(n).num_heads, True) for n in heads]
-    order = _call_order(ctx.model, [u.root for u in units], ctx.example())
+    calls = call_order(ctx.model, ctx.example(), (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention))
+    order = {n: i for i, n in enumerate(dict.fromkeys(calls))}  # the rank of each module's first call
     return sorted(units, key=lambda u: order.get(u.root, len(order)))
-
-
-def _call_order(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, int]:
-    """Per module of `names`, the rank of its first call in one forward pass (modules never called are absent)."""
-    seen: dict[str, int] = {}
-    handles = []
-    for name in names:
-        def hook(*_: object, name: str = name) -> None:
-            seen.setdefault(name, len(seen))
-        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    was = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    finally:
-        model.train(was)
-        for h in handles:
-            h.remove()
-    return seen
 
 
 def kept_counts(ctx: Context, units: list[Unit], r: float) -> dict[str, int]:
