@@ -56,7 +56,7 @@ def input_side(name: str, small_vit: bool = False) -> int:
     bare = name.split(":")[-1]
     if small_vit and bare in SMALL_VIT:
         return SMALL_VIT[bare]
-    if bare.startswith(("vit_", "swin_", "maxvit", "deit", "mobilevit")):
+    if bare.startswith(("vit_", "swin_", "maxvit", "deit", "mobilevit", "efficientformer")):
         return 224  # position embeddings, windows and patch grids are sized for it
     return BIG_INPUT.get(bare, 64)
 
