@@ -27,16 +27,24 @@ _MHA_CALL = inspect.signature(nn.MultiheadAttention.forward)
 
 def head_qkv(mha: nn.Module, query: torch.Tensor, key: torch.Tensor,
              value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v as (batch, heads, tokens, head_dim) from an attention's packed in-projection (nn.MultiheadAttention
-    or surgery's CutAttention: `in_proj_weight`, `in_proj_bias`, `num_heads`, `head_dim`, `batch_first`), for a
-    batched or unbatched call."""
+    """q, k, v as (batch, heads, tokens, head_dim) from an attention's in-projection, for a batched or unbatched
+    call: the packed `in_proj_weight`, `in_proj_bias` (nn.MultiheadAttention, surgery's CutAttention) or a module
+    `in_proj` (E → 3 × inner, rows q, k, v; surgery's OpenAttention), called once for self-attention so that its
+    hooks see each input once; also `num_heads`, `head_dim`, `batch_first`."""
+    same = query is key and key is value
     if query.dim() == 2:
         query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
     elif not mha.batch_first:
         query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-    biases = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None, None, None)
-    q, k, v = (F.linear(x, w, b).unflatten(-1, (mha.num_heads, mha.head_dim)).transpose(1, 2)
-               for x, w, b in zip((query, key, value), mha.in_proj_weight.chunk(3), biases, strict=True))
+    proj = getattr(mha, "in_proj", None)
+    if isinstance(proj, nn.Module):
+        parts = proj(query).chunk(3, -1) if same else [proj(x).chunk(3, -1)[i] for i, x in
+                                                        enumerate((query, key, value))]
+    else:
+        biases = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None, None, None)
+        parts = [F.linear(x, w, b) for x, w, b in zip((query, key, value), mha.in_proj_weight.chunk(3), biases,
+                                                      strict=True)]
+    q, k, v = (x.unflatten(-1, (mha.num_heads, mha.head_dim)).transpose(1, 2) for x in parts)
     return q, k, v
 
 
@@ -73,7 +81,8 @@ def call_heads(mha: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None
 def reproduces(mha: nn.Module, heads: torch.Tensor, output: Any) -> bool:
     """Whether out_proj of the recomputed `heads` is the attention's own `output`: only then do the heads
     measure what the module computes."""
-    mine = F.linear(heads, mha.out_proj.weight, mha.out_proj.bias)
+    proj = mha.out_proj  # a Linear, or a module standing for one (an opened attention's factorized out_proj)
+    mine = F.linear(heads, proj.weight, proj.bias) if isinstance(proj, nn.Linear) else proj(heads)
     theirs = _batch_first(mha, output[0] if isinstance(output, tuple) else output)
     return mine.shape == theirs.shape and torch.allclose(mine, theirs, rtol=1e-3,
                                                          atol=1e-4 * (1 + float(theirs.abs().max())))

@@ -1,4 +1,5 @@
-"""Apply a Plan to a model: depth first, then channel cuts, the class cut, head cuts, then factorization.
+"""Apply a Plan to a model: depth first, then channel cuts, the class cut, head cuts, then factorization (an
+attention whose in_proj or out_proj is factorized is opened first: netslim.surgery.attention).
 
 Channel cuts go through torch-pruning's DependencyGraph, which carries a cut to BatchNorm, the next
 layer's inputs, residual adds, concatenations and depthwise convs. Works on the meta device, so a
@@ -13,6 +14,7 @@ from torch import nn
 
 from netslim.errors import NetslimError
 from netslim.plan import Plan
+from netslim.surgery.attention import attention_of, check_open_calls, check_projections, open_attentions
 from netslim.surgery.depth import drop_layers
 from netslim.surgery.graph import (
     PRUNABLE,
@@ -45,7 +47,7 @@ def check_plan(plan: Plan, model: nn.Module, groups: list[ChannelGroup] | None =
     modules = dict(model.named_modules())
     for section, names in (("keep", plan.keep), ("drop", plan.drop), ("factorize", plan.factorize)):
         for name in names:
-            if name not in modules or name == "":
+            if (name not in modules or name == "") and not (section == "factorize" and attention_of(name, modules)):
                 raise NetslimError(f"plan {section}: unknown layer {name!r} in {plan.arch}")
     for name in plan.drop:
         for other in (*plan.keep, *plan.factorize, *plan.heads):
@@ -61,6 +63,7 @@ def check_plan(plan: Plan, model: nn.Module, groups: list[ChannelGroup] | None =
         if len(set(idx)) != len(idx) or min(idx) < 0 or max(idx) >= width:
             raise NetslimError(f"plan keep: indices for {name!r} must be distinct and in 0..{width - 1}")
     check_heads(plan.heads, modules, plan.arch)
+    check_projections(plan.factorize, modules)
     if plan.classes is not None:
         if not plan.classes or min(plan.classes) < 0 or max(plan.classes) >= plan.num_classes:
             raise NetslimError(f"plan classes must be a non-empty subset of 0..{plan.num_classes - 1}")
@@ -88,6 +91,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     example = example_input(model, plan)
     if plan.heads:
         check_head_calls(model, plan.heads, example)
+    check_open_calls(model, plan.factorize, example)
     drop_layers(model, plan.drop, example)
     classifier = find_classifier(model)
     graph = build_graph(model, example)
@@ -106,6 +110,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     if plan.factorize:
         from netslim.surgery.factorized import factorize_layers  # lazy: only low-rank plans need it
 
+        open_attentions(model, plan.factorize)  # after the head cuts: a CutAttention is opened
         factorize_layers(model, plan.factorize)
     _check_widths(model, plan)
     check_forward(model, example, f"the network cut to this Plan does not run, so torch-pruning missed a channel "

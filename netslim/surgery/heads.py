@@ -20,7 +20,20 @@ from netslim.errors import NetslimError
 from netslim.probe.heads import bind_call, head_qkv, masked
 
 
-class CutAttention(nn.Module):
+class UnmaskedAttention(nn.Module):
+    """What netslim's attention modules share: nn.MultiheadAttention's call signature, without masks (a mask is
+    shaped for the attention as it was), computed by `attend`."""
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if key_padding_mask is not None or attn_mask is not None or is_causal:
+            raise NetslimError(f"netslim's {type(self).__name__} takes no masks")
+        return attend(self, query, key, value, need_weights, average_attn_weights)
+
+
+class CutAttention(UnmaskedAttention):
     """Multi-head attention whose inner width (num_heads × head_dim) is below its input and output width
     `embed_dim`; called as nn.MultiheadAttention is, without masks (a mask is shaped for the uncut heads)."""
 
@@ -51,26 +64,26 @@ class CutAttention(nn.Module):
                 cut.out_proj.bias.copy_(mha.out_proj.bias)
         return cut.train(mha.training)
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
-                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if key_padding_mask is not None or attn_mask is not None or is_causal:
-            raise NetslimError("a head-cut attention (CutAttention) takes no masks")
-        batched = query.dim() == 3
-        q, k, v = head_qkv(self, query, key, value)
-        p = self.dropout if self.training else 0.0
-        weights = None
-        if need_weights:  # the weights are asked for: the attention is computed in the open
-            weights = torch.softmax(q @ k.transpose(-2, -1) * self.head_dim ** -0.5, dim=-1)
-            out = F.dropout(weights, p) @ v
-            weights = weights.mean(1) if average_attn_weights else weights
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
-        out = self.out_proj(out.transpose(1, 2).flatten(2))
-        if not batched:
-            return out.squeeze(0), None if weights is None else weights.squeeze(0)
-        return (out if self.batch_first else out.transpose(0, 1)), weights
+
+
+def attend(attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, need_weights: bool = True,
+           average_attn_weights: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """nn.MultiheadAttention's unmasked forward for a module holding its parts (`num_heads`, `head_dim`, `dropout`,
+    `batch_first`, `out_proj` and an in-projection head_qkv reads): CutAttention's and OpenAttention's forward."""
+    batched = query.dim() == 3
+    q, k, v = head_qkv(attn, query, key, value)
+    p = attn.dropout if attn.training else 0.0
+    weights = None
+    if need_weights:  # the weights are asked for: the attention is computed in the open
+        weights = torch.softmax(q @ k.transpose(-2, -1) * attn.head_dim ** -0.5, dim=-1)
+        out = F.dropout(weights, p) @ v
+        weights = weights.mean(1) if average_attn_weights else weights
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+    out = attn.out_proj(out.transpose(1, 2).flatten(2))
+    if not batched:
+        return out.squeeze(0), None if weights is None else weights.squeeze(0)
+    return (out if attn.batch_first else out.transpose(0, 1)), weights
 
 
 def check_heads(heads: dict[str, list[int]], modules: dict[str, nn.Module], arch: str) -> None:

@@ -189,6 +189,7 @@ def _one(model: nn.Module, arch: str, train: ImageSet, test: ImageSet, method: s
             "analysis_seconds": round(seconds, 3), "finetune_seconds": round(rec.finetune_seconds, 1),
             "new_statistics_passes": len(cache.passes) - passes_before,
             "widths": plan.widths(), "heads": {k: len(v) for k, v in plan.heads.items()}, "drop": plan.drop,
+            "factorized": sorted(plan.factorize),
             "plan_meta": plan.meta, "history": rec.history}
 
 

@@ -7,12 +7,16 @@ fits U, V and S; netslim.surgery.factorized executes them. Budgets: per layer (`
 fast each layer's feature-map error falls per parameter spent (from the eigenvalues of T G Tᵀ: the
 error of the best rank-r fit in the feature-map metric), with a fixed share of each layer's budget
 given to S (`sparse_share`). Since a Plan holds no weights, the filled model is the MethodResult's `model`.
+Attention: the analysis runs on a copy whose cuttable nn.MultiheadAttention are opened (netslim.surgery.attention),
+so their `in_proj` and `out_proj` are Linear layers like the MLP's; the returned network opens those the Plan
+factorizes, as apply_plan does.
 The calibration moments are in moments.py, the report in report.py.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from typing import Any
@@ -22,14 +26,27 @@ from torch import nn
 
 from netslim.data import batches, calibration_subset
 from netslim.errors import NetslimError
-from netslim.methods.base import Context, MethodResult, register
+from netslim.methods.base import AnalysisCache, Context, MethodResult, register
+from netslim.methods.common.heads import attentions
 from netslim.methods.lrs.moments import compressed_moments, module_call_order, original_moments
 from netslim.methods.lrs.options import Config
 from netslim.methods.lrs.report import report
 from netslim.methods.lrs.solver import Moments, allocate, decompose, lowrank_curve, weighted_error
+from netslim.surgery.attention import open_attentions
 from netslim.surgery.factorized import build_factorized, layer_kind, matrix_shape
 
 # ---------------------------------------------------------------- budgets
+
+
+def opened(ctx: Context) -> Context:
+    """`ctx` on a copy of its model whose cuttable attentions are opened: their projections become Linear layers
+    that are called as modules, so the call order, the moment hooks and the solver see them as any Linear."""
+    names = attentions(ctx)
+    if not names:
+        return ctx
+    model = copy.deepcopy(ctx.model)
+    open_attentions(model, [f"{n}.in_proj" for n in names])
+    return dataclasses.replace(ctx, model=model, cache=AnalysisCache())
 
 
 def candidate_layers(ctx: Context, cfg: Config) -> list[str]:
@@ -155,27 +172,29 @@ def calib_batches(ctx: Context, cfg: Config, batch_size: int = 32) -> tuple[Any,
                  "(--opt rank=R | rank_ratio=F, --opt sparsity=F, or --target params=F)", options=Config)
 def lrs(ctx: Context) -> MethodResult:
     cfg = Config.from_ctx(ctx)
-    names = candidate_layers(ctx, cfg)
-    mods = dict(ctx.model.named_modules())
+    view = opened(ctx)
+    names = candidate_layers(view, cfg)
+    mods = dict(view.model.named_modules())
     features = cfg.objective == "features"
     data, images = calib_batches(ctx, cfg) if features else (None, 0)
     t0 = time.perf_counter()
-    moments = original_moments(ctx.model, names, data, int(cfg.positions), int(cfg.seed)) if features else None
+    moments = original_moments(view.model, names, data, int(cfg.positions), int(cfg.seed)) if features else None
     seconds_moments = time.perf_counter() - t0
     if ctx.target is not None:
         targets = {n: (moments[n].target(mods[n].weight.detach(), cfg.ridge) if moments else
                        mods[n].weight.detach().reshape(mods[n].weight.shape[0], -1).double()) for n in names}
-        spec = target_budgets(ctx, cfg, names, moments, targets)
+        spec = target_budgets(view, cfg, names, moments, targets)
     else:
-        spec = knob_budgets(ctx, cfg, names)
+        spec = knob_budgets(view, cfg, names)
     spec = {n: spec[n] for n in names if n in spec and _saves(mods[n], spec[n])}
     model = copy.deepcopy(ctx.model)
+    open_attentions(model, spec)  # the structure apply_plan builds from the Plan
     rows = []
     for n in spec:
         t1 = time.perf_counter()
         mom = moments[n] if moments is not None else None
         if features and cfg.inputs == "compressed" and any(k in spec for k in names[:names.index(n)]):
-            mom = compressed_moments(ctx.model, model, n, data, int(cfg.positions), int(cfg.seed))
+            mom = compressed_moments(view.model, model, n, data, int(cfg.positions), int(cfg.seed))
         dec = _solve(cfg, mods[n].weight, mom, spec[n])
         layer = build_factorized(mods[n], spec[n]["rank"], spec[n]["nnz"])
         dt = mods[n].weight.dtype
