@@ -131,3 +131,21 @@ def test_swin_groups_its_window_code_breaks_are_not_offered() -> None:
     cut = apply_plan(copy.deepcopy(model), plan)
     assert cut(example).shape == (1, 10)
     assert stored_params(cut) == plan_size(plan, meta_template(model))["params"] < stored_params(model)
+
+
+def test_a_model_caching_a_computed_tensor_is_still_copied_and_cut() -> None:
+    """EfficientFormer's attention caches its biases (a tensor computed from a parameter) on an eval forward; after a
+    forward with gradients that cache is a non-leaf tensor, which copy.deepcopy refuses. netslim's clone copies it
+    detached, so the meta template, the trial cut and the cut itself still work."""
+    from netslim.surgery.clone import clone
+
+    model = build("timm:efficientformer_l1", num_classes=10).eval()
+    with torch.enable_grad():
+        model(torch.zeros(1, 3, 224, 224))
+    with pytest.raises(RuntimeError, match="deepcopy"):
+        copy.deepcopy(model)
+    twin = clone(model)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(twin(x), model(x))
+    assert meta_template(model) is not None

@@ -124,7 +124,6 @@ def one(name: str, images: int, small_vit: bool = False) -> dict[str, Any]:
 
 def random_cut(model: torch.nn.Module, name: str, side: int) -> dict[str, Any]:
     """Cut a random half of every channel group: size model, meta surgery and the real network must agree."""
-    import copy
     import random
 
     from netslim.cost.size import meta_template, plan_size, stored_params
@@ -132,6 +131,7 @@ def random_cut(model: torch.nn.Module, name: str, side: int) -> dict[str, Any]:
     from netslim.errors import NetslimError
     from netslim.plan import Plan
     from netslim.surgery.apply import apply_plan, find_classifier
+    from netslim.surgery.clone import clone
     from netslim.surgery.graph import channel_groups
     from netslim.surgery.heads import attention_calls, cuttable
     from netslim.surgery.trial import runnable_groups
@@ -154,7 +154,7 @@ def random_cut(model: torch.nn.Module, name: str, side: int) -> dict[str, Any]:
         sizes = SizeModel.of(template, shape)
         modelled = sizes.size(plan) if sizes is not None else None
         surgery = plan_size(plan, template)["params"]
-        cut = apply_plan(copy.deepcopy(model), plan)
+        cut = apply_plan(clone(model), plan)
         with torch.no_grad():
             out = cut(torch.zeros(1, *shape))
         real = stored_params(cut)

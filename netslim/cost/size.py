@@ -29,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from netslim.errors import NetslimError
 from netslim.plan import Plan
+from netslim.surgery.clone import clone
 
 PLAN_SIZES_KEPT = 256  # sizes cached per template (least recently used go first)
 # FlopCounterMode has a formula for the GPU attention kernels only; the CPU one does the same matmuls
@@ -163,7 +164,7 @@ def model_size(model: nn.Module, input_size: Sequence[int]) -> dict[str, int]:
 
 def meta_template(model: nn.Module) -> nn.Module:
     """A weightless copy of `model` on the meta device: the cheap thing to size Plans with."""
-    return copy.deepcopy(model).to("meta")
+    return clone(model).to("meta")
 
 
 # Sizes of Plans, per template and forgotten with it (a weak key: an id reused after garbage collection

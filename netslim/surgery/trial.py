@@ -18,6 +18,7 @@ from torch import nn
 from netslim.errors import NetslimError
 from netslim.plan import Plan
 from netslim.surgery.apply import apply_plan
+from netslim.surgery.clone import clone
 from netslim.surgery.graph import ChannelGroup
 
 
@@ -30,7 +31,7 @@ def runnable_groups(model: nn.Module, example: torch.Tensor, groups: list[Channe
     """The groups whose one-channel cut leaves a network that runs (all of them for a model without attention)."""
     if not groups or not has_attention(model):
         return groups
-    template = copy.deepcopy(model).to("meta")
+    template = clone(model).to("meta")
     shape = tuple(example.shape[1:])
 
     def runs(part: list[ChannelGroup]) -> bool:

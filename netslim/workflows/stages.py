@@ -28,6 +28,7 @@ from netslim.methods import AnalysisCache, Context, MethodResult, get_method
 from netslim.plan import Plan
 from netslim.repair import RefitReport, Repair, lsq_refit, thinet_select
 from netslim.surgery.apply import apply_plan, find_classifier
+from netslim.surgery.clone import clone
 from netslim.train import Schedule, evaluate, finetune, restore_scale
 
 INITS = ("fine", "inherit", "scratch")
@@ -133,7 +134,7 @@ def run_stages(base: nn.Module, result: MethodResult, train: ImageSet, test: Ima
         plan = copy.deepcopy(plan)
         selection = thinet_select(base, plan, lambda: batches(images[0], 128, device=device),
                                   positions=repair.positions, device=device)
-    cut = apply_plan(copy.deepcopy(base), plan)
+    cut = apply_plan(clone(base), plan)
     if init == "scratch":
         reinitialise(cut)
     rec = StageRecord(cut, accuracy(cut, test, device), plan=plan, selection=selection)
