@@ -33,7 +33,7 @@ def smoke(name: str, shared: list[str], out: Path) -> dict:
     module = importlib.import_module(f"benchmarks.reproduce.{name}")
     threads = torch.get_num_threads()
     try:
-        module.main(["--smoke", "--out", str(out), *shared])
+        module.main(["--smoke", "--distill", "0.5", "--out", str(out), *shared])  # the CPU recipes distil
     finally:
         torch.set_num_threads(threads)
     return json.loads(out.read_text())

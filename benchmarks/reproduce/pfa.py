@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     task += rc.rows(run, net, arch, ttrain, ttest, sched, dict.fromkeys(peers, Target("params", fraction)),
                     task_size, experiment="task")
     t0 = time.perf_counter()
-    history = finetune(net, ttrain, sched, run.device)  # the full network, fine-tuned on the task alike
+    teacher = copy.deepcopy(net).eval() if sched.distill else None  # distilled from itself as it was, as the rows
+    history = finetune(net, ttrain, sched, run.device, teacher=teacher)  # the full network, fine-tuned alike
     task.append({"method": "full network fine-tuned", "experiment": "task", "accuracy_before_finetune": task_base,
                  "accuracy": accuracy(net, ttest, run.device), "params": task_size["params"], "params_kept": 1.0,
                  "finetune_seconds": round(time.perf_counter() - t0, 1), "history": history})
