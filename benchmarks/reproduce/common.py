@@ -159,6 +159,7 @@ def staged(run: Run, label: str, base: nn.Module, found: MethodResult, seconds: 
     plan = rec.plan or found.plan
     return rec.model, {
         "method": label, **extra, "init": init, "repair": rec.repair, **rec.accuracies(),
+        "bn_after_refit": rec.bn_after_refit,
         **{k: got[k] for k in ("params", "macs", "bytes")},
         **{f"{k}_kept": round(got[k] / base_size[k], 6) for k in ("params", "macs", "bytes")},
         "latency": got.get("latency"), "analysis_seconds": round(seconds, 1),

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 STAGES = (("accuracy_after_surgery", "cut"), ("accuracy_after_refit", "after refit"),
-          ("accuracy_before_finetune", "before fine-tune"), ("accuracy", "after fine-tune"))
+          ("accuracy_after_bn_recalibration", "after BN"), ("accuracy_before_finetune", "before fine-tune"),
+          ("accuracy", "after fine-tune"))
 
 
 def _cell(value: Any, fmt: str = "{:.3f}") -> str:
@@ -34,15 +35,25 @@ def _quotes(paper: dict[str, Any]) -> list[str]:
     return [f"- paper ({p['source']}): \"{p['quote']}\"" for p in found]
 
 
+def _stage(row: dict[str, Any], key: str) -> str:
+    """A stage's accuracy; BN re-estimation after the refit marked "(dropped)" where its held-out check refused it."""
+    cell = _cell(row.get(key), "{:.4f}")
+    dropped = key == "accuracy_after_bn_recalibration" and (row.get("bn_after_refit") or {}).get("kept") is False
+    return cell + (" (dropped)" if dropped and row.get(key) is not None else "")
+
+
 def _rows(rows: list[dict[str, Any]]) -> list[str]:
     stages = [(k, t) for k, t in STAGES if any(r.get(k) is not None for r in rows)]
-    head = ["network", "target", "params kept", "bytes kept", "MACs kept", *(t for _, t in stages)]
+    experiments = any(r.get("experiment") for r in rows)
+    head = [*(["experiment"] if experiments else []), "network", "target", "params kept", "bytes kept", "MACs kept",
+            *(t for _, t in stages)]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         name = r["method"] + (f" ({r['task']})" if r.get("task") else "") + (f", {r['layer']}" if r.get("layer")
                                                                             else "")
-        cells = [name, r.get("target") or "own size", _cell(r.get("params_kept")), _cell(r.get("bytes_kept")),
-                 _cell(r.get("macs_kept")), *(_cell(r.get(k), "{:.4f}") for k, _ in stages)]
+        cells = [*([r.get("experiment") or "–"] if experiments else []), name, r.get("target") or "own size",
+                 _cell(r.get("params_kept")), _cell(r.get("bytes_kept")), _cell(r.get("macs_kept")),
+                 *(_stage(r, k) for k, _ in stages)]
         out.append("| " + " | ".join(str(c) for c in cells) + " |")
     return out
 
