@@ -29,12 +29,8 @@ class OpenAttention(UnmaskedAttention):
     def __init__(self, embed_dim: int, num_heads: int, head_dim: int, bias: bool = True, dropout: float = 0.0,
                  batch_first: bool = False, device: torch.device | None = None,
                  dtype: torch.dtype | None = None) -> None:
-        super().__init__()
-        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
-        self.dropout, self.batch_first = dropout, batch_first
-        inner = num_heads * head_dim
-        self.in_proj = nn.Linear(embed_dim, 3 * inner, bias=bias, device=device, dtype=dtype)
-        self.out_proj = nn.Linear(inner, embed_dim, bias=bias, device=device, dtype=dtype)
+        super().__init__(embed_dim, num_heads, head_dim, bias, dropout, batch_first, device, dtype)
+        self.in_proj = nn.Linear(embed_dim, 3 * num_heads * head_dim, bias=bias, device=device, dtype=dtype)
 
     @classmethod
     def of(cls, attn: nn.MultiheadAttention | CutAttention) -> OpenAttention:

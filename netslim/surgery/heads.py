@@ -22,7 +22,16 @@ from netslim.probe.heads import bind_call, head_qkv, masked
 
 class UnmaskedAttention(nn.Module):
     """What netslim's attention modules share: nn.MultiheadAttention's call signature, without masks (a mask is
-    shaped for the attention as it was), computed by `attend`."""
+    shaped for the attention as it was), computed by `attend`. It holds the widths and out_proj (inner width
+    num_heads × head_dim -> embed_dim); a subclass adds its in-projection."""
+
+    def __init__(self, embed_dim: int, num_heads: int, head_dim: int, bias: bool = True, dropout: float = 0.0,
+                 batch_first: bool = False, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
+        self.dropout, self.batch_first = dropout, batch_first
+        self.out_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias, device=device, dtype=dtype)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
@@ -40,13 +49,10 @@ class CutAttention(UnmaskedAttention):
     def __init__(self, embed_dim: int, num_heads: int, head_dim: int, bias: bool = True, dropout: float = 0.0,
                  batch_first: bool = False, device: torch.device | None = None,
                  dtype: torch.dtype | None = None) -> None:
-        super().__init__()
-        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
-        self.dropout, self.batch_first = dropout, batch_first
+        super().__init__(embed_dim, num_heads, head_dim, bias, dropout, batch_first, device, dtype)
         inner = num_heads * head_dim
         self.in_proj_weight = nn.Parameter(torch.empty(3 * inner, embed_dim, device=device, dtype=dtype))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * inner, device=device, dtype=dtype)) if bias else None
-        self.out_proj = nn.Linear(inner, embed_dim, bias=bias, device=device, dtype=dtype)
 
     @classmethod
     def of(cls, mha: nn.MultiheadAttention | CutAttention, kept: list[int]) -> CutAttention:
