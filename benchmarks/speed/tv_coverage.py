@@ -23,7 +23,7 @@ own process on one thread, two at a time by default, cheapest first (torchvision
 --only re-runs the named models and replaces their rows in an existing result file; a name with a prefix
 (`timm:deit_tiny_patch16_224`, `tv:vit_b_16`) is built by netslim.zoo as written, a bare one is torchvision's.
 A random Plan cuts the groups a method would be offered (netslim.surgery.trial) and a random half of the
-heads of every nn.MultiheadAttention netslim can cut.
+heads of every attention netslim can cut (nn.MultiheadAttention, timm's qkv attention).
 
     python -m benchmarks.speed.tv_coverage --only tv:vit_b_16,tv:swin_t,timm:deit_tiny_patch16_224,\\
         timm:swin_tiny_patch4_window7_224,timm:mobilevit_xxs --out transformers_coverage_cpu.json --jobs 1
@@ -133,7 +133,7 @@ def random_cut(model: torch.nn.Module, name: str, side: int) -> dict[str, Any]:
     from netslim.surgery.apply import apply_plan, find_classifier
     from netslim.surgery.clone import clone
     from netslim.surgery.graph import channel_groups
-    from netslim.surgery.heads import attention_calls, cuttable
+    from netslim.surgery.heads import attention_calls, head_cuttable
     from netslim.surgery.trial import runnable_groups
 
     rng = random.Random(0)
@@ -144,8 +144,7 @@ def random_cut(model: torch.nn.Module, name: str, side: int) -> dict[str, Any]:
         for g in runnable_groups(model, example, channel_groups(model, example, find_classifier(model)), 10):
             keep = sorted(rng.sample(range(g.width), max(1, g.width // 2)))
             plan.keep.update({n: keep for n in g.layers})
-        attn = [n for n, m in model.named_modules() if isinstance(m, torch.nn.MultiheadAttention) and cuttable(m)
-                and m.num_heads > 1]
+        attn = [n for n, m in model.named_modules() if head_cuttable(m) and m.num_heads > 1]
         calls = attention_calls(model, attn, torch.zeros(1, *shape)) if attn else {}
         for n in (n for n in attn if calls.get(n) == (1, False)):
             heads = model.get_submodule(n).num_heads

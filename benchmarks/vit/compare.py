@@ -18,6 +18,7 @@ flops=0.5, heads and MLP widths cut, with the same repair and the same fine-tune
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,7 @@ def parse(argv: list[str] | None) -> Any:
     a = ap.add_argument
     a("--data", type=Path, default=common.CIFAR10)
     a("--base", type=Path, default=None, help="trained vit_tiny (model.safetensors); default: train one here")
+    a("--base-command", default="", help="the command that trained --base (recorded with its metrics.json)")
     a("--train-epochs", type=int, default=100, help="epochs of the base's training, when there is no --base")
     a("--device", default="auto")
     a("--targets", default="params=0.5,flops=0.5")
@@ -73,6 +75,8 @@ def base_model(args: Any, device: str) -> tuple[Any, dict[str, Any]]:
         torch.manual_seed(0)
         return build("vit_tiny", num_classes=10), {"weights": None, "note": "random init (smoke)"}
     made: dict[str, Any] = {"weights": str(args.base) if args.base else None}
+    if args.base is not None:
+        made.update(_trained(args.base, args.base_command))
     if args.base is None:
         out = common.RUNS / "vit_tiny_base"
         cmd = ["netslim", "train", "--model", "vit_tiny", "--data", str(args.data), "--out", str(out),
@@ -84,6 +88,18 @@ def base_model(args: Any, device: str) -> tuple[Any, dict[str, Any]]:
         args.base = out / "model.safetensors"
     model, _, _ = load_trained(args.base, "vit_tiny", 10)
     return model, made
+
+
+def _trained(weights: Path, command: str) -> dict[str, Any]:
+    """How a given base was made: its command, and the test accuracy and per-epoch history `netslim train` wrote
+    beside it (metrics.json), where there is one."""
+    out: dict[str, Any] = {"train_command": command} if command else {}
+    metrics = weights.parent / "metrics.json"
+    if metrics.is_file():
+        m = json.loads(metrics.read_text())
+        out.update({"train_test_accuracy": m.get("accuracy"), "train_history": m.get("history")})
+        out["train_seconds"] = round(sum(h.get("seconds") or 0 for h in m.get("history") or []), 1)
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -6,7 +6,8 @@ fine-tuning pipeline, so a comparison differs only in which channels are kept.
 Attention heads are cut as torch-pruning cuts them (MetaPruner with prune_num_heads): a head's score is its
 criterion summed over the head's weights (its q, k and v rows, their biases, its out_proj columns), and the
 same ratio of heads is kept as of channels. torch-pruning's nn.MultiheadAttention pruner cuts embed_dim, the
-residual width, not heads, so these sums are taken here, on the same formulas (|w|, |w ∂L/∂w|, random).
+residual width, not heads (and a timm-style attention's head count must be kept in step by hand), so these sums
+are taken here, on the same formulas (|w|, |w ∂L/∂w|, random).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from netslim.errors import NetslimError
 from netslim.methods.base import Context, MethodOptions, MethodResult, register
 from netslim.methods.common.heads import attentions
 from netslim.methods.common.ranking import Scores, uniform_plan
+from netslim.probe.heads import in_projection, out_projection
 from netslim.surgery.graph import build_graph, out_channel_group
 
 
@@ -32,7 +34,7 @@ class UniformOptions(MethodOptions):
     ratio: float = field(default=0.5, metadata={"help": "fraction of every layer's channels kept, in (0, 1] "
                                                         "(without --target)"})
     heads: bool = field(default=True, metadata={"help": "also keep the same ratio of whole heads of each "
-                                                        "nn.MultiheadAttention (ViT): true | false"})
+                                                        "attention (ViT, DeiT): true | false"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -56,17 +58,19 @@ class TaylorOptions(UniformOptions):
             raise NetslimError(f"option taylor_images must be at least 1, not {self.taylor_images}")
 
 
-def _head_parts(mha: nn.Module, h: int, grad: bool = False) -> list[torch.Tensor]:
-    """The weights only head `h` uses (or their gradients): its q, k, v rows and biases, its out_proj columns."""
+def _head_parts(attn: nn.Module, h: int, grad: bool = False) -> list[torch.Tensor]:
+    """The weights only head `h` uses (or their gradients): its q, k, v rows and biases, its out-projection's
+    columns."""
     def take(p: torch.Tensor) -> torch.Tensor:
         return (p.grad if p.grad is not None else torch.zeros_like(p)) if grad else p.detach()
 
-    e, d = mha.embed_dim, mha.head_dim
-    rows = [slice(part * e + h * d, part * e + (h + 1) * d) for part in range(3)]
-    w_in = take(mha.in_proj_weight)
-    parts = [w_in[r] for r in rows] + [take(mha.out_proj.weight)[:, h * d:(h + 1) * d]]
-    if mha.in_proj_bias is not None:
-        b_in = take(mha.in_proj_bias)
+    inner, d = attn.num_heads * attn.head_dim, attn.head_dim
+    rows = [slice(part * inner + h * d, part * inner + (h + 1) * d) for part in range(3)]
+    weight, bias = in_projection(attn)
+    w_in = take(weight)
+    parts = [w_in[r] for r in rows] + [take(out_projection(attn).weight)[:, h * d:(h + 1) * d]]
+    if bias is not None:
+        b_in = take(bias)
         parts += [b_in[r] for r in rows]
     return parts
 

@@ -1,4 +1,5 @@
-"""Per-head outputs of nn.MultiheadAttention, streamed into statistics like any layer's response.
+"""Per-head outputs of multi-head attention (nn.MultiheadAttention, or timm-style: netslim.probe.qkv), streamed
+into statistics like any layer's response.
 
 A head's response is its `head_dim`-wide slice of the concatenated head outputs, the input of out_proj. That
 input cannot be hooked: nn.MultiheadAttention applies out_proj functionally (or in a fused kernel in eval).
@@ -20,6 +21,7 @@ from torch import nn
 
 from netslim.errors import NetslimError
 from netslim.probe.collect import REDUCE_MODES, _split, reduce_response
+from netslim.probe.qkv import is_qkv, qkv_heads
 from netslim.probe.stats import LayerStats
 
 _MHA_CALL = inspect.signature(nn.MultiheadAttention.forward)
@@ -55,35 +57,66 @@ def head_outputs(mha: nn.MultiheadAttention, query: torch.Tensor, key: torch.Ten
     return out.transpose(1, 2).flatten(2)
 
 
-def _batch_first(mha: nn.Module, out: torch.Tensor) -> torch.Tensor:
-    return out.unsqueeze(0) if out.dim() == 2 else out if mha.batch_first else out.transpose(0, 1)
+def batch_first(attn: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """An attention's output (or a signal shaped like it) as (batch, tokens, features), whatever its layout."""
+    if is_qkv(attn):
+        return t
+    return t.unsqueeze(0) if t.dim() == 2 else t if attn.batch_first else t.transpose(0, 1)
+
+
+def out_projection(attn: nn.Module) -> nn.Module:
+    """The module mapping an attention's concatenated head outputs to its output: out_proj, or timm's proj."""
+    return attn.proj if is_qkv(attn) else attn.out_proj
+
+
+def in_projection(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An attention's packed q/k/v weight and bias (rows: q, k, v blocks of num_heads × head_dim each)."""
+    proj = attn.qkv if is_qkv(attn) else getattr(attn, "in_proj", None)
+    if isinstance(proj, nn.Linear):
+        return proj.weight, proj.bias
+    return attn.in_proj_weight, attn.in_proj_bias
 
 
 def masked(bound: dict[str, Any]) -> bool:
-    """Whether an attention call (its arguments bound to nn.MultiheadAttention.forward) applies a mask."""
+    """Whether an attention call (its arguments bound to the module's forward) applies a mask."""
     return any(bound.get(k) is not None for k in ("key_padding_mask", "attn_mask")) or bool(bound.get("is_causal"))
 
 
-def bind_call(mha: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """A hook's args and kwargs bound to nn.MultiheadAttention.forward's parameters (CutAttention's too)."""
-    return _MHA_CALL.bind(mha, *args, **kwargs).arguments
+def bind_call(attn: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """A hook's args and kwargs bound to the attention's forward parameters (nn.MultiheadAttention's for it and
+    netslim's attention modules, the module's own for a timm-style one)."""
+    call = inspect.signature(type(attn).forward) if is_qkv(attn) else _MHA_CALL
+    return call.bind(attn, *args, **kwargs).arguments
 
 
-def call_heads(mha: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """The head outputs (batch, tokens, embed) of one call of an attention, from a hook's args and kwargs; None
+def call_heads(attn: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The head outputs (batch, tokens, inner) of one call of an attention, from a hook's args and kwargs; None
     for a masked call (the recomputation applies no mask)."""
-    bound = bind_call(mha, args, kwargs)
+    bound = bind_call(attn, args, kwargs)
     if masked(bound):
         return None
-    return head_outputs(mha, bound["query"], bound["key"], bound["value"])  # type: ignore[arg-type]
+    if is_qkv(attn):
+        return qkv_heads(attn, bound["x"])
+    return head_outputs(attn, bound["query"], bound["key"], bound["value"])  # type: ignore[arg-type]
 
 
-def reproduces(mha: nn.Module, heads: torch.Tensor, output: Any) -> bool:
-    """Whether out_proj of the recomputed `heads` is the attention's own `output`: only then do the heads
+def from_heads(attn: nn.Module, heads: torch.Tensor, unbatched: bool = False) -> Any:
+    """What the attention returns (in eval) for the head outputs `heads` (batch, tokens, inner): out-projection
+    of them, in the module's layout and return type."""
+    out = out_projection(attn)(heads)
+    if is_qkv(attn):
+        return out
+    if unbatched:
+        return out.squeeze(0), None
+    return (out if attn.batch_first else out.transpose(0, 1)), None
+
+
+def reproduces(attn: nn.Module, heads: torch.Tensor, output: Any) -> bool:
+    """Whether out-projection of the recomputed `heads` is the attention's own `output`: only then do the heads
     measure what the module computes."""
-    proj = mha.out_proj  # a Linear, or a module standing for one (an opened attention's factorized out_proj)
+    proj = out_projection(attn)  # a Linear, or a module standing for one (a factorized out-projection)
     mine = F.linear(heads, proj.weight, proj.bias) if isinstance(proj, nn.Linear) else proj(heads)
-    theirs = _batch_first(mha, output[0] if isinstance(output, tuple) else output)
+    theirs = batch_first(attn, output[0] if isinstance(output, tuple) else output)
     return mine.shape == theirs.shape and torch.allclose(mine, theirs, rtol=1e-3,
                                                          atol=1e-4 * (1 + float(theirs.abs().max())))
 
@@ -91,9 +124,9 @@ def reproduces(mha: nn.Module, heads: torch.Tensor, output: Any) -> bool:
 class _HeadProbe:
     """Forward hook of one attention: its head outputs, checked against the module's output, into `stats`."""
 
-    def __init__(self, name: str, mha: nn.MultiheadAttention, mode: str, device: torch.device) -> None:
+    def __init__(self, name: str, attn: nn.Module, mode: str, device: torch.device) -> None:
         self.name, self.mode, self.fired = name, mode, 0
-        self.stats = LayerStats.zeros(mha.embed_dim, None, device)
+        self.stats = LayerStats.zeros(attn.num_heads * attn.head_dim, None, device)
 
     def __call__(self, mha: nn.Module, args: tuple, kwargs: dict, output: tuple) -> None:
         self.fired += 1
@@ -114,8 +147,8 @@ class _HeadProbe:
 
 def head_stats(model: nn.Module, batches: Iterable, names: list[str], reduce: str = "max",
                device: str | torch.device = "cpu") -> dict[str, LayerStats]:
-    """Statistics (embed_dim features: head h is features h·head_dim … (h+1)·head_dim − 1) of the concatenated
-    head outputs of each nn.MultiheadAttention in `names`, over `batches` in eval mode. Results on the CPU."""
+    """Statistics (num_heads × head_dim features: head h is features h·head_dim … (h+1)·head_dim − 1) of the
+    concatenated head outputs of each attention in `names`, over `batches` in eval mode. Results on the CPU."""
     if reduce not in REDUCE_MODES:
         raise NetslimError(f"reduce must be one of {', '.join(REDUCE_MODES)}, got {reduce!r}")
     device = torch.device(device)

@@ -68,13 +68,14 @@ class Walk:
         self.envs: list[dict[torch.fx.Node, Any]] = []
         self.sizes: list[int] = []
         holders = [n for n in self.nodes if n.op == "placeholder"]
-        if len(holders) != 1:
-            raise NetslimError("repair: the traced model must take exactly one input")
+        if not holders or any(not h.args for h in holders[1:]):
+            raise NetslimError("repair: the traced model must take exactly one input (others need defaults)")
+        defaults = {h: h.args[0] for h in holders[1:]}  # e.g. timm's forward(x, attn_mask=None)
         for item in batches:
             x = (item[0] if isinstance(item, (tuple, list)) else item).to(device)
-            self.envs.append({holders[0]: x})
+            self.envs.append({holders[0]: x, **defaults})
             self.sizes.append(int(x.shape[0]))
-        self.pos = self.nodes.index(holders[0]) + 1
+        self.pos = max(self.nodes.index(h) for h in holders) + 1
 
     @torch.no_grad()
     def _run(self, stop: int) -> None:

@@ -1,11 +1,14 @@
-"""Whole attention heads as a unit to cut: the Plan's `heads` section, applied to nn.MultiheadAttention.
+"""Whole attention heads as a unit to cut: the Plan's `heads` section, applied to nn.MultiheadAttention and to
+timm-style attention (netslim.probe.qkv).
 
 torch-pruning's attention pruner cuts `embed_dim`, which is also the residual width the attention reads and
 writes; a head cut must leave that width alone and shrink only the inner width num_heads × head_dim.
 nn.MultiheadAttention cannot hold an inner width other than its input width, so a cut module is replaced by a
 CutAttention: the same forward signature and state-dict keys (in_proj_weight, in_proj_bias, out_proj.*), the
 kept heads' rows of q, k and v and the kept heads' columns of out_proj. A checkpoint reloads by replaying the
-Plan on the base model (the cut works on the meta device), then loading the tensors.
+Plan on the base model (the cut works on the meta device), then loading the tensors. A timm-style attention
+already holds its inner width apart from its input width (qkv E → 3 × inner, proj inner → E), so it is cut in
+place: the kept heads' rows of qkv and columns of proj, and its head count, keeping its class and state-dict keys.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from torch import nn
 
 from netslim.errors import NetslimError
 from netslim.probe.heads import bind_call, head_qkv, masked
+from netslim.probe.qkv import is_qkv
+
+_QKV_PARTS = {"qkv", "proj", "q_norm", "k_norm", "attn_drop", "proj_drop", "norm"}
 
 
 class UnmaskedAttention(nn.Module):
@@ -98,9 +104,15 @@ def check_heads(heads: dict[str, list[int]], modules: dict[str, nn.Module], arch
         mha = modules.get(name) if name else None
         if mha is None:
             raise NetslimError(f"plan heads: unknown layer {name!r} in {arch}")
-        if not isinstance(mha, nn.MultiheadAttention):
-            raise NetslimError(f"plan heads: {name!r} is a {type(mha).__name__}, not an nn.MultiheadAttention")
-        if not cuttable(mha):
+        if is_qkv(mha):
+            if not qkv_cuttable(mha):
+                raise NetslimError(f"plan heads: netslim cannot cut the heads of {name!r} ({type(mha).__name__} "
+                                   "holds more than its projections: a position bias, a gate or a norm over its "
+                                   "heads)")
+        elif not isinstance(mha, nn.MultiheadAttention):
+            raise NetslimError(f"plan heads: {name!r} is a {type(mha).__name__}, not an nn.MultiheadAttention or a "
+                               "timm-style attention (qkv, proj, num_heads)")
+        elif not cuttable(mha):
             raise NetslimError(f"plan heads: netslim cannot cut the heads of {name!r} (it has separate key/value "
                                "widths, bias_k/bias_v or add_zero_attn)")
         if not kept:
@@ -112,6 +124,43 @@ def check_heads(heads: dict[str, list[int]], modules: dict[str, nn.Module], arch
 def cuttable(mha: nn.MultiheadAttention) -> bool:
     """Whether CutAttention can stand for `mha`: one embed width for q, k and v, no bias_k/bias_v, no zero attn."""
     return bool(mha._qkv_same_embed_dim) and mha.bias_k is None and not mha.add_zero_attn
+
+
+def head_cuttable(m: nn.Module) -> bool:
+    """Whether netslim can cut whole heads of `m`: a cuttable nn.MultiheadAttention or timm-style attention."""
+    return (isinstance(m, nn.MultiheadAttention) and cuttable(m)) or qkv_cuttable(m)
+
+
+def qkv_cuttable(m: nn.Module) -> bool:
+    """Whether a head cut of `m` is qkv's rows and proj's columns alone: no parameter or buffer of its own, no
+    part but the projections, per-head q/k norms and dropouts, no norm over the inner width, no gate."""
+    children = dict(m.named_children())
+    return (is_qkv(m) and not m._parameters and not m._buffers and set(children) <= _QKV_PARTS
+            and isinstance(children.get("norm", nn.Identity()), nn.Identity) and getattr(m, "gate", None) is None
+            and isinstance(m.proj, nn.Linear) and m.proj.in_features == m.num_heads * m.head_dim)
+
+
+
+@torch.no_grad()
+def cut_qkv(attn: nn.Module, kept: list[int]) -> None:
+    """`attn` (changed in place) with only the heads `kept`: their rows of q, k and v, their columns of proj."""
+    d, h = attn.head_dim, attn.num_heads
+    w = attn.qkv.weight
+    cols = torch.tensor([i * d + j for i in kept for j in range(d)], device=w.device)
+    rows = torch.cat([cols + part * h * d for part in range(3)])
+    qkv = nn.Linear(w.shape[1], rows.numel(), bias=attn.qkv.bias is not None, device=w.device, dtype=w.dtype)
+    qkv.weight.copy_(w.index_select(0, rows))
+    if qkv.bias is not None:
+        qkv.bias.copy_(attn.qkv.bias.index_select(0, rows))
+    p = attn.proj
+    proj = nn.Linear(cols.numel(), p.out_features, bias=p.bias is not None, device=w.device, dtype=w.dtype)
+    proj.weight.copy_(p.weight.index_select(1, cols))
+    if proj.bias is not None:
+        proj.bias.copy_(p.bias)
+    attn.qkv, attn.proj = qkv.train(attn.qkv.training), proj.train(p.training)
+    attn.num_heads = len(kept)
+    if hasattr(attn, "attn_dim"):  # timm ≥ 1.0 reshapes the head outputs to attn_dim
+        attn.attn_dim = len(kept) * d
 
 
 def attention_calls(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, tuple[int, bool]]:
@@ -148,10 +197,14 @@ def check_head_calls(model: nn.Module, heads: dict[str, list[int]], example: tor
 
 
 def cut_heads(model: nn.Module, heads: dict[str, list[int]]) -> None:
-    """Replace every attention of `heads` that loses a head by its CutAttention (checked beforehand)."""
+    """Replace every nn.MultiheadAttention of `heads` that loses a head by its CutAttention, cut a timm-style
+    one in place (checked beforehand)."""
     for name, kept in heads.items():
         mha = model.get_submodule(name)
         if len(kept) == mha.num_heads:
+            continue
+        if is_qkv(mha):
+            cut_qkv(mha, sorted(kept))
             continue
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, CutAttention.of(mha, sorted(kept)))

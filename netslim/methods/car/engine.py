@@ -55,7 +55,11 @@ class Slot:
     hooks: tuple[str, ...]  # module whose output is the response of each member
     start: int
     end: int
-    last: bool = False  # channels are the response's last dimension (a Linear's), not dimension 1
+    last: tuple[bool, ...] = ()  # per hook: channels are its response's last dimension (a Linear's on tokens)
+
+    def last_at(self, hook: str) -> bool:
+        """Whether the response at `hook` has its channels last (a coupled group may mix a conv and Linears)."""
+        return bool(self.last) and self.last[self.hooks.index(hook)]
 
     @property
     def width(self) -> int:
@@ -88,6 +92,7 @@ class _Split:
     boundary: list[str] = field(default_factory=list)
     masked_boundary: int = 0  # which boundary tensor is the first slot's response
     first_slot: int = 0
+    masked_last: bool = False  # whether that response has its channels last
 
 
 class AblationEngine:
@@ -113,7 +118,7 @@ class AblationEngine:
                 raise NetslimError(f"coupled layers {', '.join(g)} have different widths {sorted(widths)}")
             width = widths.pop()
             self.slots.append(Slot(tuple(g), tuple(points[n].hook for n in g), start, start + width,
-                                   points[g[0]].kind == "linear"))
+                                   tuple(points[n].kind == "linear" for n in g)))
             start += width
         self.width = start
         self.split: _Split | None = None
@@ -256,7 +261,7 @@ class AblationEngine:
             x = t[sl]
             if j == self.split.masked_boundary:  # replicate and mask in one broadcast multiply
                 spatial = [1] * (x.dim() - 2)
-                cm = masks[:, slot.start:slot.end].reshape(m, 1, *(spatial + [slot.width] if slot.last
+                cm = masks[:, slot.start:slot.end].reshape(m, 1, *(spatial + [slot.width] if self.split.masked_last
                                                                    else [slot.width] + spatial))
                 x = (x.unsqueeze(0) * cm).reshape(m * x.shape[0], *x.shape[1:])
             else:
@@ -270,11 +275,12 @@ class AblationEngine:
         x = x.repeat(m, *([1] * (x.dim() - 1)))
         handles = []
         for slot in self.slots:
-            for hook in set(slot.hooks):
+            for hook in dict.fromkeys(slot.hooks):
                 module = self.model.get_submodule(hook)
 
-                def apply(mod: nn.Module, args: tuple, out: torch.Tensor, s: Slot = slot) -> torch.Tensor:
-                    return _mask_mul(out, rows, s.start, s.end, s.last)
+                def apply(mod: nn.Module, args: tuple, out: torch.Tensor, s: Slot = slot, h: str = hook
+                          ) -> torch.Tensor:
+                    return _mask_mul(out, rows, s.start, s.end, s.last_at(h))
 
                 handles.append(module.register_forward_hook(apply))
         try:
@@ -296,6 +302,9 @@ def _split(model: nn.Module, slots: list[Slot]) -> _Split:
         raise _Unsupported(f"torch.fx cannot trace the model ({type(e).__name__})") from None
     graph = gm.graph
     nodes = list(graph.nodes)
+    extra = [n for n in nodes if n.op == "placeholder"][1:]  # e.g. timm's forward(x, attn_mask=None)
+    if any(not n.args for n in extra):
+        raise _Unsupported("the traced forward takes more than the images")
     order = {n: i for i, n in enumerate(nodes)}
     by_target: dict[str, list[fx.Node]] = {}
     for n in nodes:
@@ -310,6 +319,7 @@ def _split(model: nn.Module, slots: list[Slot]) -> _Split:
             points.append((found[0], i))
     points.sort(key=lambda p: order[p[0]])
     first, first_slot = points[0]
+    first_last = slots[first_slot].last_at(str(first.target))
     # move the first mask point past channel-wise, zero-preserving modules (smaller cache, less work)
     while len(first.users) == 1:
         user = next(iter(first.users))
@@ -341,7 +351,7 @@ def _split(model: nn.Module, slots: list[Slot]) -> _Split:
     head = fx.GraphModule(gm, head_graph)
 
     tail_graph = fx.Graph()
-    tenv: dict[fx.Node, fx.Node] = {}
+    tenv: dict[fx.Node, Any] = {n: n.args[0] for n in extra}  # the defaults of the forward's other arguments
     for j, b in enumerate(boundary):
         tenv[b] = tail_graph.placeholder(f"boundary_{j}")
     mask = tail_graph.placeholder("mask")
@@ -350,12 +360,12 @@ def _split(model: nn.Module, slots: list[Slot]) -> _Split:
         new = tail_graph.node_copy(n, lambda a: tenv[a])
         if n in masked:
             s = masked[n]
-            new = tail_graph.call_function(_mask_mul, (new, mask, s.start, s.end, s.last))
+            new = tail_graph.call_function(_mask_mul, (new, mask, s.start, s.end, s.last_at(str(n.target))))
         tenv[n] = new
     tail_graph.output(fx.node.map_arg(output.args[0], lambda a: tenv[a]))
     tail = fx.GraphModule(gm, tail_graph)
     names = [_describe(b, gm) for b in boundary]
-    return _Split(head, tail, names, 0, first_slot)
+    return _Split(head, tail, names, 0, first_slot, first_last)
 
 
 def _describe(node: fx.Node, gm: fx.GraphModule) -> str:

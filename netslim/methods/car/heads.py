@@ -3,55 +3,50 @@
 "Without head h" means h's head_dim-wide slice of the concatenated head outputs (out_proj's input) is zero,
 the same as deleting h's rows of q, k, v and its columns of out_proj (out_proj's bias stays, as a cut
 attention keeps it). nn.MultiheadAttention applies out_proj functionally, or in one fused kernel in eval,
-so no hook on out_proj sees that input. HeadEngine's private copy of the model therefore has each studied
-attention replaced by a _MaskedAttention that recomputes the head outputs (netslim.probe.heads), scales
-each replicated image's heads by its row of the mask and applies out_proj; that the replacement computes
-what the attention computed is checked on the evaluation images before any ablation is trusted. The mask
-batching, counting and greedy loop are the filter engine's (engine.py, greedy.py): one slot per attention,
-one mask column per head.
+so no hook on out_proj sees that input (timm-style attention, qkv and proj, is treated the same way).
+HeadEngine's private copy of the model therefore has each studied attention replaced by a _MaskedAttention
+that recomputes the head outputs (netslim.probe.heads), scales each replicated image's heads by its row of the
+mask and applies the out-projection; that the replacement computes what the attention computed is checked on
+the evaluation images before any ablation is trusted. The mask batching, counting and greedy loop are the
+filter engine's (engine.py, greedy.py): one slot per attention, one mask column per head.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from netslim.errors import NetslimError
 from netslim.methods.car.engine import AblationEngine, Slot
-from netslim.probe.heads import bind_call, head_outputs, masked
+from netslim.probe.heads import call_heads, from_heads, out_projection
+from netslim.surgery.heads import head_cuttable
 
 
 class _MaskedAttention(nn.Module):
-    """An nn.MultiheadAttention whose head outputs are multiplied by `mask` ((batch, num_heads) or None)."""
+    """An attention whose head outputs are multiplied by `mask` ((batch, num_heads) or None)."""
 
-    def __init__(self, mha: nn.MultiheadAttention) -> None:
+    def __init__(self, mha: nn.Module) -> None:
         super().__init__()
         self.mha = mha
         self.mask: torch.Tensor | None = None
 
-    def forward(self, *args: object, **kwargs: object) -> tuple[torch.Tensor, None]:
-        bound = bind_call(self.mha, args, kwargs)
-        if masked(bound):
+    def forward(self, *args: object, **kwargs: object) -> object:
+        heads = call_heads(self.mha, args, kwargs)
+        if heads is None:
             raise NetslimError("CAR ablates heads only of attention called without a mask")
-        query = bound["query"]
-        assert isinstance(query, torch.Tensor)
-        heads = head_outputs(self.mha, query, bound["key"], bound["value"])  # type: ignore[arg-type]
         if self.mask is not None:
             per_feature = self.mask.repeat_interleave(self.mha.head_dim, dim=1)
             heads = heads * per_feature[:, None, :].to(heads.dtype)
-        out = F.linear(heads, self.mha.out_proj.weight, self.mha.out_proj.bias)
-        if query.dim() == 2:
-            return out.squeeze(0), None
-        return (out if self.mha.batch_first else out.transpose(0, 1)), None
+        first = args[0] if args else next(iter(kwargs.values()))
+        return from_heads(self.mha, heads, unbatched=isinstance(first, torch.Tensor) and first.dim() == 2)
 
 
 class HeadEngine(AblationEngine):
     """Correct counts and cross-entropy on a fixed labelled set for many head masks at once.
 
-    `attentions` names nn.MultiheadAttention modules; a mask has one column per head of each, in order (1
-    keeps the head, 0 ablates it). Every pass runs the whole network, each of the M masks on its own copy of
-    the image batch."""
+    `attentions` names attention modules (nn.MultiheadAttention, timm-style); a mask has one column per head
+    of each, in order (1 keeps the head, 0 ablates it). Every pass runs the whole network, each of the M masks
+    on its own copy of the image batch."""
 
     def __init__(self, model: nn.Module, attentions: list[str], images: torch.Tensor, labels: torch.Tensor,
                  num_classes: int, *, device: str | torch.device = "cpu", batch_size: int = 256,
@@ -63,8 +58,8 @@ class HeadEngine(AblationEngine):
         start = 0
         for name in attentions:
             mha = self.model.get_submodule(name)
-            if not isinstance(mha, nn.MultiheadAttention):
-                raise NetslimError(f"{name!r} is a {type(mha).__name__}, not an nn.MultiheadAttention")
+            if not head_cuttable(mha):
+                raise NetslimError(f"{name!r} is a {type(mha).__name__}, not an attention netslim cuts heads of")
             wrapper = _MaskedAttention(mha)
             parent, _, leaf = name.rpartition(".")
             setattr(self.model.get_submodule(parent) if parent else self.model, leaf, wrapper)
@@ -95,12 +90,12 @@ class HeadEngine(AblationEngine):
 
 
 def zero_heads(model: nn.Module, attention: str, heads: list[int]) -> None:
-    """Make `heads` of `attention` contribute nothing: their columns of out_proj set to zero (exact, and it
-    holds in the fused path, which reads out_proj's weight)."""
+    """Make `heads` of `attention` contribute nothing: their columns of the out-projection set to zero (exact,
+    and it holds in nn.MultiheadAttention's fused path, which reads out_proj's weight)."""
     if not heads:
         return
     mha = model.get_submodule(attention)
     d = mha.head_dim
     cols = torch.tensor([h * d + j for h in heads for j in range(d)], dtype=torch.long)
     with torch.no_grad():
-        mha.out_proj.weight[:, cols] = 0
+        out_projection(mha).weight[:, cols] = 0

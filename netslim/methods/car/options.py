@@ -17,7 +17,7 @@ class CAROptions(MethodOptions):
 
     layers: list[str] | None = field(default=None, metadata={"help": "layers (or attentions) to prune, "
                                                                       "comma-separated (default all)"})
-    heads: bool = field(default=True, metadata={"help": "also remove whole heads of each nn.MultiheadAttention "
+    heads: bool = field(default=True, metadata={"help": "also remove whole heads of each attention "
                                                         "(ViT) by their CAR: true | false"})
     eval_size: int = field(default=2000, metadata={"help": "training images accuracy is measured on"})
     per_step: int = field(default=1, metadata={"help": "re-rank every K removals (1: recompute CAR after every "

@@ -27,7 +27,7 @@ from netslim.surgery.graph import ChannelGroup
 class Unit:
     """One thing pruned greedily: a coupled channel group (its filters) or an attention (its heads)."""
 
-    root: str  # the group root, or the nn.MultiheadAttention's name
+    root: str  # the group root, or the attention's name
     layers: tuple[str, ...]
     width: int  # filters, or heads
     heads: bool = False
@@ -83,7 +83,8 @@ def chosen_units(ctx: Context) -> list[Unit]:
     units += [Unit(n, (n,), ctx.model.get_submodule(n).num_heads, True) for n in heads]
     calls = call_order(ctx.model, ctx.example(), (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention))
     order = {n: i for i, n in enumerate(dict.fromkeys(calls))}  # the rank of each module's first call
-    return sorted(units, key=lambda u: order.get(u.root, len(order)))
+    # a timm-style attention is reached when its qkv Linear is
+    return sorted(units, key=lambda u: order.get(u.root, order.get(f"{u.root}.qkv", len(order))))
 
 
 def kept_counts(ctx: Context, units: list[Unit], r: float) -> dict[str, int]:

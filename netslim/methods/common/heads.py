@@ -1,8 +1,8 @@
-"""Attention heads as units a method chooses: which nn.MultiheadAttention may lose heads, and the spectrum of
-their outputs with PFA's order of removal (PFA and PCA count heads on it).
+"""Attention heads as units a method chooses: which attention (nn.MultiheadAttention, timm-style) may lose
+heads, and the spectrum of their outputs with PFA's order of removal (PFA and PCA count heads on it).
 
 A head is cut whole (netslim.surgery.heads), so a spectral rule (PFA's, PCA's) is applied to the block's
-concatenated head outputs (out_proj's input, embed_dim = num_heads × head_dim features, reduced over tokens as
+concatenated head outputs (the out-projection's input, num_heads × head_dim features, reduced over tokens as
 the MLP units are) and its kept dimension d is rounded up to heads: ceil(d / head_dim), at least the floor.
 Which heads is PFA's filter selection with heads as the units; see head_order for the exact rule.
 """
@@ -13,23 +13,22 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from netslim.data import ImageSet, batches
 from netslim.methods.base import Context
 from netslim.methods.common.selection import elimination_order
 from netslim.methods.common.spectral import eigenvalues, energy_width, inactive, kl_width
 from netslim.probe import LayerStats, head_stats
-from netslim.surgery.heads import attention_calls, cuttable
+from netslim.surgery.heads import attention_calls, head_cuttable
 
 
 @dataclass
 class HeadSpectrum:
-    name: str  # the nn.MultiheadAttention
+    name: str  # the attention
     heads: int
     head_dim: int
     samples: int
-    eigs: torch.Tensor  # spectrum of the concatenated head outputs (embed_dim values)
+    eigs: torch.Tensor  # spectrum of the concatenated head outputs (num_heads × head_dim values)
     order: list[int]  # head elimination order (first removed first)
     analysable: bool  # more samples than features; else the heads are kept whole, as PFA keeps such a layer
 
@@ -72,9 +71,8 @@ def head_order(stats: LayerStats, heads: int, strategy: str = "l1-max") -> list[
 
 
 def attentions(ctx: Context) -> list[str]:
-    """The model's nn.MultiheadAttention whose heads netslim can cut: more than one head, one unmasked call."""
-    found = [n for n, m in ctx.model.named_modules()
-             if isinstance(m, nn.MultiheadAttention) and m.num_heads > 1 and cuttable(m)]
+    """The model's attention whose heads netslim can cut: more than one head, one unmasked call."""
+    found = [n for n, m in ctx.model.named_modules() if head_cuttable(m) and m.num_heads > 1]
     if not found:
         return []
     calls = attention_calls(ctx.model, found, ctx.example())

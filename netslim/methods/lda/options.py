@@ -32,7 +32,7 @@ class LoopOptions(MethodOptions):
     mprime_tol: float = _opt(0.01, "M′ is the fewest neurons within this accuracy of all of them")
     trace_images: int = _opt(10, "images per class the utility is traced back on, >= 1")
     min_keep: int = _opt(1, "channels every layer keeps at least")
-    heads: bool = _opt(True, "also cut whole heads of each nn.MultiheadAttention (ViT) by their traced utility, "
+    heads: bool = _opt(True, "also cut whole heads of each attention (ViT) by their traced utility, "
                              "at least one kept per attention: true | false")
     head_tokens: str = _opt("max", "a head feature's utility over tokens: max (as over positions) | cls (the "
                                    "class token's, the first)")

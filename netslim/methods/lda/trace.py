@@ -19,8 +19,8 @@ response (output of conv -> BN -> activation), averaged over the traced images.
 Attention heads: a head's features are its slice of out_proj's input (the concatenated head outputs), which
 nn.MultiheadAttention never hands to out_proj as a module. out_proj is the attention's last op and linear, so
 the signal there is out_projᵀ times the signal traced to the attention's output, read off a hook on the
-attention itself (an nn.MultiheadAttention, or the CutAttention of an earlier cut). Its tokens are reduced as
-positions are (their maximum), or to the first token alone (tokens="cls": ViT's class token).
+attention itself (an nn.MultiheadAttention, the CutAttention of an earlier cut, or a timm-style attention). Its
+tokens are reduced as positions are (their maximum), or to the first token alone (tokens="cls": ViT's class token).
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from torch import nn
 
 from netslim.errors import NetslimError
 from netslim.probe import ResponsePoint, response_modules
+from netslim.probe.heads import batch_first, out_projection
+from netslim.probe.qkv import is_qkv
 
 
 class _Rectify(torch.autograd.Function):
@@ -84,13 +86,9 @@ def channel_utility(signal: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def head_signal(attention: nn.Module, grad: torch.Tensor) -> torch.Tensor:
-    """The traced signal at out_proj's input, (batch, tokens, heads × head_dim), from the one at the attention's
-    output (in the attention's layout: batch first or not, or unbatched)."""
-    if grad.dim() == 2:
-        grad = grad.unsqueeze(0)
-    elif not attention.batch_first:
-        grad = grad.transpose(0, 1)
-    return grad @ attention.out_proj.weight.to(grad.dtype)
+    """The traced signal at the out-projection's input, (batch, tokens, heads × head_dim), from the one at the
+    attention's output (in the attention's layout: batch first or not, or unbatched)."""
+    return batch_first(attention, grad) @ out_projection(attention).weight.to(grad.dtype)
 
 
 def feature_utility(signal: torch.Tensor, tokens: str) -> torch.Tensor:
@@ -139,7 +137,7 @@ def trace(model: nn.Module, inputs: Iterable[torch.Tensor], mask: torch.Tensor, 
         return hook
 
     for name in attentions:
-        if name not in modules or not hasattr(modules[name], "out_proj"):
+        if name not in modules or not (hasattr(modules[name], "out_proj") or is_qkv(modules[name])):
             raise NetslimError(f"the model has no attention {name!r} to trace heads of")
     handles = [modules[p.hook].register_forward_hook(capture(n)) for n, p in points.items() if p.post is None]
     handles += [modules[n].register_forward_hook(capture_heads(n)) for n in attentions]

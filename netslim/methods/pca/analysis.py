@@ -17,7 +17,7 @@ from netslim.errors import NetslimError
 from netslim.methods.base import AnalysisCache, Context
 from netslim.methods.common.spectral import eigenvalues, energy_width
 from netslim.methods.common.stats import response_stats
-from netslim.methods.pca.depth import DropUnit, block_units, structure
+from netslim.methods.pca.depth import DropUnit, block_units, structure, transformer_blocks
 from netslim.probe import LayerStats, collect
 from netslim.probe.points import ResponsePoint
 
@@ -110,7 +110,8 @@ def analyse(ctx: Context) -> PcaAnalysis:
     blocks: dict[str, Spectrum] = {}
     if kind == "residual":
         units = block_units(ctx.model, ctx.example())
-        points = {u.name: ResponsePoint(u.name, "conv", u.channels, None, None, u.name) for u in units}
+        tokens = "linear" if transformer_blocks(ctx.model) else "conv"  # channels last, every token a sample
+        points = {u.name: ResponsePoint(u.name, tokens, u.channels, None, None, u.name) for u in units}
         block_stats = collect(ctx.model, batches(calib, ctx.batch_size, device=ctx.device), layers=points,
                               reduce="spatial", device=ctx.device)
         blocks = _spectra(block_stats, [u.name for u in units])

@@ -1,7 +1,9 @@
 """PCA design's depth rule: which conv layers or residual blocks add no new dimensions.
 
 Units are the things depth surgery (netslim.surgery.depth) can remove: convs of a plain sequential stack
-(VGG, AlexNet) or residual blocks with an identity shortcut (ResNets). A *stage* is a run of units
+(VGG, AlexNet) or residual blocks with an identity shortcut (ResNets, and the encoder blocks of a vision
+transformer: attention and MLP each add an update to the residual stream of tokens, so a block whose output
+holds no dimension its input lacked is an Identity away). A *stage* is a run of units
 with the same output resolution. Within a stage, significant dimensions grow while layers add new
 directions; a unit whose dimension does not rise above the largest reached by the kept units before
 it adds nothing and is dropped. The first unit of every stage is always kept, so each resolution
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from netslim.probe.qkv import is_qkv
 from netslim.surgery.depth import call_order, io_shapes
 from netslim.surgery.graph import ChannelGroup
 
@@ -41,6 +44,8 @@ class DropUnit:
 
 def structure(model: nn.Module, groups: list[ChannelGroup]) -> tuple[str, str]:
     """("residual" | "sequential" | "width-only", why): which depth rule the network admits."""
+    if transformer_blocks(model):
+        return "residual", "transformer blocks (residual attention and MLP) can be removed"
     if residual_blocks(model):
         return "residual", "residual blocks with identity shortcuts can be removed"
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
@@ -62,6 +67,21 @@ def residual_blocks(model: nn.Module) -> list[str]:
             continue
         if isinstance(model.get_submodule(parent) if parent else model, nn.Sequential):
             out.append(name)
+    return out
+
+
+def transformer_blocks(model: nn.Module) -> list[str]:
+    """Encoder blocks of a vision transformer: members of an nn.Sequential holding an attention (an
+    nn.MultiheadAttention or a timm-style qkv one) and a Linear of their own."""
+    out = []
+    for name, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        for leaf, block in seq.named_children():
+            inner = list(block.modules())
+            if any(isinstance(m, nn.MultiheadAttention) or is_qkv(m) for m in inner) \
+                    and any(isinstance(m, nn.Linear) for m in inner):
+                out.append(f"{name}.{leaf}" if name else leaf)
     return out
 
 
@@ -99,17 +119,19 @@ def sequential_units(model: nn.Module, example: torch.Tensor) -> list[DropUnit]:
 
 
 def block_units(model: nn.Module, example: torch.Tensor) -> list[DropUnit]:
-    """Residual blocks in forward order; droppable when the shortcut is the identity."""
-    blocks = residual_blocks(model)
+    """Residual (or transformer) blocks in forward order; droppable when the shortcut is the identity. A
+    transformer block's output is (batch, tokens, channels): its resolution is its token count."""
+    tokens = transformer_blocks(model)
+    blocks = tokens or residual_blocks(model)
     shapes = io_shapes(model, example, blocks)
     blocks = sorted((b for b in blocks if b in shapes), key=list(shapes).index)
-    res = [tuple(shapes[b][1][2:]) for b in blocks]
+    res = [(shapes[b][1][1],) if tokens else tuple(shapes[b][1][2:]) for b in blocks]
     units = []
     for name, stage, r in zip(blocks, _stages(res), res, strict=True):
         inp, out = shapes[name]
         block = model.get_submodule(name)
-        why = "" if block.downsample is None and inp == out else "its shortcut is not the identity"
-        units.append(DropUnit(name, "block", int(out[1]), r, stage, not why, why))
+        why = "" if getattr(block, "downsample", None) is None and inp == out else "its shortcut is not the identity"
+        units.append(DropUnit(name, "block", int(out[-1] if tokens else out[1]), r, stage, not why, why))
     return units
 
 

@@ -26,7 +26,7 @@ class PCAOptions(MethodOptions):
     depth_scope: str = field(default="stage", metadata={"help": f"where the rule compares: {' | '.join(SCOPES)}"})
     saturated: str = field(default="keep", metadata={"help": "units whose dimensions equal their width: "
                                                              f"{' | '.join(SATURATED)}"})
-    heads: bool = field(default=True, metadata={"help": "also keep whole heads of each nn.MultiheadAttention (ViT): "
+    heads: bool = field(default=True, metadata={"help": "also keep whole heads of each attention (ViT): "
                                                         "ceil(significant dims / head_dim) of the head outputs"})
 
     def __post_init__(self) -> None:

@@ -29,7 +29,7 @@ class PFAOptions(MethodOptions):
     min_keep: int = field(default=1, metadata={"help": "filters every layer keeps at least"})
     min_fraction: float = field(default=0.0, metadata={"help": "fraction of each layer's width it keeps at "
                                                                 "least, 0..1"})
-    heads: bool = field(default=True, metadata={"help": "also keep whole heads of each nn.MultiheadAttention "
+    heads: bool = field(default=True, metadata={"help": "also keep whole heads of each attention "
                                                         "(ViT) by the spectrum of their outputs: true | false"})
 
     def __post_init__(self) -> None:
