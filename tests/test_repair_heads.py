@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_vit import outputs_of, rel
 from torch import nn
 
 from netslim.data import load_dataset
@@ -47,24 +48,6 @@ def digits(n: int, start: int) -> Data:
     x = F.interpolate(x, size=SIDE, mode="bilinear").expand(-1, 3, -1, -1)
     x = (x - x.mean()) / x.std()
     return [(x[i:i + 16], torch.zeros(len(x[i:i + 16]), dtype=torch.long)) for i in range(0, n, 16)]
-
-
-def outputs_of(net: nn.Module, name: str, data: Data) -> torch.Tensor:
-    """Module `name`'s output (the first of a tuple) over `data`."""
-    seen: list[torch.Tensor] = []
-    hook = net.get_submodule(name).register_forward_hook(
-        lambda m, a, out: seen.append((out[0] if isinstance(out, tuple) else out).detach().clone()))
-    try:
-        with torch.no_grad():
-            for x, _ in data:
-                net.eval()(x)
-    finally:
-        hook.remove()
-    return torch.cat(seen)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 def cut_of(model: nn.Module, heads: dict[str, list[int]], keep: dict[str, list[int]] | None = None

@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from tiny_vit import outputs_of, rel
 from torch import nn
 
 from netslim.cost.size import meta_template, stored_params
@@ -66,22 +67,6 @@ def copy_head(attn: nn.Module, src: int, dst: int) -> None:
             a, b = part * inner + src * attn.head_dim, part * inner + dst * attn.head_dim
             attn.qkv.weight[b:b + attn.head_dim] = attn.qkv.weight[a:a + attn.head_dim]
             attn.qkv.bias[b:b + attn.head_dim] = attn.qkv.bias[a:a + attn.head_dim]
-
-
-def outputs(net: nn.Module, name: str, batches: list[torch.Tensor]) -> torch.Tensor:
-    seen: list[torch.Tensor] = []
-    hook = net.get_submodule(name).register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
-    try:
-        with torch.no_grad():
-            for x in batches:
-                net.eval()(x)
-    finally:
-        hook.remove()
-    return torch.cat(seen)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 @pytest.mark.parametrize("method", ["tp-l1", "tp-taylor"])
@@ -181,11 +166,11 @@ def test_pfa_order_drops_a_copied_head_first_and_the_refit_merges_it_back() -> N
     plan = Plan("timm_small", 10, (3, SIDE, SIDE), heads={att(1): [0, 1, 2]})
     cut = apply_plan(copy.deepcopy(model), plan)
     block = "blocks.1.attn"
-    expected = outputs(model, block, held)
-    assert rel(outputs(cut, block, held), expected) > 1e-2  # the plain cut changes the attention's output
+    expected = outputs_of(model, block, labelled(held))
+    assert rel(outputs_of(cut, block, labelled(held)), expected) > 1e-2  # the plain cut changes the attention's output
     report = lsq_refit(model, cut, lambda: labelled(calib), holdout=lambda: labelled(held), plan=plan, ridge=0.0)
     assert f"{att(1)}.proj" in report.refitted
-    assert rel(outputs(cut, block, held), expected) < 1e-4
+    assert rel(outputs_of(cut, block, labelled(held)), expected) < 1e-4
     w, full = cut.get_submodule(att(1)).proj.weight.detach(), attn.proj.weight.detach()
     d = HEAD_DIM
     merged = torch.cat([full[:, :d], full[:, d:2 * d] + full[:, 3 * d:], full[:, 2 * d:3 * d]], 1)
