@@ -23,6 +23,7 @@ from netslim.zoo.alexnet import CifarAlexNet
 from netslim.zoo.mobilenet import MobileNetV2
 from netslim.zoo.resnet import DEPTHS, BasicBlock, CifarResNet, resnet
 from netslim.zoo.small import SmallCNN
+from netslim.zoo.swin import open_windows
 from netslim.zoo.timm_models import PREFIX as _TIMM
 from netslim.zoo.timm_models import build_timm, default_input
 from netslim.zoo.vgg import CONFIGS, VGG, vgg
@@ -145,7 +146,9 @@ def _build_torchvision(name: str, num_classes: int, in_channels: int | None) -> 
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise NetslimError(f"unknown torchvision classification model {name!r}{hint}; "
                            "torchvision.models.list_models() lists them")
-    return tvm.get_model(name, weights=None, num_classes=num_classes)
+    model = tvm.get_model(name, weights=None, num_classes=num_classes)
+    open_windows(model)  # Swin v1: its window attention made to call its Linear layers (netslim.zoo.swin)
+    return model
 
 
 def _build_user(spec: str, num_classes: int, in_channels: int | None) -> nn.Module:
