@@ -1,7 +1,7 @@
 """The vit_tiny comparison (benchmarks/vit/compare.py) runs end to end with --smoke on the shared CIFAR-10: lrs
 (attention's projections factorized) and a torch-pruning criterion (whole heads cut) at the same budget, through
 the same bench stages; a target a method cannot meet (lrs and a FLOPs budget) is recorded as refused with its
-reason, not dropped."""
+reason, not dropped; the summary counts only rows at the budget."""
 
 from __future__ import annotations
 
@@ -38,3 +38,19 @@ def test_vit_compare_smoke(tmp_path: Path) -> None:
     assert got["summary"]["params=0.5"]["best_peer_after_finetune"]["method"] == "tp-l1"
     assert got["summary"]["params=0.5"]["best_netslim_after_finetune"]["method"] == "lrs"
     assert got["base_below_75"] and got["made"]["weights"] is None  # a random base, said so
+
+
+def test_the_summary_compares_only_rows_at_the_budget() -> None:
+    """pfa-kl (parameter-free) benched above the budget does not count as netslim's best, however accurate."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from benchmarks.vit.compare import _summary
+
+    rows = [{"method": "pfa-kl", "met_target": False, "accuracy": 0.9, "accuracy_after_refit": 0.8},
+            {"method": "pfa-en", "met_target": True, "accuracy": 0.6, "accuracy_after_refit": 0.5},
+            {"method": "tp-l1", "met_target": True, "accuracy": 0.7, "accuracy_after_refit": 0.4}]
+    got = _summary(rows)
+    assert got["not_at_budget"] == ["pfa-kl"]
+    assert got["best_netslim_after_finetune"] == {"method": "pfa-en", "accuracy": 0.6}
+    assert got["best_netslim_before_finetune"] == {"method": "pfa-en", "accuracy": 0.5}
+    assert got["best_peer_after_finetune"] == {"method": "tp-l1", "accuracy": 0.7}

@@ -156,11 +156,13 @@ def _stage(row: dict[str, Any], stage: str) -> float | None:
 
 
 def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """netslim's best and the best peer, after the refit (before any training) and after the fine-tune."""
-    out: dict[str, Any] = {}
+    """netslim's best and the best peer, after the refit (before any training) and after the fine-tune, among
+    the rows that met the target (pfa-kl, parameter-free, is benched at its own size and counts only if that
+    is within the budget); the rows left out are listed."""
+    out: dict[str, Any] = {"not_at_budget": sorted(r["method"] for r in rows if not r.get("met_target"))}
     for stage in ("before_finetune", "after_finetune"):
         for side, names in (("netslim", METHODS), ("peer", PEERS)):
-            have = [(_stage(r, stage), r["method"]) for r in rows if r["method"] in names]
+            have = [(_stage(r, stage), r["method"]) for r in rows if r["method"] in names and r.get("met_target")]
             have = [h for h in have if h[0] is not None]
             if have:
                 acc, method = max(have)
