@@ -142,7 +142,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "base_below_75": base["accuracy"] < 0.75, "schedule": {**asdict(sched), "train_images": len(train),
                                                                      "test_images": len(test), "repair": args.repair},
               "options": OPTIONS, "summary": summary, "rows": rows, "refused": refused,
-              "seconds": round(time.perf_counter() - began, 1)}
+              "seconds": round(time.perf_counter() - began, 1),  # this invocation (rows already run are resumed)
+              "rows_seconds": round(sum(r.get(k) or 0 for r in rows for k in
+                                        ("analysis_seconds", "repair_seconds", "finetune_seconds")), 1)}
     common.write(Path(args.out), result)
     return result
 
