@@ -129,11 +129,11 @@ def random_cut(model: torch.nn.Module, name: str, side: int) -> dict[str, Any]:
     from netslim.cost.size import meta_template, plan_size, stored_params
     from netslim.cost.sizemodel import SizeModel
     from netslim.errors import NetslimError
+    from netslim.methods.common.heads import cuttable_attentions
     from netslim.plan import Plan
     from netslim.surgery.apply import apply_plan, find_classifier
     from netslim.surgery.clone import clone
     from netslim.surgery.graph import channel_groups
-    from netslim.surgery.heads import attention_calls, head_cuttable
     from netslim.surgery.trial import runnable_groups
 
     rng = random.Random(0)
@@ -144,9 +144,7 @@ def random_cut(model: torch.nn.Module, name: str, side: int) -> dict[str, Any]:
         for g in runnable_groups(model, example, channel_groups(model, example, find_classifier(model)), 10):
             keep = sorted(rng.sample(range(g.width), max(1, g.width // 2)))
             plan.keep.update({n: keep for n in g.layers})
-        attn = [n for n, m in model.named_modules() if head_cuttable(m) and m.num_heads > 1]
-        calls = attention_calls(model, attn, torch.zeros(1, *shape)) if attn else {}
-        for n in (n for n in attn if calls.get(n) == (1, False)):
+        for n in cuttable_attentions(model, example):
             heads = model.get_submodule(n).num_heads
             plan.heads[n] = sorted(rng.sample(range(heads), max(1, heads // 2)))
         template = meta_template(model)

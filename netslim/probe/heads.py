@@ -77,6 +77,14 @@ def in_projection(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return attn.in_proj_weight, attn.in_proj_bias
 
 
+def head_indices(heads: list[int], head_dim: int, num_heads: int,
+                 device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cols, rows) of `heads`: their features in the concatenated head outputs (the out-projection's columns)
+    and their rows of the packed q/k/v in-projection (q, k and v blocks of num_heads × head_dim each)."""
+    cols = torch.tensor([h * head_dim + j for h in heads for j in range(head_dim)], dtype=torch.long, device=device)
+    return cols, torch.cat([cols + part * num_heads * head_dim for part in range(3)])
+
+
 def masked(bound: dict[str, Any]) -> bool:
     """Whether an attention call (its arguments bound to the module's forward) applies a mask."""
     return any(bound.get(k) is not None for k in ("key_padding_mask", "attn_mask")) or bool(bound.get("is_causal"))

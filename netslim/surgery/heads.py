@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from netslim.errors import NetslimError
-from netslim.probe.heads import bind_call, head_qkv, masked
+from netslim.probe.heads import bind_call, from_heads, head_indices, head_qkv, masked
 from netslim.probe.qkv import is_qkv
 
 _QKV_PARTS = {"qkv", "proj", "q_norm", "k_norm", "attn_drop", "proj_drop", "norm"}
@@ -65,8 +65,7 @@ class CutAttention(UnmaskedAttention):
         """`mha` with only the heads `kept`: the same head slices of q, k and v, and of out_proj's inputs (a
         CutAttention can be cut again, so a network pruned step by step loses heads step by step)."""
         w, d, e = mha.in_proj_weight, mha.head_dim, mha.embed_dim
-        cols = torch.tensor([h * d + j for h in kept for j in range(d)], device=w.device)
-        rows = torch.cat([cols + part * mha.num_heads * d for part in range(3)])  # q, k, v: blocks of the inner width
+        cols, rows = head_indices(kept, d, mha.num_heads, w.device)
         cut = cls(e, len(kept), d, mha.in_proj_bias is not None, mha.dropout, mha.batch_first, w.device, w.dtype)
         with torch.no_grad():
             cut.in_proj_weight.copy_(w.index_select(0, rows))
@@ -92,10 +91,8 @@ def attend(attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch
         weights = weights.mean(1) if average_attn_weights else weights
     else:
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
-    out = attn.out_proj(out.transpose(1, 2).flatten(2))
-    if not batched:
-        return out.squeeze(0), None if weights is None else weights.squeeze(0)
-    return (out if attn.batch_first else out.transpose(0, 1)), weights
+    out, _ = from_heads(attn, out.transpose(1, 2).flatten(2), unbatched=not batched)
+    return out, weights if weights is None or batched else weights.squeeze(0)
 
 
 def check_heads(heads: dict[str, list[int]], modules: dict[str, nn.Module], arch: str) -> None:
@@ -144,10 +141,8 @@ def qkv_cuttable(m: nn.Module) -> bool:
 @torch.no_grad()
 def cut_qkv(attn: nn.Module, kept: list[int]) -> None:
     """`attn` (changed in place) with only the heads `kept`: their rows of q, k and v, their columns of proj."""
-    d, h = attn.head_dim, attn.num_heads
-    w = attn.qkv.weight
-    cols = torch.tensor([i * d + j for i in kept for j in range(d)], device=w.device)
-    rows = torch.cat([cols + part * h * d for part in range(3)])
+    d, w = attn.head_dim, attn.qkv.weight
+    cols, rows = head_indices(kept, d, attn.num_heads, w.device)
     qkv = nn.Linear(w.shape[1], rows.numel(), bias=attn.qkv.bias is not None, device=w.device, dtype=w.dtype)
     qkv.weight.copy_(w.index_select(0, rows))
     if qkv.bias is not None:

@@ -18,7 +18,7 @@ from torch import nn
 
 from netslim.errors import NetslimError
 from netslim.methods.car.engine import AblationEngine, Slot
-from netslim.probe.heads import call_heads, from_heads, out_projection
+from netslim.probe.heads import call_heads, from_heads, head_indices, out_projection
 from netslim.surgery.heads import head_cuttable
 
 
@@ -95,7 +95,6 @@ def zero_heads(model: nn.Module, attention: str, heads: list[int]) -> None:
     if not heads:
         return
     mha = model.get_submodule(attention)
-    d = mha.head_dim
-    cols = torch.tensor([h * d + j for h in heads for j in range(d)], dtype=torch.long)
+    cols, _ = head_indices(heads, mha.head_dim, mha.num_heads)
     with torch.no_grad():
         out_projection(mha).weight[:, cols] = 0

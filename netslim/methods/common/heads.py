@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from netslim.data import ImageSet, batches
 from netslim.methods.base import Context
@@ -72,10 +73,15 @@ def head_order(stats: LayerStats, heads: int, strategy: str = "l1-max") -> list[
 
 def attentions(ctx: Context) -> list[str]:
     """The model's attention whose heads netslim can cut: more than one head, one unmasked call."""
-    found = [n for n, m in ctx.model.named_modules() if head_cuttable(m) and m.num_heads > 1]
+    return cuttable_attentions(ctx.model, ctx.example())
+
+
+def cuttable_attentions(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """attentions() for a bare model and one example input."""
+    found = [n for n, m in model.named_modules() if head_cuttable(m) and m.num_heads > 1]
     if not found:
         return []
-    calls = attention_calls(ctx.model, found, ctx.example())
+    calls = attention_calls(model, found, example)
     return [n for n in found if calls.get(n) == (1, False)]
 
 
