@@ -19,6 +19,7 @@ from netslim.surgery.factorized import (
     LowRankSparseConv2d,
     LowRankSparseLinear,
     factorize_layers,
+    factorized_layers,
     use_sparse_kernel,
 )
 
@@ -246,6 +247,23 @@ def test_target_is_met_and_split_by_error() -> None:
     assert ranks and all(r >= 1 for r in ranks.values())
 
 
+def test_flops_target_is_met_by_low_rank_alone_and_weighs_layers_by_their_positions() -> None:
+    from netslim.cost.size import count_flops
+
+    model, train = _small_setup()
+    result, ctx, _ = _compress(model, train, {"images": 64}, Target("flops", 0.4))
+    base, small = count_flops(model, ctx.input_size).macs, count_flops(result.model, ctx.input_size).macs
+    assert 0.3 * base < small <= 0.4 * base  # met, without leaving most of the budget unspent
+    assert plan_size(result.plan, ctx.template())["macs"] == small
+    assert all(e["nnz"] == 0 and e["rank"] > 0 for e in result.plan.factorize.values())
+    assert all(layer.sparse is None for layer in factorized_layers(result.model).values())
+    # features.4 runs at 4x the positions of features.8: under flops its ranks cost 4x as much
+    by_params = _compress(model, train, {"images": 64, "sparse_share": 0.0}, Target("params", 0.4))[0].plan.factorize
+    by_flops = result.plan.factorize
+    assert by_flops["features.4"]["rank"] / by_flops["features.8"]["rank"] < \
+        by_params["features.4"]["rank"] / by_params["features.8"]["rank"]
+
+
 def test_compressed_inputs_fit_each_layer_to_what_the_compressed_network_feeds_it() -> None:
     from netslim.data import batches
 
@@ -270,8 +288,10 @@ def test_bad_options_are_clear_errors() -> None:
     model, train = _small_setup()
     with pytest.raises(NetslimError, match="rank or rank_ratio"):
         _compress(model, train, {"rank": 2, "rank_ratio": 0.5})
-    with pytest.raises(NetslimError, match="storage target"):
-        _compress(model, train, {}, Target("flops", 0.5))
+    with pytest.raises(NetslimError, match="params or flops target"):
+        _compress(model, train, {}, Target("latency", 0.5))
+    with pytest.raises(NetslimError, match="without a sparse part"):
+        _compress(model, train, {"sparse_share": 0.3}, Target("flops", 0.5))
     with pytest.raises(NetslimError, match="unreachable"):
         _compress(model, train, {"images": 16}, Target("params", 0.001))
     with pytest.raises(NetslimError, match="objective"):

@@ -1,7 +1,7 @@
 """The vit_tiny comparison (benchmarks/vit/compare.py) runs end to end with --smoke on the shared CIFAR-10: lrs
 (attention's projections factorized) and a torch-pruning criterion (whole heads cut) at the same budget, through
-the same bench stages; a target a method cannot meet (lrs and a FLOPs budget) is recorded as refused with its
-reason, not dropped; the summary counts only rows at the budget."""
+the same bench stages; lrs meets a FLOPs budget with low rank alone; a target a method cannot meet is recorded
+as refused with its reason, not dropped; the summary counts only rows at the budget."""
 
 from __future__ import annotations
 
@@ -22,19 +22,23 @@ def test_vit_compare_smoke(tmp_path: Path) -> None:
 
     threads = torch.get_num_threads()
     try:
-        compare.main(["--smoke", "--methods", "tp-l1,lrs", "--targets", "params=0.5,flops=0.5", "--out",
+        compare.main(["--smoke", "--methods", "tp-l1,lrs", "--targets", "params=0.5,flops=0.5,params=0.001", "--out",
                       str(tmp_path / "vit.json"), "--data", str(shared_path("data/cifar10-jpeg.tar.gz"))])
     finally:
         torch.set_num_threads(threads)
     got = json.loads((tmp_path / "vit.json").read_text())
     rows = {(r["method"], r["target"]): r for r in got["rows"]}
-    assert set(rows) == {("tp-l1", "params=0.5"), ("tp-l1", "flops=0.5"), ("lrs", "params=0.5")}
+    assert set(rows) == {(m, t) for m in ("tp-l1", "lrs") for t in ("params=0.5", "flops=0.5")}
     for (method, target), r in rows.items():
         assert 0.45 < r["params_kept"] <= 0.5 or target == "flops=0.5"
         if method == "tp-l1":
             assert r["heads"] and all(1 <= n < 4 for n in r["heads"].values())  # vit_tiny: 4 heads per block
     assert sum(k.endswith((".in_proj", ".out_proj")) for k in rows[("lrs", "params=0.5")]["factorized"]) >= 6
-    assert [(x["method"], x["target"]) for x in got["refused"]] == [("lrs", "flops=0.5")]
+    low_rank = rows[("lrs", "flops=0.5")]
+    assert low_rank["met_target"] and low_rank["flops"] <= 0.5 * got["base"]["flops"]
+    assert all(layer["nnz"] == 0 and layer["rank"] > 0 for layer in low_rank["plan_meta"]["layers"])
+    assert [(x["method"], x["target"]) for x in got["refused"]] == [("tp-l1", "params=0.001"), ("lrs", "params=0.001")]
+    assert all("unreachable" in x["reason"] for x in got["refused"])
     assert got["summary"]["params=0.5"]["best_peer_after_finetune"]["method"] == "tp-l1"
     assert got["summary"]["params=0.5"]["best_netslim_after_finetune"]["method"] == "lrs"
     assert got["base_below_75"] and got["made"]["weights"] is None  # a random base, said so

@@ -6,8 +6,8 @@ flops=0.5, heads and MLP widths cut, with the same repair and the same fine-tune
    out of git). The base's test accuracy and the command that made it are recorded; the comparison means
    little below 75%, and the file says so (`base_below_75`).
 2. Per target, per method, `netslim.workflows.bench.run_bench` (analyse, cut, --repair, fine-tune, measure;
-   the rows a `netslim bench` table has). A method that cannot meet a target (lrs meets storage targets, not
-   FLOPs) is recorded as refused with its one-line reason, not dropped.
+   the rows a `netslim bench` table has). A method that cannot meet a target (lrs has no latency model) is
+   recorded as refused with its one-line reason, not dropped.
 3. Per target: netslim's best and the best peer after the refit and after the fine-tune.
 
     python -m benchmarks.vit.compare --train-epochs 100 --device cuda --threads 16      # GPU: base, then compare

@@ -3,10 +3,11 @@
 Per layer, im2col patches of a small calibration sample give G = X Xᵀ and Y Xᵀ (accumulated from a
 forward pre-hook with a few random positions per image, never stored); netslim.methods.lrs.solver
 fits U, V and S; netslim.surgery.factorized executes them. Budgets: per layer (`rank`, `rank_ratio`,
-`sparsity`, overrides in `per_layer`), or a global `--target params=F` split across layers greedily by how
-fast each layer's feature-map error falls per parameter spent (from the eigenvalues of T G Tᵀ: the
-error of the best rank-r fit in the feature-map metric), with a fixed share of each layer's budget
-given to S (`sparse_share`). Since a Plan holds no weights, the filled model is the MethodResult's `model`.
+`sparsity`, overrides in `per_layer`), or a global `--target params=F | flops=F` split across layers greedily
+by how fast each layer's feature-map error falls per parameter (or MAC) spent (from the eigenvalues of T G Tᵀ:
+the error of the best rank-r fit in the feature-map metric), with a fixed share of each layer's budget
+given to S under params (`sparse_share`) and none under flops, where S would run as a dense matrix.
+Since a Plan holds no weights, the filled model is the MethodResult's `model`.
 Attention: the analysis runs on a copy whose cuttable nn.MultiheadAttention are opened (netslim.surgery.attention),
 so their `in_proj` and `out_proj` are Linear layers like the MLP's; the returned network opens those the Plan
 factorizes, as apply_plan does.
@@ -28,7 +29,7 @@ from netslim.data import batches, calibration_subset
 from netslim.errors import NetslimError
 from netslim.methods.base import AnalysisCache, Context, MethodResult, register
 from netslim.methods.common.heads import attentions
-from netslim.methods.lrs.moments import compressed_moments, module_call_order, original_moments
+from netslim.methods.lrs.moments import compressed_moments, module_call_order, original_moments, positions
 from netslim.methods.lrs.options import Config
 from netslim.methods.lrs.report import report
 from netslim.methods.lrs.solver import Moments, allocate, decompose, lowrank_curve, weighted_error
@@ -102,42 +103,50 @@ def _overrides(ctx: Context, cfg: Config) -> dict[str, dict[str, Any]]:
 
 def target_budgets(ctx: Context, cfg: Config, names: list[str], moments: dict[str, Moments] | None,
                    targets: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
-    """Split a params target across layers: greedy rank units (each with its share of S) by error per param.
+    """Split a params or flops target across layers: greedy rank units (each with its share of S) by error per
+    parameter or per MAC.
 
-    A layer too small for one unit, or whose allocation reaches its dense size, stays dense; the few
-    values that rounding leaves over the target come off the largest sparse parts.
+    Under flops a layer weighs its weight's size times its output positions (H·W, tokens) and S is not used:
+    its non-zeros cost FLOPs as a dense matrix would. A layer too small for one unit, or whose allocation
+    reaches its dense size, stays dense; the few values that rounding leaves over a params target come off the
+    largest sparse parts.
     """
-    from netslim.cost.size import stored_params
+    from netslim.cost.size import count_flops, stored_params
 
+    kind = ctx.target.kind
     mods = dict(ctx.model.named_modules())
-    size = {n: math.prod(matrix_shape(mods[n])) for n in names}
-    share = cfg.sparse_share
-    unit = {n: sum(matrix_shape(mods[n])) / (1.0 - share) for n in names}
-    cap = {n: min(*matrix_shape(mods[n]), int(size[n] / unit[n])) for n in names}
+    shape = {n: matrix_shape(mods[n]) for n in names}
+    per = positions(ctx.model, names, ctx.example()) if kind == "flops" else dict.fromkeys(names, 1)
+    size = {n: math.prod(shape[n]) * per[n] for n in names}
+    share = cfg.share(kind)
+    unit = {n: sum(shape[n]) * per[n] / (1.0 - share) for n in names}
+    cap = {n: min(*shape[n], int(size[n] / unit[n])) for n in names}
     fixed = _overrides(ctx, cfg)
     free = [n for n in names if n not in fixed and cap[n] > 0]
-    base = stored_params(ctx.model)
+    base = stored_params(ctx.model) if kind == "params" else count_flops(ctx.model, ctx.input_size).macs
     budget = ctx.target.fraction * base
 
-    def cost(n: str, e: dict[str, Any]) -> int:  # stored values of a factorized layer's weight
-        return e["rank"] * sum(matrix_shape(mods[n])) + e["nnz"]
+    def cost(n: str, e: dict[str, Any]) -> int:  # stored values (or MACs) of a factorized layer's weight
+        s = e["nnz"] if kind == "params" else (math.prod(shape[n]) if e["nnz"] else 0)
+        return (e["rank"] * sum(shape[n]) + s) * per[n]
 
     # what is not allocated: everything but the free layers' weights, overrides at their factorized size
     rest = base - sum(size[n] for n in free) - sum(size[n] - cost(n, e) for n, e in fixed.items())
     need = rest + sum(unit[n] for n in free)
+    what = "parameters" if kind == "params" else "MACs"
     if need > budget:
         raise NetslimError(f"target {ctx.target} is unreachable for lrs: rank 1 in every factorized layer already "
-                           f"needs {need / base:.4f} of the parameters")
+                           f"needs {need / base:.4f} of the {what}")
     curves = [lowrank_curve(targets[n], moments[n].gram if moments is not None else None, cfg.ridge) for n in free]
     ranks = allocate(curves, [unit[n] for n in free], [cap[n] for n in free], budget - rest)
     out = dict(fixed)
     for n, r in zip(free, ranks, strict=True):
         if r >= cap[n] and cap[n] * unit[n] >= 0.98 * size[n]:
             continue  # the budget reached the dense size: keep the layer as it is
-        out[n] = _entry(mods[n], r, int(r * unit[n] * share))
+        out[n] = _entry(mods[n], r, int(r * unit[n] * share / per[n]))
     excess = base - sum(size[n] - cost(n, e) for n, e in out.items()) - budget
     for n in sorted(out, key=lambda k: -out[k]["nnz"]):
-        if excess <= 0:
+        if excess <= 0 or kind != "params":
             break
         cut = min(out[n]["nnz"], math.ceil(excess))
         out[n]["nnz"] -= cut
@@ -169,7 +178,7 @@ def calib_batches(ctx: Context, cfg: Config, batch_size: int = 32) -> tuple[Any,
 
 
 @register("lrs", "GreBdec: each layer -> low-rank U V + sparse S fitted to its feature maps "
-                 "(--opt rank=R | rank_ratio=F, --opt sparsity=F, or --target params=F)", options=Config)
+                 "(--opt rank=R | rank_ratio=F, --opt sparsity=F, or --target params=F | flops=F)", options=Config)
 def lrs(ctx: Context) -> MethodResult:
     cfg = Config.from_ctx(ctx)
     view = opened(ctx)
@@ -207,7 +216,7 @@ def lrs(ctx: Context) -> MethodResult:
     plan = ctx.base_plan("lrs")
     plan.factorize = spec
     plan.meta = {"objective": cfg.objective, "inputs": cfg.inputs, "calibration_images": images,
-                 "positions_per_image": int(cfg.positions), "sparse_share": cfg.sparse_share
+                 "positions_per_image": int(cfg.positions), "sparse_share": cfg.share(ctx.target.kind)
                  if ctx.target is not None else None, "target": str(ctx.target) if ctx.target else None,
                  "moments_seconds": round(seconds_moments, 2), "layers": rows}
     return MethodResult(plan, model=model, report=report(rows, images, cfg.objective, cfg.inputs, int(cfg.positions)))

@@ -32,6 +32,27 @@ def module_call_order(model: nn.Module, example: torch.Tensor) -> list[str]:
     return list(dict.fromkeys(order))
 
 
+def positions(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, int]:
+    """Output positions per sample of each named layer (H·W of a conv, tokens of a Linear, summed over calls):
+    a layer's MACs are its weight's size times these, so a FLOP budget weighs each layer by them."""
+    seen = dict.fromkeys(names, 0)
+    mods = dict(model.named_modules())
+
+    def hook(name: str) -> Any:
+        def count(mod: nn.Module, args: Any, out: torch.Tensor) -> None:
+            seen[name] += out.numel() // (matrix_shape(mod)[0] * example.shape[0])
+        return count
+
+    handles = [mods[n].register_forward_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
 class _Accumulator:
     """Sums of patch outer products: float32 partial sums (fast GEMMs), flushed into float64 every few batches."""
 

@@ -27,7 +27,8 @@ class Config(MethodOptions):
     rank_ratio: float | None = _opt(None, "rank as a fraction of each layer's min(outputs, inputs·k·k), 0..1")
     sparsity: float | None = _opt(None, "fraction of each layer's weights the sparse part leaves at zero, 0..1 "
                                         "(0.95 keeps 5%)")
-    sparse_share: float = _opt(0.5, "with --target: fraction of each layer's budget spent on S, in [0, 1)")
+    sparse_share: float | None = _opt(None, "with --target: fraction of each layer's budget spent on S, in [0, 1) "
+                                            "(default 0.5 for params, 0 for flops: S's FLOPs count dense)")
     images: int = _opt(1024, "calibration images used")
     positions: int = _opt(8, "random output positions per image and layer")
     stages: int = _opt(4, "GreBdec stages")
@@ -53,7 +54,7 @@ class Config(MethodOptions):
             raise NetslimError(f"option rank_ratio must be in [0, 1], not {self.rank_ratio}")
         if self.sparsity is not None and not 0 <= self.sparsity <= 1:
             raise NetslimError(f"option sparsity (fraction of zeros in S) must be in [0, 1], not {self.sparsity}")
-        if not 0 <= self.sparse_share < 1:
+        if self.sparse_share is not None and not 0 <= self.sparse_share < 1:
             raise NetslimError(f"lrs sparse_share must be in [0, 1), not {self.sparse_share}")
         if self.rank is not None and self.rank_ratio is not None:
             raise NetslimError("give option rank or rank_ratio, not both")
@@ -74,9 +75,17 @@ class Config(MethodOptions):
             raise NetslimError("--target splits the budget across layers itself; drop the rank, rank_ratio and "
                                "sparsity options (tune the split with --opt sparse_share=F, per-layer choices with "
                                "--opt per_layer=...)")
-        if ctx.target is not None and ctx.target.kind != "params":
-            raise NetslimError(f"lrs meets a storage target (--target params=F), not {ctx.target}: its sparse part "
-                               "saves FLOPs or time only with a sparse kernel")
+        if ctx.target is not None and ctx.target.kind not in ("params", "flops"):
+            raise NetslimError(f"lrs meets a params or flops target, not {ctx.target}: it has no latency model")
+        if ctx.target is not None and ctx.target.kind == "flops" and self.sparse_share:
+            raise NetslimError(f"lrs with {ctx.target} factorizes without a sparse part: S saves FLOPs only with a "
+                               "sparse kernel, so a dense runtime counts it whole; drop --opt sparse_share")
+
+    def share(self, kind: str) -> float:
+        """Fraction of each layer's budget spent on S under a `kind` target (none under flops)."""
+        if self.sparse_share is not None:
+            return self.sparse_share
+        return 0.5 if kind == "params" else 0.0
 
     def default_knobs(self) -> tuple[float | None, int | None, float | None]:
         """(rank_ratio, rank, sparsity); what is not given is 0, both missing gives the defaults."""
