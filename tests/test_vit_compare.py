@@ -58,3 +58,24 @@ def test_the_summary_compares_only_rows_at_the_budget() -> None:
     assert got["best_netslim_after_finetune"] == {"method": "pfa-en", "accuracy": 0.6}
     assert got["best_netslim_before_finetune"] == {"method": "pfa-en", "accuracy": 0.5}
     assert got["best_peer_after_finetune"] == {"method": "tp-l1", "accuracy": 0.7}
+
+
+def test_vit_latency_smoke(tmp_path: Path) -> None:
+    """benchmarks/vit/latency.py times the base and each method's network in turns and sizes each: lrs at
+    flops=0.5 (low rank alone) and tp-l1 at the same budget keep at most half the FLOPs."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from benchmarks.vit import latency
+
+    threads = torch.get_num_threads()
+    try:
+        got = latency.main(["--smoke", "--methods", "lrs,tp-l1", "--targets", "flops=0.5", "--out",
+                            str(tmp_path / "lat.json"), "--data", str(shared_path("data/cifar10-jpeg.tar.gz"))])
+    finally:
+        torch.set_num_threads(threads)
+    labels = ["base", "lrs flops=0.5", "tp-l1 flops=0.5"]
+    assert list(got["kept"]) == labels
+    assert all(0.4 < got["kept"][n]["flops"] <= 0.5 for n in labels[1:])
+    for row in got["timing"]:
+        assert [n["network"] for n in row["networks"]] == labels and row["rounds"] >= 5
+        assert row["networks"][0]["time_vs_base"] == 1.0 and all(n["ms"] > 0 for n in row["networks"])
