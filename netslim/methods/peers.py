@@ -23,7 +23,7 @@ from netslim.errors import NetslimError
 from netslim.methods.base import Context, MethodOptions, MethodResult, register
 from netslim.methods.common.heads import attentions
 from netslim.methods.common.ranking import Scores, uniform_plan
-from netslim.probe.heads import in_projection, out_projection
+from netslim.probe.heads import head_indices, in_projection, out_projection
 from netslim.surgery.graph import build_graph, out_channel_group
 
 
@@ -64,15 +64,10 @@ def _head_parts(attn: nn.Module, h: int, grad: bool = False) -> list[torch.Tenso
     def take(p: torch.Tensor) -> torch.Tensor:
         return (p.grad if p.grad is not None else torch.zeros_like(p)) if grad else p.detach()
 
-    inner, d = attn.num_heads * attn.head_dim, attn.head_dim
-    rows = [slice(part * inner + h * d, part * inner + (h + 1) * d) for part in range(3)]
     weight, bias = in_projection(attn)
-    w_in = take(weight)
-    parts = [w_in[r] for r in rows] + [take(out_projection(attn).weight)[:, h * d:(h + 1) * d]]
-    if bias is not None:
-        b_in = take(bias)
-        parts += [b_in[r] for r in rows]
-    return parts
+    cols, rows = head_indices([h], attn.head_dim, attn.num_heads, weight.device)
+    parts = [take(weight)[rows], take(out_projection(attn).weight)[:, cols]]
+    return parts + ([take(bias)[rows]] if bias is not None else [])
 
 
 def _head_scores(ctx: Context, kind: str) -> dict[str, torch.Tensor]:

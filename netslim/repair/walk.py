@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from netslim.errors import NetslimError
+from netslim.probe.traced import forward_inputs
 from netslim.surgery.heads import CutAttention
 
 ADDS = (operator.add, operator.iadd, torch.add, "add", "add_")  # how a residual sum appears in a graph
@@ -67,15 +68,15 @@ class Walk:
         self.pos = 0
         self.envs: list[dict[torch.fx.Node, Any]] = []
         self.sizes: list[int] = []
-        holders = [n for n in self.nodes if n.op == "placeholder"]
-        if not holders or any(not h.args for h in holders[1:]):
+        inputs = forward_inputs(self.nodes)
+        if inputs is None:
             raise NetslimError("repair: the traced model must take exactly one input (others need defaults)")
-        defaults = {h: h.args[0] for h in holders[1:]}  # e.g. timm's forward(x, attn_mask=None)
+        images, defaults = inputs
         for item in batches:
             x = (item[0] if isinstance(item, (tuple, list)) else item).to(device)
-            self.envs.append({holders[0]: x, **defaults})
+            self.envs.append({images: x, **defaults})
             self.sizes.append(int(x.shape[0]))
-        self.pos = max(self.nodes.index(h) for h in holders) + 1
+        self.pos = max(self.nodes.index(h) for h in (images, *defaults)) + 1
 
     @torch.no_grad()
     def _run(self, stop: int) -> None:

@@ -31,6 +31,7 @@ from torch import nn
 
 from netslim.errors import NetslimError
 from netslim.probe import response_modules
+from netslim.probe.traced import forward_inputs
 
 # Channel-wise modules with f(0) = 0: a channel zeroed before them is zero after them, so the mask may
 # be applied past them (the cache is then smaller, e.g. after a max-pool).
@@ -302,9 +303,10 @@ def _split(model: nn.Module, slots: list[Slot]) -> _Split:
         raise _Unsupported(f"torch.fx cannot trace the model ({type(e).__name__})") from None
     graph = gm.graph
     nodes = list(graph.nodes)
-    extra = [n for n in nodes if n.op == "placeholder"][1:]  # e.g. timm's forward(x, attn_mask=None)
-    if any(not n.args for n in extra):
+    inputs = forward_inputs(nodes)
+    if inputs is None:
         raise _Unsupported("the traced forward takes more than the images")
+    defaults = inputs[1]  # e.g. timm's forward(x, attn_mask=None)
     order = {n: i for i, n in enumerate(nodes)}
     by_target: dict[str, list[fx.Node]] = {}
     for n in nodes:
@@ -351,7 +353,7 @@ def _split(model: nn.Module, slots: list[Slot]) -> _Split:
     head = fx.GraphModule(gm, head_graph)
 
     tail_graph = fx.Graph()
-    tenv: dict[fx.Node, Any] = {n: n.args[0] for n in extra}  # the defaults of the forward's other arguments
+    tenv: dict[fx.Node, Any] = dict(defaults)  # the forward's other arguments
     for j, b in enumerate(boundary):
         tenv[b] = tail_graph.placeholder(f"boundary_{j}")
     mask = tail_graph.placeholder("mask")
