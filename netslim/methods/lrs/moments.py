@@ -21,15 +21,19 @@ class _Stop(Exception):
 def module_call_order(model: nn.Module, example: torch.Tensor) -> list[str]:
     """Names of the model's modules in the order they are called."""
     order: list[str] = []
-    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: order.append(n))
-               for n, m in model.named_modules() if n]
+    _hooked_forward(model, example, [m.register_forward_pre_hook(lambda mod, args, n=n: order.append(n))
+                                     for n, m in model.named_modules() if n])
+    return list(dict.fromkeys(order))
+
+
+def _hooked_forward(model: nn.Module, example: torch.Tensor, handles: list[Any]) -> None:
+    """One no-grad forward of `example` through `model`, then the hooks of `handles` are removed."""
     try:
         with torch.no_grad():
             model(example)
     finally:
         for h in handles:
             h.remove()
-    return list(dict.fromkeys(order))
 
 
 def positions(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, int]:
@@ -43,13 +47,7 @@ def positions(model: nn.Module, names: list[str], example: torch.Tensor) -> dict
             seen[name] += out.numel() // (matrix_shape(mod)[0] * example.shape[0])
         return count
 
-    handles = [mods[n].register_forward_hook(hook(n)) for n in names]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
+    _hooked_forward(model, example, [mods[n].register_forward_hook(hook(n)) for n in names])
     return seen
 
 
