@@ -23,7 +23,11 @@ def is_qkv(m: nn.Module) -> bool:
 
 
 def qkv_heads(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The concatenated head outputs (batch, tokens, num_heads × head_dim) of an unmasked call on `x`, in eval."""
+    """The concatenated head outputs (batch, tokens, num_heads × head_dim) of an unmasked call on `x`, in eval;
+    a module that computes its own (`head_outputs`, e.g. a window attention) gives them in its output's layout."""
+    own = getattr(attn, "head_outputs", None)
+    if callable(own):
+        return own(x)
     b, n, _ = x.shape
     h, d = attn.num_heads, attn.head_dim
     q, k, v = attn.qkv(x).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)

@@ -129,10 +129,15 @@ def head_cuttable(m: nn.Module) -> bool:
 
 
 def qkv_cuttable(m: nn.Module) -> bool:
-    """Whether a head cut of `m` is qkv's rows and proj's columns alone: no parameter or buffer of its own, no
-    part but the projections, per-head q/k norms and dropouts, no norm over the inner width, no gate."""
+    """Whether a head cut of `m` is qkv's rows and proj's columns (and the columns of the tensors it names
+    `per_head`): no other parameter of its own and no buffer but a head-free position index, no part but the
+    projections, per-head q/k norms and dropouts, no norm over the inner width, no gate. A module with tensors of
+    its own must compute its head outputs itself (`head_outputs`), so that they are measured as it uses them."""
     children = dict(m.named_children())
-    return (is_qkv(m) and not m._parameters and not m._buffers and set(children) <= _QKV_PARTS
+    own = set(m._parameters) - set(getattr(m, "per_head", ()))
+    buffers = set(m._buffers) - {"relative_position_index"}
+    ours = callable(getattr(m, "head_outputs", None)) or not (m._parameters or m._buffers)
+    return (is_qkv(m) and ours and not own and not buffers and set(children) <= _QKV_PARTS
             and isinstance(children.get("norm", nn.Identity()), nn.Identity) and getattr(m, "gate", None) is None
             and isinstance(m.proj, nn.Linear) and m.proj.in_features == m.num_heads * m.head_dim)
 
@@ -140,7 +145,8 @@ def qkv_cuttable(m: nn.Module) -> bool:
 
 @torch.no_grad()
 def cut_qkv(attn: nn.Module, kept: list[int]) -> None:
-    """`attn` (changed in place) with only the heads `kept`: their rows of q, k and v, their columns of proj."""
+    """`attn` (changed in place) with only the heads `kept`: their rows of q, k and v, their columns of proj and
+    of the tensors it names `per_head`."""
     d, w = attn.head_dim, attn.qkv.weight
     cols, rows = head_indices(kept, d, attn.num_heads, w.device)
     qkv = nn.Linear(w.shape[1], rows.numel(), bias=attn.qkv.bias is not None, device=w.device, dtype=w.dtype)
@@ -153,6 +159,10 @@ def cut_qkv(attn: nn.Module, kept: list[int]) -> None:
     if proj.bias is not None:
         proj.bias.copy_(p.bias)
     attn.qkv, attn.proj = qkv.train(attn.qkv.training), proj.train(p.training)
+    for name in getattr(attn, "per_head", ()):  # one column per head, e.g. a relative position bias table
+        t = getattr(attn, name)
+        setattr(attn, name, nn.Parameter(t.index_select(-1, torch.tensor(kept, device=t.device)).clone(),
+                                         requires_grad=t.requires_grad))
     attn.num_heads = len(kept)
     if hasattr(attn, "attn_dim"):  # timm ≥ 1.0 reshapes the head outputs to attn_dim
         attn.attn_dim = len(kept) * d

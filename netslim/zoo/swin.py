@@ -6,7 +6,8 @@ OpenWindowAttention is the same module (same parameters, buffers and state-dict 
 bit) whose forward calls `qkv` and `proj`, and reads each width from the tensors rather than from the input
 width (head_dim = qkv's outputs / 3 / heads, the output width from proj), so a cut residual width does not
 break its reshapes. `tv:swin_t`, `tv:swin_s` and `tv:swin_b` are built with it (netslim.zoo); a torchvision
-checkpoint loads into it unchanged. Swin v2's attention (cosine attention, a bias MLP) is left as it is.
+checkpoint loads into it unchanged. Its heads can be cut whole, with their column of the relative position bias.
+Swin v2's attention (cosine attention, a bias MLP) is left as it is.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ def _window_mask(x: torch.Tensor, size: tuple[int, int], window: list[int], shif
     return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
 
 
-def _window_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """torchvision's shifted_window_attention (v1) for (B, H, W, C) input, with `qkv` and `proj` called."""
+def _window_attention(attn: nn.Module, x: torch.Tensor, project: bool = True) -> torch.Tensor:
+    """torchvision's shifted_window_attention (v1) for (B, H, W, C) input, with `qkv` and `proj` called; with
+    `project` False, the concatenated head outputs in the output's layout (B, H, W, heads × head_dim)."""
     b, h, w, _ = x.shape
     window, shift = attn.window_size, list(attn.shift_size)
     x = F.pad(x, (0, 0, 0, (window[1] - w % window[1]) % window[1], 0, (window[0] - h % window[0]) % window[0]))
@@ -55,7 +57,8 @@ def _window_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
         scores = scores.view(-1, attn.num_heads, tokens, tokens)
     weights = F.dropout(F.softmax(scores, dim=-1), p=attn.attention_dropout, training=attn.training)
     out = weights.matmul(v).transpose(1, 2).reshape(x.size(0), x.size(1), attn.num_heads * d)
-    out = F.dropout(attn.proj(out), p=attn.dropout, training=attn.training)
+    if project:
+        out = F.dropout(attn.proj(out), p=attn.dropout, training=attn.training)
     c = out.shape[-1]
     out = out.view(b, ph // window[0], pw // window[1], window[0], window[1], c).permute(0, 1, 3, 2, 4, 5)
     out = out.reshape(b, ph, pw, c)
@@ -65,10 +68,24 @@ def _window_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class OpenWindowAttention(ShiftedWindowAttention):
-    """torchvision's ShiftedWindowAttention whose forward calls its qkv and proj Linear layers."""
+    """torchvision's ShiftedWindowAttention whose forward calls its qkv and proj Linear layers.
+
+    Its heads can be cut whole (netslim.surgery.heads.cut_qkv): `head_outputs` is what `proj` maps to the output
+    (token by token, so in the output's layout), and `per_head` names the tensors with one column per head (the
+    relative position bias), which a head cut slices with qkv's rows and proj's columns."""
+
+    per_head = ("relative_position_bias_table",)
+
+    @property
+    def head_dim(self) -> int:
+        return self.qkv.out_features // (3 * self.num_heads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _window_attention(self, x)
+
+    def head_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The concatenated head outputs (B, H, W, heads × head_dim) of a call on `x`: proj of them is the output."""
+        return _window_attention(self, x, project=False)
 
 
 def open_windows(model: nn.Module) -> int:

@@ -36,7 +36,8 @@ class _MaskedAttention(nn.Module):
             raise NetslimError("CAR ablates heads only of attention called without a mask")
         if self.mask is not None:
             per_feature = self.mask.repeat_interleave(self.mha.head_dim, dim=1)
-            heads = heads * per_feature[:, None, :].to(heads.dtype)
+            shape = (per_feature.shape[0],) + (1,) * (heads.dim() - 2) + (per_feature.shape[1],)
+            heads = heads * per_feature.view(shape).to(heads.dtype)  # (batch, tokens or H, W, features)
         first = args[0] if args else next(iter(kwargs.values()))
         return from_heads(self.mha, heads, unbatched=isinstance(first, torch.Tensor) and first.dim() == 2)
 

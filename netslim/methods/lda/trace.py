@@ -94,6 +94,9 @@ def head_signal(attention: nn.Module, grad: torch.Tensor) -> torch.Tensor:
 def feature_utility(signal: torch.Tensor, tokens: str) -> torch.Tensor:
     """(B, tokens, F) traced head features -> (B, F): rectified, then the maximum over tokens or the first's."""
     if tokens == "cls":
+        if signal.dim() != 3:
+            raise NetslimError("head_tokens=cls needs an attention over a token sequence with a class token first; "
+                               f"this one's head outputs are {tuple(signal.shape)} (a window attention): use max")
         return signal[:, 0].clamp_min(0.0)
     return channel_utility(signal, "linear")
 
