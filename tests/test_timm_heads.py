@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from tiny_vit import outputs_of, rel
+from tiny_vit import outputs_of, rel, reloads_and_exports
 from torch import nn
 
 from netslim.cost.size import meta_template, stored_params
@@ -22,7 +22,6 @@ from netslim.plan import Plan
 from netslim.probe import head_stats
 from netslim.repair import lsq_refit
 from netslim.surgery.apply import apply_plan
-from netslim.surgery.checkpoint import load_model, save_model
 
 timm = pytest.importorskip("timm")
 torch.set_num_threads(1)
@@ -178,9 +177,6 @@ def test_pfa_order_drops_a_copied_head_first_and_the_refit_merges_it_back() -> N
 
 
 def test_a_timm_vit_with_cut_heads_reloads_and_exports_with_the_same_outputs(tmp_path) -> None:
-    from netslim.runtime.ort import export_onnx
-
-    ort = pytest.importorskip("onnxruntime")
     from netslim.zoo import build
 
     torch.manual_seed(0)
@@ -191,17 +187,7 @@ def test_a_timm_vit_with_cut_heads_reloads_and_exports_with_the_same_outputs(tmp
     per_head = 64 * (3 * 193 + 192)  # its q, k, v rows (192 inputs and a bias each) and its 64 columns of proj
     assert stored_params(cut) == fast_plan_size(plan, meta_template(model))["params"] == \
         stored_params(model) - 3 * per_head
-    save_model(tmp_path / "cut.safetensors", cut, plan)
-    again, stored = load_model(tmp_path / "cut.safetensors")
-    assert stored.heads == plan.heads
-    x = torch.randn(3, 3, 32, 32)
-    with torch.no_grad():
-        want = cut(x)
-        torch.testing.assert_close(again.eval()(x), want, rtol=0, atol=0)
-    export_onnx(again, x[:1], tmp_path / "cut.onnx")
-    sess = ort.InferenceSession(str(tmp_path / "cut.onnx"), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {sess.get_inputs()[0].name: x[:1].numpy()})[0]
-    torch.testing.assert_close(torch.from_numpy(got), want[:1], rtol=1e-4, atol=1e-4)
+    reloads_and_exports(cut, plan, torch.randn(3, 3, 32, 32), tmp_path)
 
 
 def test_a_gated_timm_attention_or_a_bad_head_index_is_one_error_and_nothing_cut() -> None:

@@ -4,8 +4,12 @@ how those tests compare a module's outputs before and after a cut."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
+
+from netslim.plan import Plan
 
 SIDE, D, HEADS, LAYERS, MLP = 16, 32, 4, 2, 64
 HEAD_DIM = D // HEADS
@@ -41,3 +45,25 @@ def outputs_of(net: nn.Module, name: str, data: list[tuple[torch.Tensor, torch.T
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
+
+
+def reloads_and_exports(cut: nn.Module, plan: Plan, x: torch.Tensor, tmp: Path) -> nn.Module:
+    """Save `cut` with its Plan into the folder `tmp`, reload it from that file alone: bit-identical outputs on
+    `x`; exported to ONNX, onnxruntime's output on x[:1] matches PyTorch's. The reloaded network."""
+    import pytest
+
+    from netslim.runtime.ort import export_onnx
+    from netslim.surgery.checkpoint import load_model, save_model
+
+    ort = pytest.importorskip("onnxruntime")
+    save_model(tmp / "cut.safetensors", cut, plan)
+    again, stored = load_model(tmp / "cut.safetensors")
+    assert stored.heads == plan.heads
+    with torch.no_grad():
+        want = cut.eval()(x)
+        torch.testing.assert_close(again.eval()(x), want, rtol=0, atol=0)
+    export_onnx(again, x[:1], tmp / "cut.onnx")
+    sess = ort.InferenceSession(str(tmp / "cut.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x[:1].numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), want[:1], rtol=1e-4, atol=1e-4)
+    return again
