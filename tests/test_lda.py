@@ -227,6 +227,16 @@ def test_threshold_is_eta_times_std_of_nonzero_utilities() -> None:
     assert threshold_keep(u, 0.0, 1) == list(range(6))
 
 
+def test_threshold_from_the_smallest_utility_cuts_a_group_that_sits_far_above_zero() -> None:
+    """GELU-like utilities, all 10 std above zero: measured from zero, η = 1 keeps them all; measured from the
+    smallest, the same η keeps those more than one std above it."""
+    u = torch.tensor([10.0, 10.5, 11.0, 11.5, 12.0])
+    std = float(u.std())
+    assert threshold_keep(u, 1.0, 1) == list(range(5))
+    assert threshold_keep(u, 1.0, 1, "min") == [i for i in range(5) if float(u[i]) >= 10.0 + std]
+    assert threshold_keep(u, 0.5 / std, 1, "min") == [1, 2, 3, 4]
+
+
 # ---------------------------------------------------------------- surgery and keep composition
 class Chain(nn.Module):
     def __init__(self) -> None:
@@ -420,6 +430,7 @@ def test_residual_groups_combine_member_utilities_by_max() -> None:
     a = analyse_model(ctx, o, validation_pass(net, data, ctx.classifier, "cpu", 64)[1])
     stream = next(grp for grp in ctx.groups() if "layer3.0.conv2" in grp.layers)  # stage 3: adds tie 10 layers
     assert len(stream.layers) > 2 and stream.root in a.utility
+    assert a.smooth == set()  # every unit behind a ReLU: auto measures η·std from zero, as the paper does
     from netslim.methods.lda.core import ranking
     from netslim.methods.lda.trace import trace
 

@@ -93,15 +93,22 @@ def test_head_features_get_autograds_signal_at_the_recomputed_head_outputs(token
 
 def test_a_silent_head_goes_first_and_the_loud_one_stays() -> None:
     model, data = tuned_vit(), images(60)
-    ctx, o = context(model, data), LoopOptions(trace_images=5, verbose=False)
+    ctx, o = context(model, data), LoopOptions(trace_images=5, verbose=False, threshold_origin="zero")
     a = analyse_model(ctx, o, validation_pass(model, data, ctx.classifier, "cpu", 64)[1], [att(0), att(1)])
     last = a.heads[att(1)]
     assert last.shape == (HEADS,) and a.heads[att(0)].shape == (HEADS,)
     assert float(last[SILENT]) == 0.0 and bool((last[torch.arange(HEADS) != SILENT] > 0).all())
     assert int(last.argmax()) == LOUD
+    mlps = {g.root for g in ctx.groups() if g.root.endswith("mlp.0")}
+    assert mlps and a.smooth == mlps  # the MLP units sit behind GELU
     assert plan_at(ctx, a, 1e-6, o).heads == {att(1): [h for h in range(HEADS) if h != SILENT]}  # first to go
     most = plan_at(ctx, a, 1e3, o)  # nothing passes: one head per attention stays, the highest
     assert most.heads[att(1)] == [LOUD] and most.heads[att(0)] == [int(a.heads[att(0)].argmax())]
+    # measured from the smallest utility (auto, for heads): att(1)'s origin is its silent head's 0, so the same
+    # head goes; att(0), with no silent head, loses its weakest
+    auto = plan_at(ctx, a, 1e-6, LoopOptions(trace_images=5, verbose=False)).heads
+    assert auto[att(1)] == [h for h in range(HEADS) if h != SILENT]
+    assert auto[att(0)] == [h for h in range(HEADS) if h != int(a.heads[att(0)].argmin())]
 
 
 def test_head_cuts_compose_across_steps_into_base_numbering() -> None:

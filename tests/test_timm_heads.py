@@ -134,7 +134,7 @@ def test_lda_traces_timm_heads_and_its_cuts_compose_in_place() -> None:
     data = images(60)
     ctx = Context(model=model, arch="timm_small", num_classes=10, input_size=(3, SIDE, SIDE), calib=data,
                   train=data, val=data, options={"ft_epochs": 0, "verbose": False})
-    o = LoopOptions(trace_images=5, verbose=False)
+    o = LoopOptions(trace_images=5, verbose=False, threshold_origin="zero")
     a = analyse_model(ctx, o, validation_pass(model, data, ctx.classifier, "cpu", 64)[1], [att(0), att(1)])
     u = a.heads[att(1)]
     assert u.shape == (HEADS,) and float(u[2]) == 0.0 and bool((u[torch.arange(HEADS) != 2] > 0).all())

@@ -59,6 +59,8 @@ def parse(argv: list[str] | None) -> Any:
     a("--calib", type=int, default=2000)
     a("--repair", default="lsq", choices=("none", "bn", "lsq"))
     a("--runs", type=Path, default=common.RUNS / "vit_compare", help="bench run directories (resumed per row)")
+    a("--opt", action="append", default=[], metavar="METHOD.KEY=VALUE",
+      help="a method option on top of the defaults (repeatable), e.g. lda.threshold_origin=min")
     a("--smoke", action="store_true", help="random base, a few images, one step: for tests")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -119,10 +121,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sched = Schedule(epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, batch_size=8 if args.smoke else 128,
                      label_smoothing=0.1, weight_decay=0.05 if args.optimizer == "adamw" else 5e-4)
     out_dir = Path(tempfile.mkdtemp(prefix="vit_compare_")) if args.smoke else args.runs
+    extra = dict(o.split("=", 1) for o in args.opt)
     rows, refused, base = [], [], None
     for target in [parse_target(t) for t in args.targets.split(",")]:
         for method in args.methods.split(","):
-            options = {k: v for k, v in OPTIONS.items() if k.startswith(f"{method}.")}
+            options = {k: v for k, v in {**OPTIONS, **extra}.items() if k.startswith(f"{method}.")}
             if args.smoke and method.startswith("pfa"):  # 32 images: every token a sample, so PFA can analyse
                 options[f"{method}.reduce"] = "spatial"
             try:
@@ -141,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {"benchmark": "vit_tiny_compare", **common.stamp(args), "device": device, "base": base, "made": made,
               "base_below_75": base["accuracy"] < 0.75, "schedule": {**asdict(sched), "train_images": len(train),
                                                                      "test_images": len(test), "repair": args.repair},
-              "options": OPTIONS, "summary": summary, "rows": rows, "refused": refused,
+              "options": {**OPTIONS, **extra}, "summary": summary, "rows": rows, "refused": refused,
               "seconds": round(time.perf_counter() - began, 1),  # this invocation (rows already run are resumed)
               "rows_seconds": round(sum(r.get(k) or 0 for r in rows for k in
                                         ("analysis_seconds", "repair_seconds", "finetune_seconds")), 1)}

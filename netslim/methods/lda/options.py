@@ -27,6 +27,10 @@ class LoopOptions(MethodOptions):
     eta_start: float = _opt(0.1, "first utility threshold η (times the group's utility std), > 0")
     eta_step: float = _opt(0.1, "η added every iteration, >= 0")
     max_iters: int = _opt(10, "iterations at most, >= 1")
+    threshold_origin: str = _opt("auto", "where η·std is measured from: zero (the paper: rectified units, whose "
+                                         "useless ones trace to ~0) | min (the group's smallest non-zero utility: "
+                                         "smooth activations such as GELU, whose every unit traces to well above 0) "
+                                         "| auto (min for units behind a smooth activation and for heads, else zero)")
     fisher: str = _opt("diag", "diag | eig (full generalised eigenproblem)")
     mprime: int = _opt(0, "fixed M′ selected neurons (0: choose on validation data)")
     mprime_tol: float = _opt(0.01, "M′ is the fewest neurons within this accuracy of all of them")
@@ -69,6 +73,8 @@ class LoopOptions(MethodOptions):
             raise NetslimError(f"option min_accuracy must be in (0, 1], not {self.min_accuracy}")
         if self.eta_start <= 0 or self.eta_step < 0 or self.max_iters < 1:
             raise NetslimError("lda needs eta_start > 0, eta_step >= 0 and max_iters >= 1")
+        if self.threshold_origin not in ("auto", "zero", "min"):
+            raise NetslimError(f"lda option threshold_origin must be auto, zero or min, not {self.threshold_origin!r}")
         if self.fisher not in ("diag", "eig"):
             raise NetslimError(f"lda option fisher must be diag or eig, not {self.fisher!r}")
         if self.head_tokens not in ("max", "cls"):

@@ -5,6 +5,11 @@ Attention heads are units like a layer's channels: a head's utility is the sum o
 head_dim features at out_proj's input (trace.py; a head goes whole, so its features count together), and in
 every attention the heads below η·std(non-zero head utilities) go, at least one kept.
 
+The paper measures η·std from zero: behind a rectifier a useless unit traces to ~0. Behind a smooth activation
+(GELU, SiLU) every unit traces well above 0 (a ViT's MLP units sit 1.6–2.1 std above zero), so η·std from zero
+is a cliff that takes whole layers at once; there, and for heads, the threshold is measured from the group's
+smallest utility (option threshold_origin, auto by default).
+
 loop.py strings the steps together; keeping them here lets each be tested and benchmarked alone.
 """
 
@@ -43,6 +48,7 @@ class LdaAnalysis:
     utility: dict[str, torch.Tensor]  # group root -> (width,) utility
     mean: torch.Tensor  # (M,) training mean of the pre-decision neurons
     heads: dict[str, torch.Tensor] = field(default_factory=dict)  # attention -> (num_heads,) utility
+    smooth: set[str] = field(default_factory=set)  # groups with a member behind a smooth activation (GELU, SiLU)
 
 
 def analyse_model(sub: Context, o: LoopOptions, val_feats: tuple[torch.Tensor, torch.Tensor],
@@ -71,7 +77,10 @@ def analyse_model(sub: Context, o: LoopOptions, val_feats: tuple[torch.Tensor, t
         if members:
             utility[g.root] = torch.stack(members).amax(0)
     heads = {n: util[n].view(model.get_submodule(n).num_heads, -1).sum(1) for n in attentions if n in util}
-    return LdaAnalysis(scores, mprime, curve, utility, moments.mean, heads)
+    mods = dict(model.named_modules())
+    smooth = {g.root for g in sub.groups() if any(points[n].act is not None and not isinstance(
+        mods[points[n].act], (nn.ReLU, nn.ReLU6)) for n in g.layers if n in points)}
+    return LdaAnalysis(scores, mprime, curve, utility, moments.mean, heads, smooth)
 
 
 def trace_set(data: ImageSet, per_class: int) -> ImageSet:
@@ -83,11 +92,14 @@ def trace_set(data: ImageSet, per_class: int) -> ImageSet:
     return data.subset(sorted(idx))
 
 
-def threshold_keep(utility: torch.Tensor, eta: float, min_keep: int) -> list[int]:
-    """Channels whose utility is at least η·std(non-zero utilities); zero utility goes for any η > 0."""
+def threshold_keep(utility: torch.Tensor, eta: float, min_keep: int, origin: str = "zero") -> list[int]:
+    """Channels whose utility is at least η·std(non-zero utilities) above `origin`: zero, or the group's smallest
+    utility (min; zero again when a unit traces to nothing). The unit at the origin goes for any η > 0."""
     u = utility.double()
     nz = u[u > 0]
     thr = eta * float(nz.std()) if nz.numel() > 1 else 0.0
+    if origin == "min" and u.numel() > 0:
+        thr += float(u.min())
     keep = (u >= thr) & (u > 0) if eta > 0 else torch.ones_like(u, dtype=torch.bool)
     if int(keep.sum()) < min_keep:
         order = sorted(range(u.numel()), key=lambda j: (-float(u[j]), j))[:min_keep]
@@ -96,18 +108,26 @@ def threshold_keep(utility: torch.Tensor, eta: float, min_keep: int) -> list[int
     return keep.nonzero().flatten().tolist()
 
 
+def _origin(o: LoopOptions, smooth: bool) -> str:
+    """Where a unit's threshold is measured from: the option, or under auto the group's smallest utility for
+    units behind a smooth activation and for heads (none traces to ~0), zero (the paper's) for rectified ones."""
+    if o.threshold_origin != "auto":
+        return o.threshold_origin
+    return "min" if smooth else "zero"
+
+
 def plan_at(sub: Context, a: LdaAnalysis, eta: float, o: LoopOptions) -> Plan:
     """Plan for the *current* model (its channel and head numbering) at threshold η."""
     plan = sub.base_plan("lda")
     for g in sub.groups():
         if g.root not in a.utility:
             continue
-        keep = threshold_keep(a.utility[g.root], eta, min(o.min_keep, g.width))
+        keep = threshold_keep(a.utility[g.root], eta, min(o.min_keep, g.width), _origin(o, g.root in a.smooth))
         if len(keep) < g.width:
             for name in g.layers:
                 plan.keep[name] = keep
     for name, u in a.heads.items():
-        kept = threshold_keep(u, eta, 1)
+        kept = threshold_keep(u, eta, 1, _origin(o, True))
         if len(kept) < u.numel():
             plan.heads[name] = kept
     return plan
