@@ -130,14 +130,14 @@ def head_cuttable(m: nn.Module) -> bool:
 
 def qkv_cuttable(m: nn.Module) -> bool:
     """Whether a head cut of `m` is qkv's rows and proj's columns (and the columns of the tensors it names
-    `per_head`): no other parameter of its own and no buffer but a head-free position index, no part but the
-    projections, per-head q/k norms and dropouts, no norm over the inner width, no gate. A module with tensors of
-    its own must compute its head outputs itself (`head_outputs`), so that they are measured as it uses them."""
+    `per_head`): no tensor of its own but those and the ones it names `head_free` (e.g. a position index), no part
+    but the projections, per-head q/k norms and dropouts, no norm over the inner width, no gate. A module with
+    tensors of its own must compute its head outputs itself (`head_outputs`), so that they are measured as it
+    uses them."""
     children = dict(m.named_children())
-    own = set(m._parameters) - set(getattr(m, "per_head", ()))
-    buffers = set(m._buffers) - {"relative_position_index"}
+    undeclared = {*m._parameters, *m._buffers} - {*getattr(m, "per_head", ()), *getattr(m, "head_free", ())}
     ours = callable(getattr(m, "head_outputs", None)) or not (m._parameters or m._buffers)
-    return (is_qkv(m) and ours and not own and not buffers and set(children) <= _QKV_PARTS
+    return (is_qkv(m) and ours and not undeclared and set(children) <= _QKV_PARTS
             and isinstance(children.get("norm", nn.Identity()), nn.Identity) and getattr(m, "gate", None) is None
             and isinstance(m.proj, nn.Linear) and m.proj.in_features == m.num_heads * m.head_dim)
 

@@ -71,10 +71,12 @@ class OpenWindowAttention(ShiftedWindowAttention):
     """torchvision's ShiftedWindowAttention whose forward calls its qkv and proj Linear layers.
 
     Its heads can be cut whole (netslim.surgery.heads.cut_qkv): `head_outputs` is what `proj` maps to the output
-    (token by token, so in the output's layout), and `per_head` names the tensors with one column per head (the
-    relative position bias), which a head cut slices with qkv's rows and proj's columns."""
+    (token by token, so in the output's layout), `per_head` names the tensors with one column per head (the
+    relative position bias), which a head cut slices with qkv's rows and proj's columns, and `head_free` the
+    ones a head cut leaves as they are (the position index)."""
 
     per_head = ("relative_position_bias_table",)
+    head_free = ("relative_position_index",)
 
     @property
     def head_dim(self) -> int:
